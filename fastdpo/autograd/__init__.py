@@ -1,0 +1,1 @@
+"""autograd Functions binding each forward op to its closed-form backward op."""

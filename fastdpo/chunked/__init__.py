@@ -1,0 +1,1 @@
+"""The ``torch`` backend: chunked pure-PyTorch kernels with bounded temporaries (runs anywhere)."""

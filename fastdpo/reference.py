@@ -1,0 +1,60 @@
+"""Plain float64 PyTorch: the test oracle and the eager baseline, same signatures as the API.
+
+Deliberately the obvious formulation (``log_softmax`` then ``gather``) so it shares no code with
+the kernels it checks. Computes in float64 unless ``dtype`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logps(logits, labels, *, ignore_index=-100, temperature=1.0, shift=False,
+                return_entropy=False, dtype=torch.float64, **_):
+    if shift:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    z = logits.to(dtype) / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    active = labels != ignore_index
+    V = logits.shape[-1]
+    valid = (labels >= 0) & (labels < V)
+    idx = torch.where(valid & active, labels, 0).long()
+    logp = logp_all.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, logp, float("nan"))
+    logp = torch.where(active, logp, 0.0)
+    if not return_entropy:
+        return logp
+    ent = -(logp_all.exp() * logp_all).nan_to_num(nan=0.0).sum(-1)
+    ent = torch.where(torch.isfinite(z).all(-1), ent, float("nan"))
+    return logp, torch.where(active, ent, 0.0)
+
+
+def sequence_logps(logits, labels, *, ignore_index=-100, token_weights=None, average=False,
+                   shift=False, temperature=1.0, cu_seqlens=None, dtype=torch.float64, **_):
+    if cu_seqlens is not None and shift:
+        labels = labels.clone()
+        flat = labels.view(-1)
+        for s in cu_seqlens[:-1].tolist():
+            if s < flat.numel():
+                flat[s] = ignore_index
+    tok = token_logps(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                      shift=shift, dtype=dtype)
+    lab = labels[..., 1:] if shift else labels
+    w = (lab != ignore_index).to(dtype)
+    if token_weights is not None:
+        w = w * (token_weights[..., 1:] if shift else token_weights).to(dtype)
+    if cu_seqlens is not None:
+        tok, w = tok.reshape(-1), w.reshape(-1)
+        if shift:
+            tok = torch.cat([tok.new_zeros(1), tok])
+            w = torch.cat([w.new_zeros(1), w])
+        bounds = cu_seqlens.tolist()
+        num = torch.stack([(tok * w)[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+        den = torch.stack([w[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+    elif labels.dim() == 1:
+        num, den = (tok * w).sum(), w.sum()
+    else:
+        num, den = (tok * w).sum(-1), w.sum(-1)
+    if average:
+        num = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+    return num
