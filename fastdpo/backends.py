@@ -25,7 +25,7 @@ _MODULES = {
 _DTYPES = {
     "torch": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
     "triton": (torch.float32, torch.bfloat16, torch.float16),
-    "native": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+    "native": (torch.float32, torch.bfloat16, torch.float16),
 }
 
 

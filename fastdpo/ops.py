@@ -79,10 +79,15 @@ def register_impl(backend: str, op: str, fn, device_types=("cpu", "cuda")) -> No
 # ---------------------------------------------------------------- fakes (shape functions)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and output dtype of the row ops."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fake_logps_fwd(logits, labels, ignore_index, temperature, vocab_start, vocab_total, with_entropy):
     B, T = labels.shape
-    out = logits.new_empty((B, T), dtype=torch.float32)
-    ent = logits.new_empty((B, T) if with_entropy else (0,), dtype=torch.float32)
+    out = logits.new_empty((B, T), dtype=acc_dtype(logits.dtype))
+    ent = logits.new_empty((B, T) if with_entropy else (0,), dtype=out.dtype)
     return out, torch.empty_like(out), ent
 
 
@@ -94,8 +99,8 @@ def _fake_logps_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, ignor
 def _fake_linear_fwd(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
                      softcap, vocab_start, vocab_total, with_entropy):
     (N,) = labels.shape
-    out = hidden.new_empty((N,), dtype=torch.float32)
-    ent = hidden.new_empty((N,) if with_entropy else (0,), dtype=torch.float32)
+    out = hidden.new_empty((N,), dtype=acc_dtype(hidden.dtype))
+    ent = hidden.new_empty((N,) if with_entropy else (0,), dtype=out.dtype)
     return out, torch.empty_like(out), ent
 
 

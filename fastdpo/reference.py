@@ -25,7 +25,8 @@ def token_logps(logits, labels, *, ignore_index=-100, temperature=1.0, shift=Fal
     if not return_entropy:
         return logp
     ent = -(logp_all.exp() * logp_all).nan_to_num(nan=0.0).sum(-1)
-    ent = torch.where(torch.isfinite(z).all(-1), ent, float("nan"))
+    broken = (torch.isnan(z) | (z == float("inf"))).any(-1) | (z == float("-inf")).all(-1)
+    ent = torch.where(broken, float("nan"), ent)
     return logp, torch.where(active, ent, 0.0)
 
 

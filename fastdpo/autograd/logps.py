@@ -64,11 +64,11 @@ class TokenLogps(torch.autograd.Function):
             return (None,) * 10
         shape = lse.shape
         grad_logp = (lse.new_zeros(shape) if grad_logp is None
-                     else grad_logp.reshape(shape).float().contiguous())
+                     else grad_logp.reshape(shape).to(lse.dtype).contiguous())
         if ent is None:
             grad_entropy = None
         elif grad_entropy is not None:
-            grad_entropy = grad_entropy.reshape(shape).float().contiguous()
+            grad_entropy = grad_entropy.reshape(shape).to(lse.dtype).contiguous()
         grad_full = logits if inplace else torch.empty_like(logits)
         backward_into(backend, grad_full, shift, grad_logp, grad_entropy, logits, labels, lse,
                       ent, ignore_index, temperature, vocab_start, vocab_total)

@@ -31,25 +31,33 @@ def label_parts(labels, ignore_index: int, vocab_start: int, vocab_total: int, V
     return active, valid, local, torch.where(local, local_idx, 0)
 
 
+def row_lse(z):
+    """log-sum-exp that, like the kernels, turns a +inf or NaN anywhere in a row into NaN
+    (``torch.logsumexp`` returns +inf for a +inf entry, which would give a finite-looking -inf)."""
+    m = z.amax(dim=-1, keepdim=True)
+    return (m + torch.log(torch.exp(z - m).sum(dim=-1, keepdim=True))).squeeze(-1)
+
+
 def logps_fwd(logits, labels, ignore_index, temperature, vocab_start, vocab_total, with_entropy):
     B, T, V = logits.shape
-    logp = logits.new_zeros((B, T), dtype=torch.float32)
+    acc = ops.acc_dtype(logits.dtype)
+    logp = logits.new_zeros((B, T), dtype=acc)
     lse_out = torch.zeros_like(logp)
-    ent_out = torch.zeros_like(logp) if with_entropy else logits.new_empty((0,), dtype=torch.float32)
+    ent_out = torch.zeros_like(logp) if with_entropy else logits.new_empty((0,), dtype=acc)
     for b, t0, t1 in row_blocks(B, T, V):
-        z = logits[b, t0:t1].float()
+        z = logits[b, t0:t1].to(acc)
         if temperature != 1.0:
             z = z / temperature
         active, valid, local, idx = label_parts(labels[b, t0:t1], ignore_index, vocab_start,
                                                 vocab_total, V)
-        lse = torch.logsumexp(z, dim=-1)
+        lse = row_lse(z)
         zl = torch.where(local, z.gather(-1, idx[:, None]).squeeze(-1), 0.0)
         lp = torch.where(valid, zl - lse, float("nan"))
         logp[b, t0:t1] = torch.where(active, lp, 0.0)
         lse_out[b, t0:t1] = torch.where(active, lse, 0.0)
         if with_entropy:
             p = torch.exp(z - lse[:, None])
-            ent = lse - (p * z).sum(-1)
+            ent = lse - torch.where(p > 0, p * z, 0.0).sum(-1)  # masked (-inf) entries add 0
             ent_out[b, t0:t1] = torch.where(active, ent, 0.0)
     return logp, lse_out, ent_out
 
@@ -57,20 +65,21 @@ def logps_fwd(logits, labels, ignore_index, temperature, vocab_start, vocab_tota
 def logps_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index, temperature,
               vocab_start, vocab_total, grad_logits):
     B, T, V = logits.shape
+    acc = ops.acc_dtype(logits.dtype)
     for b, t0, t1 in row_blocks(B, T, V):
-        z = logits[b, t0:t1].float()  # read before grad_logits (maybe the same storage) is written
+        z = logits[b, t0:t1].to(acc)  # read before grad_logits (maybe the same storage) is written
         if temperature != 1.0:
             z = z / temperature
         active, _, local, idx = label_parts(labels[b, t0:t1], ignore_index, vocab_start,
                                             vocab_total, V)
         rows_lse = lse[b, t0:t1, None]
         p = torch.exp(z - rows_lse)
-        g = torch.where(active, grad_logp[b, t0:t1].float(), 0.0)[:, None]
+        g = torch.where(active, grad_logp[b, t0:t1].to(acc), 0.0)[:, None]
         dz = -g * p
         dz.scatter_add_(-1, idx[:, None], torch.where(local[:, None], g, 0.0))
         if grad_entropy is not None:
-            ge = torch.where(active, grad_entropy[b, t0:t1].float(), 0.0)[:, None]
-            dz -= ge * p * (z - rows_lse + entropy[b, t0:t1, None])
+            ge = torch.where(active, grad_entropy[b, t0:t1].to(acc), 0.0)[:, None]
+            dz -= torch.where(p > 0, ge * p * (z - rows_lse + entropy[b, t0:t1, None]), 0.0)
         if temperature != 1.0:
             dz /= temperature
         dz = torch.where(active[:, None], dz, 0.0)

@@ -1,0 +1,318 @@
+"""Vocabulary-parallel log-probabilities over ``torch.distributed`` (Megatron-style LM-head sharding).
+
+Each rank of ``process_group`` holds an equal contiguous slice of the vocabulary: rank ``r`` of
+``W`` holds ids ``[r * V/W, (r + 1) * V/W)`` of the logits (or rows of the LM-head weight). Labels
+are global ids and the same on every rank. The row ops already work on a shard (``vocab_start`` /
+``vocab_total``, see :mod:`fastdpo.ops`): rank ``r`` gets
+
+* ``lse_r``: log-sum-exp of its shard,
+* ``logp_r``: ``z[label] - lse_r`` when the label is in the shard, else ``-lse_r``; so the label
+  logit is ``zl_r = logp_r + lse_r`` on the rank that holds it and exactly 0 elsewhere,
+* ``H_r``: the entropy of the softmax over its shard; ``E_r[z] = lse_r - H_r``.
+
+**Forward: one collective.** Every rank packs ``[lse_r, zl_r(, E_r[z])]`` (fp32, O(tokens)) and
+one ``all_gather`` gives every rank all ``W`` rows, from which it forms, exactly and stably::
+
+    lse  = logsumexp_r lse_r
+    logp = sum_r zl_r - lse
+    H    = lse - sum_r exp(lse_r - lse) * E_r[z]
+
+An all-reduce scheme needs the global maximum before it can sum ``exp(lse_r - max)`` safely, i.e.
+two dependent collectives (Megatron uses three all-reduces); the all-gather moves ``W`` times more
+bytes, but those are ``W * 3 * 4`` bytes per token against ``V/W * 2`` bytes of logits per token,
+and it is one latency instead of two or three.
+
+**Backward: no collective for the logits.** The bwd op, given the *global* ``lse`` and ``H``,
+computes ``p = exp(z - lse)`` on the local shard, which is the global softmax restricted to the
+shard, and adds the one-hot term only where the label is local: that is exactly ``d loss / d shard``.
+This holds when ``grad_logp`` (and ``grad_entropy``) are the same on every rank of the group, i.e.
+the loss is computed identically on every rank from the replicated log-probs, as in tensor
+parallelism (the ranks see the same batch). If ranks instead computed *different* losses from the
+same log-probs, the gradient of their sum would need ``grad_logp`` all-reduced first; we do not
+pay for that collective.
+
+For the fused LM head the hidden states are replicated and the weight rows are sharded, so each
+shard contributes part of ``d hidden``: it is summed over the group (one all-reduce) while
+``d weight`` / ``d bias`` stay local.
+
+Data parallelism (DDP / FSDP) needs nothing from this module: the ops are per-device and the
+losses are per-pair means, so the usual gradient averaging over ranks is correct.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import _validate as V
+from . import backends, ops
+from .autograd.logps import backward_into, forward_rows, rows_view
+
+__all__ = ["vocab_parallel_token_logps", "vocab_parallel_linear_token_logps", "shard_range"]
+
+
+def _world(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("process_group given but torch.distributed is not initialised")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard_range(vocab_total: int, group) -> tuple[int, int]:
+    """``(vocab_start, vocab_end)`` of this rank's contiguous vocabulary shard."""
+    rank, world = _world(group)
+    if vocab_total % world:
+        raise ValueError(f"vocabulary size {vocab_total} does not split evenly over {world} ranks")
+    per = vocab_total // world
+    return rank * per, (rank + 1) * per
+
+
+def _all_gather(packed: torch.Tensor, group, world: int) -> torch.Tensor:
+    """One collective: ``(k, ...)`` on every rank -> ``(world, k, ...)``."""
+    flat = packed.contiguous().view(-1)
+    out = flat.new_empty(world * flat.numel())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, flat, group=group)  # concatenated form: the one layout gloo and NCCL both take
+    return out.view((world,) + tuple(packed.shape))
+
+
+def combine_shards(logp_r, lse_r, ent_r, labels, *, ignore_index, vocab_start, vocab_local, group,
+                   with_entropy):
+    """Global ``(logp, lse, entropy)`` from each rank's per-shard row statistics (one all-gather).
+
+    ``labels`` has the shape of ``logp_r``. Ignored rows come out 0 everywhere (as the ops' rows).
+    """
+    _, world = _world(group)
+    lab = labels.long()
+    active = lab != ignore_index
+    local = active & (lab >= vocab_start) & (lab < vocab_start + vocab_local)
+    # z_label from the shard that holds it; an exact 0 elsewhere even if lse_r is infinite. A bad
+    # label leaves logp_r NaN on every rank (the op checks against vocab_total), so it stays NaN.
+    bad = torch.isnan(logp_r)
+    zl_r = torch.where(local | bad, logp_r + lse_r, 0.0)
+    parts = [lse_r, zl_r]
+    if with_entropy:
+        parts.append(lse_r - ent_r)  # E_r[z] over the shard's own softmax
+    g = _all_gather(torch.stack(parts), group, world)
+    lse_all = g[:, 0]
+    lse = torch.logsumexp(lse_all, dim=0)
+    logp = g[:, 1].sum(0) - lse
+    ent = None
+    if with_entropy:
+        w = torch.exp(lse_all - lse)
+        # a shard with every logit -inf has weight 0 and an undefined mean: drop it, not NaN it
+        ent = lse - torch.where(w > 0, w * g[:, 2], 0.0).sum(0)
+        ent = torch.where(active, ent, 0.0)
+    return torch.where(active, logp, 0.0), torch.where(active, lse, 0.0), ent
+
+
+# ----------------------------------------------------------------------------- logits path
+
+
+class VocabParallelTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, group, backend, ignore_index, temperature, shift,
+                with_entropy, inplace_backward, vocab_start, vocab_total):
+        x3, l3 = rows_view(logits, labels, shift)
+        logp_r, lse_r, ent_r = forward_rows(backend, x3, l3, ignore_index, temperature,
+                                            vocab_start, vocab_total, with_entropy)
+        logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, l3, ignore_index=ignore_index,
+                                        vocab_start=vocab_start, vocab_local=x3.shape[-1],
+                                        group=group, with_entropy=with_entropy)
+        if ent is None:
+            ent = ent_r  # the op's empty placeholder
+        ctx.save_for_backward(logits, labels, lse, ent if with_entropy else None)
+        ctx.opts = (backend, ignore_index, temperature, shift, inplace_backward, vocab_start,
+                    vocab_total)
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, labels, lse, ent = ctx.saved_tensors
+        backend, ignore_index, temperature, shift, inplace, vocab_start, vocab_total = ctx.opts
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 11
+        grad_logp, grad_entropy = _row_grads(grad_logp, grad_entropy, lse, ent)
+        grad_full = logits if inplace else torch.empty_like(logits)
+        # global lse / entropy: the op then yields this shard's slice of the full-softmax gradient
+        backward_into(backend, grad_full, shift, grad_logp, grad_entropy, logits, labels, lse, ent,
+                      ignore_index, temperature, vocab_start, vocab_total)
+        return (grad_full,) + (None,) * 10
+
+
+def _row_grads(grad_logp, grad_entropy, lse, ent):
+    shape = lse.shape
+    grad_logp = (lse.new_zeros(shape) if grad_logp is None
+                 else grad_logp.reshape(shape).to(lse.dtype).contiguous())
+    if ent is None:
+        grad_entropy = None
+    elif grad_entropy is not None:
+        grad_entropy = grad_entropy.reshape(shape).to(lse.dtype).contiguous()
+    return grad_logp, grad_entropy
+
+
+def vocab_parallel_token_logps(logits, labels, process_group, *, ignore_index=-100, temperature=1.0,
+                               shift=False, return_entropy=False, inplace_backward=False,
+                               backend="auto", validate=None):
+    """:func:`fastdpo.token_logps` over a vocabulary shard of the logits on each rank.
+
+    ``logits`` is this rank's ``(B, T, V/W)`` or ``(N, V/W)`` slice (rank ``r`` holds global ids
+    ``[r*V/W, (r+1)*V/W)``); ``labels`` are global ids, identical on every rank. Returns the global
+    log-probs (and entropy), identical on every rank. Backward assumes the loss, hence the incoming
+    gradient, is the same on every rank of the group (see the module docstring).
+    """
+    V.check_logits_labels(logits, labels, shift=shift)
+    V.check_temperature(temperature)
+    _, world = _world(process_group)
+    vocab_local = logits.shape[-1]
+    vocab_total = vocab_local * world
+    vocab_start, _ = shard_range(vocab_total, process_group)
+    if V.checked_mode(validate, logits.device):
+        V.check_label_values(labels, ignore_index, vocab_total)
+    be = backends.resolve(backend, logits.device, logits.dtype)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        logp, ent = VocabParallelTokenLogps.apply(
+            logits, labels, process_group, be, ignore_index, temperature, shift, return_entropy,
+            inplace_backward, vocab_start, vocab_total)
+    else:  # reference pass: no graph, nothing saved
+        x3, l3 = rows_view(logits, labels, shift)
+        logp_r, lse_r, ent_r = forward_rows(be, x3, l3, ignore_index, temperature, vocab_start,
+                                            vocab_total, return_entropy)
+        logp, _, ent = combine_shards(logp_r, lse_r, ent_r, l3, ignore_index=ignore_index,
+                                      vocab_start=vocab_start, vocab_local=vocab_local,
+                                      group=process_group, with_entropy=return_entropy)
+    if logits.dim() == 2:
+        logp = logp.squeeze(0)
+        ent = ent.squeeze(0) if return_entropy else ent
+    return (logp, ent) if return_entropy else logp
+
+
+# ----------------------------------------------------------------------------- fused LM head
+
+
+def linear_rows(hidden, labels, shift: bool, ignore_index: int):
+    """``(N, H)`` hidden rows and their ``(N,)`` labels, without copying the hidden states.
+
+    With ``shift`` the labels move one step left instead of the hidden states (an O(tokens) copy):
+    row ``t`` pairs with label ``t + 1`` and the last row of each sequence is ignored, so the op
+    skips it. The caller drops that column from the output.
+    """
+    if shift:
+        if labels.dim() == 1:
+            labels = labels.unsqueeze(0)
+        pad = labels.new_full(labels.shape[:-1] + (1,), ignore_index)
+        labels = torch.cat([labels[..., 1:], pad], dim=-1)
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+
+
+def _unrows(x, labels_shape, shift):
+    x = x.view(labels_shape)
+    return x[..., :-1] if shift else x
+
+
+class VocabParallelLinearLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, group, backend, ignore_index, temperature,
+                logit_scale, softcap, vocab_start, vocab_total, with_entropy, deterministic):
+        logp_r, lse_r, ent_r = ops.get_op(backend, "linear_logps_fwd")(
+            hidden, weight, bias, labels, ignore_index, float(temperature), float(logit_scale),
+            float(softcap), vocab_start, vocab_total, with_entropy)
+        logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, labels, ignore_index=ignore_index,
+                                        vocab_start=vocab_start, vocab_local=weight.shape[0],
+                                        group=group, with_entropy=with_entropy)
+        if ent is None:
+            ent = ent_r
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if with_entropy else None)
+        ctx.opts = (group, backend, ignore_index, temperature, logit_scale, softcap, vocab_start,
+                    vocab_total, deterministic)
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        (group, backend, ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total,
+         deterministic) = ctx.opts
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
+            return (None,) * 14
+        grad_logp, grad_entropy = _row_grads(grad_logp, grad_entropy, lse, ent)
+        d_h, d_w, d_b = ops.get_op(backend, "linear_logps_bwd")(
+            grad_logp, grad_entropy, hidden, weight, bias, labels, lse, ent, ignore_index,
+            float(temperature), float(logit_scale), float(softcap), vocab_start, vocab_total,
+            need_h, need_w, need_b and bias is not None, deterministic)
+        if need_h:
+            # every shard holds part of d hidden = sum_v dz_v * w_v; the weight grads stay local
+            dist.all_reduce(d_h, op=dist.ReduceOp.SUM, group=group)
+        return ((d_h if need_h else None), (d_w if need_w else None),
+                (d_b if need_b and bias is not None else None)) + (None,) * 11
+
+
+def vocab_parallel_linear_token_logps(hidden, weight_shard, labels, process_group, *, bias=None,
+                                      ignore_index=-100, temperature=1.0, logit_scale=1.0,
+                                      softcap=None, shift=False, return_entropy=False,
+                                      backend="auto", validate=None, deterministic=False):
+    """Per-token log-probs of ``hidden @ weight.T`` with the LM-head rows sharded over the group.
+
+    ``hidden``: ``(B, T, H)`` or ``(N, H)``, the same on every rank; ``weight_shard``: this rank's
+    ``(V/W, H)`` rows (ids ``[r*V/W, (r+1)*V/W)``), ``bias`` its ``(V/W,)`` slice or None; labels
+    are global ids shaped like ``hidden.shape[:-1]``. The logits ``softcap * tanh(logit_scale *
+    (h @ w.T + b) / softcap) / temperature`` are never formed. Returns log-probs shaped like the
+    labels (``labels[..., 1:]`` with ``shift``), identical on every rank; backward sums ``d hidden``
+    over the group and keeps ``d weight`` local.
+    """
+    V.check_float("hidden", hidden)
+    V.check_float("weight_shard", weight_shard)
+    V.check_index("labels", labels)
+    V.check_temperature(temperature)
+    if bias is not None:
+        V.check_float("bias", bias)
+    V.check_same_device(hidden=hidden, weight_shard=weight_shard, labels=labels, bias=bias)
+    if hidden.dim() not in (2, 3) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"hidden must be (B, T, H) or (N, H) with labels shaped like its leading "
+                         f"dims; got hidden {tuple(hidden.shape)}, labels {tuple(labels.shape)}")
+    if weight_shard.dim() != 2 or weight_shard.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight_shard must be (V/W, {hidden.shape[-1]}), got "
+                         f"{tuple(weight_shard.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight_shard.shape[0],):
+        raise ValueError(f"bias must be ({weight_shard.shape[0]},), got {tuple(bias.shape)}")
+    if shift and labels.shape[-1] < 1:
+        raise ValueError("shift=True needs at least one position")
+    _, world = _world(process_group)
+    vocab_local = weight_shard.shape[0]
+    vocab_total = vocab_local * world
+    vocab_start, _ = shard_range(vocab_total, process_group)
+    if V.checked_mode(validate, hidden.device):
+        V.check_label_values(labels, ignore_index, vocab_total)
+    be = backends.resolve(backend, hidden.device, hidden.dtype)
+    softcap = 0.0 if softcap is None else float(softcap)
+    h2, l1 = linear_rows(hidden, labels, shift, ignore_index)
+    lab_shape = labels.shape if not (shift and labels.dim() == 1) else (1,) + tuple(labels.shape)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight_shard, bias))
+    if grad:
+        logp, ent = VocabParallelLinearLogps.apply(
+            h2, weight_shard, bias, l1, process_group, be, ignore_index, temperature, logit_scale,
+            softcap, vocab_start, vocab_total, return_entropy, deterministic)
+    else:
+        logp_r, lse_r, ent_r = ops.get_op(be, "linear_logps_fwd")(
+            h2, weight_shard, bias, l1, ignore_index, float(temperature), float(logit_scale),
+            softcap, vocab_start, vocab_total, return_entropy)
+        logp, _, ent = combine_shards(logp_r, lse_r, ent_r, l1, ignore_index=ignore_index,
+                                      vocab_start=vocab_start, vocab_local=vocab_local,
+                                      group=process_group, with_entropy=return_entropy)
+    logp = _unrows(logp, lab_shape, shift)
+    if shift and labels.dim() == 1:
+        logp = logp.squeeze(0)
+    if not return_entropy:
+        return logp
+    ent = _unrows(ent, lab_shape, shift)
+    if shift and labels.dim() == 1:
+        ent = ent.squeeze(0)
+    return logp, ent

@@ -1,0 +1,210 @@
+"""Vocabulary-parallel and data-parallel runs on CPU (gloo), checked against one process.
+
+Each test spawns a small group once and runs all its cases inside the workers (process start-up
+dominates the cost); a failing assertion in any rank fails the test with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastdpo
+
+V_TOTAL = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, check):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        check(rank, world, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(check, world):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited by the children
+    mp.spawn(_entry, args=(world, _free_port(), check), nprocs=world, join=True)
+
+
+def _close(a, b, what, tol=2e-5):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _problem(seed, shape=(2, 5)):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*shape, V_TOTAL, generator=g) * 3
+    labels = torch.randint(0, V_TOTAL, shape, generator=g)
+    labels.view(-1)[torch.randperm(labels.numel(), generator=g)[:3]] = -100
+    g_logp = torch.randn(shape, generator=g)
+    g_ent = torch.randn(shape, generator=g)
+    return logits, labels, g_logp, g_ent
+
+
+# ------------------------------------------------------------------------ logits path
+
+
+def _check_logits_path(rank, world, pg):
+    per = V_TOTAL // world
+    sl = slice(rank * per, (rank + 1) * per)
+    cases = [dict(shift=False, temperature=1.0, ent=True),
+             dict(shift=True, temperature=0.7, ent=True),
+             dict(shift=True, temperature=1.0, ent=False),
+             dict(shift=False, temperature=1.3, ent=False, flat=True)]
+    for i, c in enumerate(cases):
+        logits, labels, g_logp, g_ent = _problem(10 + i)
+        if c.get("flat"):  # (N, V) input
+            logits, labels = logits.reshape(-1, V_TOTAL), labels.reshape(-1)
+            g_logp, g_ent = g_logp.reshape(-1), g_ent.reshape(-1)
+        if c["shift"]:
+            g_logp, g_ent = g_logp[..., 1:], g_ent[..., 1:]
+        kw = dict(shift=c["shift"], temperature=c["temperature"], return_entropy=c["ent"],
+                  backend="torch")
+        # one process, full vocabulary
+        full = logits.clone().requires_grad_(True)
+        out = fastdpo.token_logps(full, labels, **kw)
+        lp1, en1 = out if c["ent"] else (out, None)
+        loss1 = (lp1 * g_logp).sum() + ((en1 * g_ent).sum() if c["ent"] else 0)
+        loss1.backward()
+        # this rank's shard
+        for inplace in (False, True):
+            leaf = logits[..., sl].clone().requires_grad_(True)
+            shard = leaf * 1.0 if inplace else leaf
+            out = fastdpo.token_logps(shard, labels, process_group=pg, inplace_backward=inplace,
+                                      **kw)
+            lp, en = out if c["ent"] else (out, None)
+            _close(lp, lp1, f"case {i} logp")
+            if c["ent"]:
+                _close(en, en1, f"case {i} entropy")
+            loss = (lp * g_logp).sum() + ((en * g_ent).sum() if c["ent"] else 0)
+            loss.backward()
+            _close(leaf.grad, full.grad[..., sl], f"case {i} grad (inplace={inplace})")
+        # reference against the float64 oracle too (not just against ourselves)
+        ref = fastdpo.reference.token_logps(logits, labels, shift=c["shift"],
+                                            temperature=c["temperature"])
+        _close(lp.double(), ref, f"case {i} vs oracle", tol=1e-5)
+
+    # no-grad pass, sequence_logps through the public API, and a bad label giving NaN
+    logits, labels, _, _ = _problem(20)
+    labels[0, 2] = V_TOTAL + 3
+    with torch.no_grad():
+        lp = fastdpo.token_logps(logits[..., sl], labels, process_group=pg, validate=False,
+                                 backend="torch")
+    ref = fastdpo.reference.token_logps(logits, labels)
+    assert torch.isnan(lp[0, 2]) and torch.isnan(ref[0, 2])
+    _close(lp.double(), ref, "no-grad with bad label", tol=1e-5)
+    with pytest.raises(ValueError, match="labels must lie"):
+        fastdpo.token_logps(logits[..., sl], labels, process_group=pg)
+    labels[0, 2] = 1
+    x = logits[..., sl].clone().requires_grad_(True)
+    seq = fastdpo.sequence_logps(x, labels, shift=True, average=True, process_group=pg)
+    xf = logits.clone().requires_grad_(True)
+    seq1 = fastdpo.sequence_logps(xf, labels, shift=True, average=True)
+    _close(seq, seq1, "sequence_logps")
+    seq.sum().backward()
+    seq1.sum().backward()
+    _close(x.grad, xf.grad[..., sl], "sequence_logps grad")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_logits(world):
+    spawn(_check_logits_path, world)
+
+
+def test_combine_is_exact_with_masked_shard():
+    """A shard whose logits are all -inf (padded vocabulary) adds nothing, and never NaN."""
+    spawn(_check_masked_shard, 2)
+
+
+def _check_masked_shard(rank, world, pg):
+    logits, labels, _, g_ent = _problem(30)
+    logits[..., V_TOTAL // 2:] = float("-inf")  # rank 1's shard is all padding
+    labels = labels.clamp(max=V_TOTAL // 2 - 1)
+    per = V_TOTAL // world
+    x = logits[..., rank * per:(rank + 1) * per].clone().requires_grad_(True)
+    lp, en = fastdpo.token_logps(x, labels, process_group=pg, return_entropy=True)
+    ref, ref_en = fastdpo.reference.token_logps(logits[..., :per], labels, return_entropy=True)
+    _close(lp.double(), ref, "masked shard logp", tol=1e-5)
+    _close(en.double(), ref_en, "masked shard entropy", tol=1e-5)
+    (lp.sum() + (en * g_ent).sum()).backward()
+    assert torch.isfinite(x.grad).all()
+    if rank == 1:
+        assert (x.grad == 0).all()
+
+
+# ------------------------------------------------------------------------ data parallel
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self, vocab=V_TOTAL, hidden=8):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, hidden)
+        self.mix = torch.nn.Linear(hidden, hidden)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def _dpo_loss(model, ids, labels, ref_logps, beta=0.1):
+    """Sigmoid DPO over [chosen; rejected] halves; a per-pair mean, as the losses are."""
+    logps = fastdpo.sequence_logps(model(ids), labels, shift=True)
+    ch, rj = logps.chunk(2)
+    rch, rrj = ref_logps.chunk(2)
+    return -torch.nn.functional.logsigmoid(beta * ((ch - rch) - (rj - rrj))).mean()
+
+
+def _ddp_batch():
+    g = torch.Generator().manual_seed(5)
+    pairs, T = 4, 6
+    ids = torch.randint(0, V_TOTAL, (2 * pairs, T), generator=g)
+    labels = ids.clone()
+    labels[:, :2] = -100  # the prompt
+    ref = torch.randn(2 * pairs, generator=g) - 8
+    return ids, labels, ref
+
+
+def _check_ddp(rank, world, pg):
+    torch.manual_seed(0)
+    model = _TinyLM()
+    single = _TinyLM()
+    single.load_state_dict(model.state_dict())
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ids, labels, ref = _ddp_batch()
+    # every rank: the pairs rank::world, chosen and rejected halves kept aligned
+    pairs = ids.shape[0] // 2
+    mine = torch.arange(rank, pairs, world)
+    rows = torch.cat([mine, mine + pairs])
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    opt1 = torch.optim.SGD(single.parameters(), lr=0.5)
+    for _ in range(2):  # two steps: the second sees the synchronised update of the first
+        opt.zero_grad()
+        opt1.zero_grad()
+        loss = _dpo_loss(ddp, ids[rows], labels[rows], ref[rows])
+        loss.backward()
+        loss1 = _dpo_loss(single, ids, labels, ref)
+        loss1.backward()
+        for (name, p), p1 in zip(model.named_parameters(), single.parameters()):
+            _close(p.grad, p1.grad, f"DDP grad {name}", tol=1e-5)
+        opt.step()
+        opt1.step()
+        avg = loss.detach().clone()
+        dist.all_reduce(avg)
+        _close(avg / world, loss1.detach(), "DDP mean loss", tol=1e-5)
+
+
+def test_ddp_matches_single_process():
+    spawn(_check_ddp, 2)

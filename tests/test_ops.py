@@ -1,0 +1,63 @@
+"""torch.library registration: opcheck on every loaded backend's row ops, and torch.compile."""
+
+import pytest
+import torch
+
+import fastdpo
+from fastdpo import ops
+
+
+def sample(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 19, generator=g).to(dtype)
+    labels = torch.randint(0, 19, (2, 4), generator=g)
+    labels[0, 1] = -100
+    return logits, labels
+
+
+def test_opcheck_fwd(backend):
+    logits, labels = sample()
+    for ent in (False, True):
+        torch.library.opcheck(ops.get_op(backend, "logps_fwd"),
+                              (logits, labels, -100, 0.9, 0, 19, ent))
+
+
+def test_opcheck_bwd(backend):
+    logits, labels = sample()
+    logp, lse, ent = ops.get_op(backend, "logps_fwd")(logits, labels, -100, 0.9, 0, 19, True)
+    g = torch.randn_like(logp)
+    args = (g, torch.randn_like(logp), logits, labels, lse, ent, -100, 0.9, 0, 19,
+            torch.empty_like(logits))
+    torch.library.opcheck(ops.get_op(backend, "logps_bwd"), args)
+    args = (g, None, logits[:, 1:], labels[:, :-1], lse[:, :-1].contiguous(), None, -100, 0.9, 0,
+            19, torch.empty_like(logits)[:, 1:])
+    torch.library.opcheck(ops.get_op(backend, "logps_bwd"), args)
+
+
+def test_compile_fullgraph():
+    logits, labels = sample()
+
+    def step(x, y):
+        lp = fastdpo.sequence_logps(x, y, shift=True, backend="torch")
+        tok = fastdpo.token_logps(x, y, backend="torch")
+        return lp.sum() + tok.mean()
+
+    x = logits.clone().requires_grad_(True)
+    eager = step(x, labels)
+    eager.backward()
+    g_eager = x.grad.clone()
+    x.grad = None
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(x, labels)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(x.grad, g_eager)
+
+
+@pytest.mark.parametrize("name", ["inductor"])
+def test_compile_inductor_no_graph_break(name):
+    logits, labels = sample()
+    compiled = torch.compile(lambda x, y: fastdpo.sequence_logps(x, y, backend="torch"),
+                             fullgraph=True, backend=name)
+    torch.testing.assert_close(compiled(logits, labels),
+                               fastdpo.sequence_logps(logits, labels, backend="torch"))
