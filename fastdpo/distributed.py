@@ -46,6 +46,8 @@ import torch.distributed as dist
 
 from . import _validate as V
 from . import backends, ops
+from .autograd.linear import flat_rows
+from .autograd.linear import forward_rows as linear_forward_rows
 from .autograd.logps import backward_into, forward_rows, rows_view
 
 __all__ = ["vocab_parallel_token_logps", "vocab_parallel_linear_token_logps", "shard_range"]
@@ -193,39 +195,21 @@ def vocab_parallel_token_logps(logits, labels, process_group, *, ignore_index=-1
 # ----------------------------------------------------------------------------- fused LM head
 
 
-def linear_rows(hidden, labels, shift: bool, ignore_index: int):
-    """``(N, H)`` hidden rows and their ``(N,)`` labels, without copying the hidden states.
-
-    With ``shift`` the labels move one step left instead of the hidden states (an O(tokens) copy):
-    row ``t`` pairs with label ``t + 1`` and the last row of each sequence is ignored, so the op
-    skips it. The caller drops that column from the output.
-    """
-    if shift:
-        if labels.dim() == 1:
-            labels = labels.unsqueeze(0)
-        pad = labels.new_full(labels.shape[:-1] + (1,), ignore_index)
-        labels = torch.cat([labels[..., 1:], pad], dim=-1)
-    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-
-
-def _unrows(x, labels_shape, shift):
-    x = x.view(labels_shape)
-    return x[..., :-1] if shift else x
-
-
 class VocabParallelLinearLogps(torch.autograd.Function):
+    """Outputs ``(logp, entropy)`` over ``(N,)`` rows (``flat_rows`` layout: the caller reshapes)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, group, backend, ignore_index, temperature,
+    def forward(ctx, h2, weight, bias, lab, group, backend, ignore_index, temperature,
                 logit_scale, softcap, vocab_start, vocab_total, with_entropy, deterministic):
-        logp_r, lse_r, ent_r = ops.get_op(backend, "linear_logps_fwd")(
-            hidden, weight, bias, labels, ignore_index, float(temperature), float(logit_scale),
-            float(softcap), vocab_start, vocab_total, with_entropy)
-        logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, labels, ignore_index=ignore_index,
+        logp_r, lse_r, ent_r = linear_forward_rows(
+            backend, h2, weight, bias, lab, ignore_index, temperature, logit_scale, softcap,
+            vocab_start, vocab_total, with_entropy)
+        logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, lab, ignore_index=ignore_index,
                                         vocab_start=vocab_start, vocab_local=weight.shape[0],
                                         group=group, with_entropy=with_entropy)
         if ent is None:
             ent = ent_r
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if with_entropy else None)
+        ctx.save_for_backward(h2, weight, bias, lab, lse, ent if with_entropy else None)
         ctx.opts = (group, backend, ignore_index, temperature, logit_scale, softcap, vocab_start,
                     vocab_total, deterministic)
         ctx.set_materialize_grads(False)
@@ -236,83 +220,71 @@ class VocabParallelLinearLogps(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        h2, weight, bias, lab, lse, ent = ctx.saved_tensors
         (group, backend, ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total,
          deterministic) = ctx.opts
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = bool(need_b and bias is not None)
         if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
             return (None,) * 14
         grad_logp, grad_entropy = _row_grads(grad_logp, grad_entropy, lse, ent)
+        # global lse / entropy: this shard's tiles of the full-softmax gradient
         d_h, d_w, d_b = ops.get_op(backend, "linear_logps_bwd")(
-            grad_logp, grad_entropy, hidden, weight, bias, labels, lse, ent, ignore_index,
+            grad_logp, grad_entropy, h2, weight, bias, lab, lse, ent, ignore_index,
             float(temperature), float(logit_scale), float(softcap), vocab_start, vocab_total,
-            need_h, need_w, need_b and bias is not None, deterministic)
+            need_h, need_w, need_b, deterministic)
         if need_h:
-            # every shard holds part of d hidden = sum_v dz_v * w_v; the weight grads stay local
+            # d hidden = sum over the whole vocabulary of dz_v * w_v: each shard holds a part.
+            # d weight / d bias belong to this shard's rows only and stay local.
             dist.all_reduce(d_h, op=dist.ReduceOp.SUM, group=group)
         return ((d_h if need_h else None), (d_w if need_w else None),
-                (d_b if need_b and bias is not None else None)) + (None,) * 11
+                (d_b if need_b else None)) + (None,) * 11
 
 
 def vocab_parallel_linear_token_logps(hidden, weight_shard, labels, process_group, *, bias=None,
                                       ignore_index=-100, temperature=1.0, logit_scale=1.0,
                                       softcap=None, shift=False, return_entropy=False,
                                       backend="auto", validate=None, deterministic=False):
-    """Per-token log-probs of ``hidden @ weight.T`` with the LM-head rows sharded over the group.
+    """:func:`fastdpo.linear.linear_token_logps` with the LM-head rows sharded over the group.
 
     ``hidden``: ``(B, T, H)`` or ``(N, H)``, the same on every rank; ``weight_shard``: this rank's
     ``(V/W, H)`` rows (ids ``[r*V/W, (r+1)*V/W)``), ``bias`` its ``(V/W,)`` slice or None; labels
-    are global ids shaped like ``hidden.shape[:-1]``. The logits ``softcap * tanh(logit_scale *
-    (h @ w.T + b) / softcap) / temperature`` are never formed. Returns log-probs shaped like the
-    labels (``labels[..., 1:]`` with ``shift``), identical on every rank; backward sums ``d hidden``
-    over the group and keeps ``d weight`` local.
+    are global ids shaped like ``hidden.shape[:-1]``. Returns log-probs shaped like the labels
+    (``labels[..., 1:]`` with ``shift``), identical on every rank. Backward sums ``d hidden`` over
+    the group (one all-reduce) and keeps ``d weight`` / ``d bias`` local; like the logits path it
+    assumes the incoming gradient is the same on every rank.
     """
-    V.check_float("hidden", hidden)
-    V.check_float("weight_shard", weight_shard)
-    V.check_index("labels", labels)
-    V.check_temperature(temperature)
-    if bias is not None:
-        V.check_float("bias", bias)
-    V.check_same_device(hidden=hidden, weight_shard=weight_shard, labels=labels, bias=bias)
-    if hidden.dim() not in (2, 3) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"hidden must be (B, T, H) or (N, H) with labels shaped like its leading "
-                         f"dims; got hidden {tuple(hidden.shape)}, labels {tuple(labels.shape)}")
-    if weight_shard.dim() != 2 or weight_shard.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight_shard must be (V/W, {hidden.shape[-1]}), got "
-                         f"{tuple(weight_shard.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight_shard.shape[0],):
-        raise ValueError(f"bias must be ({weight_shard.shape[0]},), got {tuple(bias.shape)}")
-    if shift and labels.shape[-1] < 1:
-        raise ValueError("shift=True needs at least one position")
+    from .linear import _check, ensure_impls
+
+    _check(hidden, weight_shard, labels, bias, shift, temperature, logit_scale, softcap)
     _, world = _world(process_group)
     vocab_local = weight_shard.shape[0]
     vocab_total = vocab_local * world
     vocab_start, _ = shard_range(vocab_total, process_group)
     if V.checked_mode(validate, hidden.device):
         V.check_label_values(labels, ignore_index, vocab_total)
-    be = backends.resolve(backend, hidden.device, hidden.dtype)
-    softcap = 0.0 if softcap is None else float(softcap)
-    h2, l1 = linear_rows(hidden, labels, shift, ignore_index)
-    lab_shape = labels.shape if not (shift and labels.dim() == 1) else (1,) + tuple(labels.shape)
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight_shard, bias))
-    if grad:
+    dev = hidden.device
+    if torch.is_autocast_enabled(dev.type):  # like F.linear, as the single-device path does
+        hidden = hidden.to(torch.get_autocast_dtype(dev.type))
+    be = backends.resolve(backend, dev, hidden.dtype)
+    ensure_impls(be)
+    softcap = float(softcap) if softcap else 0.0
+    h2, lab = flat_rows(hidden, labels, shift, ignore_index)
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight_shard, bias)):
         logp, ent = VocabParallelLinearLogps.apply(
-            h2, weight_shard, bias, l1, process_group, be, ignore_index, temperature, logit_scale,
-            softcap, vocab_start, vocab_total, return_entropy, deterministic)
-    else:
-        logp_r, lse_r, ent_r = ops.get_op(be, "linear_logps_fwd")(
-            h2, weight_shard, bias, l1, ignore_index, float(temperature), float(logit_scale),
-            softcap, vocab_start, vocab_total, return_entropy)
-        logp, _, ent = combine_shards(logp_r, lse_r, ent_r, l1, ignore_index=ignore_index,
+            h2, weight_shard, bias, lab, process_group, be, ignore_index, temperature,
+            logit_scale, softcap, vocab_start, vocab_total, return_entropy, deterministic)
+    else:  # reference pass: no graph, nothing saved
+        logp_r, lse_r, ent_r = linear_forward_rows(
+            be, h2, weight_shard, bias, lab, ignore_index, temperature, logit_scale, softcap,
+            vocab_start, vocab_total, return_entropy)
+        logp, _, ent = combine_shards(logp_r, lse_r, ent_r, lab, ignore_index=ignore_index,
                                       vocab_start=vocab_start, vocab_local=vocab_local,
                                       group=process_group, with_entropy=return_entropy)
-    logp = _unrows(logp, lab_shape, shift)
-    if shift and labels.dim() == 1:
-        logp = logp.squeeze(0)
-    if not return_entropy:
-        return logp
-    ent = _unrows(ent, lab_shape, shift)
-    if shift and labels.dim() == 1:
-        ent = ent.squeeze(0)
-    return logp, ent
+    logp = logp.view(labels.shape)
+    ent = ent.view(labels.shape) if return_entropy else ent
+    if shift:  # the last position predicts nothing
+        logp = logp[..., :-1]
+        ent = ent[..., :-1] if return_entropy else ent
+    return (logp, ent) if return_entropy else logp

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastdpo
+import fastdpo.reference
 
 V_TOTAL = 16
 
@@ -119,30 +120,78 @@ def _check_logits_path(rank, world, pg):
     _close(x.grad, xf.grad[..., sl], "sequence_logps grad")
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_vocab_parallel_logits(world):
-    spawn(_check_logits_path, world)
+# ------------------------------------------------------------------------ fused LM head
 
 
-def test_combine_is_exact_with_masked_shard():
-    """A shard whose logits are all -inf (padded vocabulary) adds nothing, and never NaN."""
-    spawn(_check_masked_shard, 2)
+def _check_linear_path(rank, world, pg):
+    from fastdpo.linear import linear_sequence_logps, linear_token_logps
 
-
-def _check_masked_shard(rank, world, pg):
-    logits, labels, _, g_ent = _problem(30)
-    logits[..., V_TOTAL // 2:] = float("-inf")  # rank 1's shard is all padding
-    labels = labels.clamp(max=V_TOTAL // 2 - 1)
     per = V_TOTAL // world
-    x = logits[..., rank * per:(rank + 1) * per].clone().requires_grad_(True)
-    lp, en = fastdpo.token_logps(x, labels, process_group=pg, return_entropy=True)
-    ref, ref_en = fastdpo.reference.token_logps(logits[..., :per], labels, return_entropy=True)
-    _close(lp.double(), ref, "masked shard logp", tol=1e-5)
-    _close(en.double(), ref_en, "masked shard entropy", tol=1e-5)
-    (lp.sum() + (en * g_ent).sum()).backward()
-    assert torch.isfinite(x.grad).all()
-    if rank == 1:
-        assert (x.grad == 0).all()
+    sl = slice(rank * per, (rank + 1) * per)
+    H = 6
+    cases = [dict(shift=True, ent=True, bias=True, softcap=4.0, logit_scale=0.5, temperature=0.8),
+             dict(shift=False, ent=False, bias=False, softcap=None, logit_scale=1.0,
+                  temperature=1.0, flat=True),
+             dict(shift=True, ent=False, bias=True, softcap=None, logit_scale=2.0,
+                  temperature=1.0)]
+    for i, c in enumerate(cases):
+        g = torch.Generator().manual_seed(40 + i)
+        hidden = torch.randn(2, 5, H, generator=g)
+        weight = torch.randn(V_TOTAL, H, generator=g)
+        bias = torch.randn(V_TOTAL, generator=g) if c["bias"] else None
+        _, labels, g_logp, g_ent = _problem(40 + i)
+        if c.get("flat"):
+            hidden, labels = hidden.reshape(-1, H), labels.reshape(-1)
+            g_logp, g_ent = g_logp.reshape(-1), g_ent.reshape(-1)
+        if c["shift"]:
+            g_logp, g_ent = g_logp[..., 1:], g_ent[..., 1:]
+        kw = dict(shift=c["shift"], return_entropy=c["ent"], softcap=c["softcap"],
+                  logit_scale=c["logit_scale"], temperature=c["temperature"], backend="torch")
+
+        def run(w, b, pg=None):
+            h = hidden.clone().requires_grad_(True)
+            w = w.clone().requires_grad_(True)
+            b = None if b is None else b.clone().requires_grad_(True)
+            out = linear_token_logps(h, w, labels, bias=b, process_group=pg, **kw)
+            lp, en = out if c["ent"] else (out, None)
+            ((lp * g_logp).sum() + ((en * g_ent).sum() if c["ent"] else 0)).backward()
+            return lp, en, h.grad, w.grad, None if b is None else b.grad
+
+        lp1, en1, dh1, dw1, db1 = run(weight, bias)
+        lp, en, dh, dw, db = run(weight[sl], None if bias is None else bias[sl], pg)
+        _close(lp, lp1, f"linear case {i} logp")
+        if c["ent"]:
+            _close(en, en1, f"linear case {i} entropy")
+        _close(dh, dh1, f"linear case {i} d_hidden (all-reduced)")
+        _close(dw, dw1[sl], f"linear case {i} d_weight (local rows)")
+        if c["bias"]:
+            _close(db, db1[sl], f"linear case {i} d_bias (local)")
+        # the shards against plain logits through the float64 oracle (no fused code involved)
+        z = hidden.double() @ weight.double().T
+        if bias is not None:
+            z = z + bias.double()
+        z = z * c["logit_scale"]
+        if c["softcap"]:
+            z = c["softcap"] * torch.tanh(z / c["softcap"])
+        ref = fastdpo.reference.token_logps(z, labels, shift=c["shift"],
+                                            temperature=c["temperature"])
+        _close(lp.double(), ref, f"linear case {i} vs oracle", tol=1e-5)
+        with torch.no_grad():  # no-graph pass and the sequence reduction, through the public API
+            seq = linear_sequence_logps(hidden, weight[sl], labels, process_group=pg,
+                                        **{**kw, "return_entropy": False})
+            seq1 = linear_sequence_logps(hidden, weight, labels, **{**kw, "return_entropy": False})
+        _close(seq, seq1, f"linear case {i} sequence no-grad")
+
+
+def _check_vocab_parallel(rank, world, pg):
+    _check_logits_path(rank, world, pg)
+    _check_linear_path(rank, world, pg)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel(world):
+    """Logits and fused-LM-head paths on W shards == one process: values, entropy, gradients."""
+    spawn(_check_vocab_parallel, world)
 
 
 # ------------------------------------------------------------------------ data parallel

@@ -1,0 +1,28 @@
+// CPU kernels of the log-prob row contract over a range of rows [row_begin, row_end): the AVX2+FMA
+// kernels (fp32/bf16/fp16 logits) and the portable scalar ones (every dtype, fp64 included). The
+// glue (csrc/ops.cpp) splits rows across threads and picks the kernel from the CPU's features.
+#pragma once
+
+#include <cstdint>
+
+#include "fastdpo/params.h"
+
+namespace fastdpo::cpu {
+
+// Whether this CPU runs the AVX2 kernels (AVX2, FMA and F16C).
+bool avx2_supported();
+
+void logps_fwd_rows_avx2(const LogpsFwdParams& p, int64_t row_begin, int64_t row_end);
+void logps_bwd_rows_avx2(const LogpsBwdParams& p, int64_t row_begin, int64_t row_end);
+
+void logps_fwd_rows_generic(const LogpsFwdParams& p, int64_t row_begin, int64_t row_end);
+void logps_bwd_rows_generic(const LogpsBwdParams& p, int64_t row_begin, int64_t row_end);
+
+// Test hooks, exposed through the pybind module: the AVX2 exp, and the round trip of fp32 values
+// through a storage dtype (AVX2 store/load, and the scalar conversions). Callers check
+// avx2_supported() before the AVX2 ones.
+void exp_avx2(const float* in, float* out, int64_t n);
+void round_trip_avx2(const float* in, float* out, int64_t n, DType dtype);
+void round_trip_generic(const float* in, float* out, int64_t n, DType dtype);
+
+}  // namespace fastdpo::cpu

@@ -1,0 +1,164 @@
+// Registers the native kernels for the schemas fastdpo/ops.py defines, and a small Python module
+// (fastdpo.native._C) with build facts and the header math exposed for tests.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/logps_cpu.h"
+#include "fastdpo/logps_grad.h"
+#include "fastdpo/online_softmax.h"
+#include "ops.h"
+
+TORCH_LIBRARY_IMPL(fastdpo, CPU, m) {
+  m.impl("native_logps_fwd", TORCH_FN(fastdpo::logps_fwd_cpu));
+  m.impl("native_logps_bwd", TORCH_FN(fastdpo::logps_bwd_cpu));
+}
+
+#ifdef FASTDPO_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastdpo, CUDA, m) {
+  m.impl("native_logps_fwd", TORCH_FN(fastdpo::logps_fwd_cuda));
+  m.impl("native_logps_bwd", TORCH_FN(fastdpo::logps_bwd_cuda));
+}
+#endif
+
+namespace {
+
+namespace py = pybind11;
+using State3 = std::tuple<double, double, double>;
+
+template <class A>
+fastdpo::SoftmaxState<A> from_tuple(const State3& s) {
+  return {static_cast<A>(std::get<0>(s)), static_cast<A>(std::get<1>(s)),
+          static_cast<A>(std::get<2>(s))};
+}
+template <class A>
+State3 to_tuple(const fastdpo::SoftmaxState<A>& s) {
+  return {static_cast<double>(s.m), static_cast<double>(s.s), static_cast<double>(s.t)};
+}
+
+// The state of `values` fed one element at a time (block <= 1, `update`) or, as the CPU kernels
+// do, in blocks: rescale to the block's max, then accumulate each element.
+template <class A>
+State3 state_of(const std::vector<double>& values, int64_t block, bool entropy) {
+  auto st = fastdpo::state_init<A>();
+  const int64_t n = static_cast<int64_t>(values.size());
+  if (block <= 1) {
+    for (double v : values) {
+      if (entropy) fastdpo::update<true>(st, static_cast<A>(v));
+      else fastdpo::update<false>(st, static_cast<A>(v));
+    }
+    return to_tuple(st);
+  }
+  for (int64_t b = 0; b < n; b += block) {
+    const int64_t e = std::min(n, b + block);
+    A m = A(-INFINITY);
+    for (int64_t i = b; i < e; ++i) m = fastdpo::Math<A>::max(static_cast<A>(values[i]), m);
+    m = fastdpo::Math<A>::max(m, st.m);
+    if (entropy) fastdpo::rescale<true>(st, m);
+    else fastdpo::rescale<false>(st, m);
+    const A ref = fastdpo::ref_point(st.m);
+    for (int64_t i = b; i < e; ++i) {
+      if (entropy) fastdpo::accumulate<true>(st.s, st.t, static_cast<A>(values[i]) - ref);
+      else fastdpo::accumulate<false>(st.s, st.t, static_cast<A>(values[i]) - ref);
+    }
+  }
+  return to_tuple(st);
+}
+
+template <class A>
+State3 merge_of(const State3& a, const State3& b, bool entropy) {
+  return entropy ? to_tuple(fastdpo::merge<true>(from_tuple<A>(a), from_tuple<A>(b)))
+                 : to_tuple(fastdpo::merge<false>(from_tuple<A>(a), from_tuple<A>(b)));
+}
+
+template <class A>
+std::tuple<double, double> finalize_of(const State3& s) {
+  A lse, ent;
+  fastdpo::finalize(from_tuple<A>(s), lse, ent);
+  return {static_cast<double>(lse), static_cast<double>(ent)};
+}
+
+template <class A>
+double grad_of(double x, double inv_temp, double g, double g_ent, double lse, double ent,
+               bool is_label) {
+  const auto c = fastdpo::grad_coeffs<A>(A(g), A(g_ent), A(lse), A(ent), A(inv_temp));
+  A v = g_ent != 0.0 ? fastdpo::grad_element<true>(A(x), A(inv_temp), c)
+                     : fastdpo::grad_element<false>(A(x), A(inv_temp), c);
+  if (is_label) v = v + fastdpo::label_grad(A(g), A(inv_temp));
+  return static_cast<double>(v);
+}
+
+bool is_f64(const std::string& dtype) {
+  TORCH_CHECK(dtype == "float32" || dtype == "float64", "dtype must be 'float32' or 'float64'");
+  return dtype == "float64";
+}
+
+fastdpo::DType storage_dtype(const std::string& dtype) {
+  if (dtype == "bfloat16") return fastdpo::DType::kBFloat16;
+  if (dtype == "float16") return fastdpo::DType::kFloat16;
+  TORCH_CHECK(false, "dtype must be 'bfloat16' or 'float16', got '", dtype, "'");
+}
+
+std::vector<float> exp_avx2(const std::vector<float>& x) {
+  TORCH_CHECK(fastdpo::cpu::avx2_supported(), "exp_avx2: this CPU has no AVX2/FMA/F16C");
+  std::vector<float> out(x.size());
+  fastdpo::cpu::exp_avx2(x.data(), out.data(), static_cast<int64_t>(x.size()));
+  return out;
+}
+
+std::vector<float> round_trip(const std::vector<float>& x, const std::string& dtype,
+                              const std::string& kernel) {
+  std::vector<float> out(x.size());
+  const int64_t n = static_cast<int64_t>(x.size());
+  if (kernel == "avx2") {
+    TORCH_CHECK(fastdpo::cpu::avx2_supported(), "round_trip: this CPU has no AVX2/FMA/F16C");
+    fastdpo::cpu::round_trip_avx2(x.data(), out.data(), n, storage_dtype(dtype));
+  } else {
+    TORCH_CHECK(kernel == "generic", "kernel must be 'avx2' or 'generic'");
+    fastdpo::cpu::round_trip_generic(x.data(), out.data(), n, storage_dtype(dtype));
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastdpo native kernels: importing registers native_logps_fwd/bwd (CPU, CUDA if built)";
+  m.def("has_cuda", [] {
+#ifdef FASTDPO_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled in.");
+  m.def("avx2_supported", &fastdpo::cpu::avx2_supported, "Whether this CPU runs the AVX2 kernels.");
+  m.def("cpu_kernel", &fastdpo::cpu_kernel, "The CPU kernels in use: 'avx2' or 'generic'.");
+  m.def("set_cpu_kernel", &fastdpo::set_cpu_kernel, py::arg("name"),
+        "'generic' pins the scalar kernels (tests), 'auto' picks by CPU features.");
+
+  // Header math (csrc/include/fastdpo), for tests against float64.
+  m.def("state_of", [](const std::vector<double>& values, int64_t block, bool entropy,
+                       const std::string& dtype) {
+    return is_f64(dtype) ? state_of<double>(values, block, entropy)
+                         : state_of<float>(values, block, entropy);
+  }, py::arg("values"), py::arg("block") = 1, py::arg("entropy") = true,
+        py::arg("dtype") = "float32");
+  m.def("merge", [](const State3& a, const State3& b, bool entropy, const std::string& dtype) {
+    return is_f64(dtype) ? merge_of<double>(a, b, entropy) : merge_of<float>(a, b, entropy);
+  }, py::arg("a"), py::arg("b"), py::arg("entropy") = true, py::arg("dtype") = "float32");
+  m.def("finalize", [](const State3& s, const std::string& dtype) {
+    return is_f64(dtype) ? finalize_of<double>(s) : finalize_of<float>(s);
+  }, py::arg("state"), py::arg("dtype") = "float32");
+  m.def("grad_element", [](double x, double inv_temp, double g, double g_ent, double lse,
+                           double ent, bool is_label, const std::string& dtype) {
+    return is_f64(dtype) ? grad_of<double>(x, inv_temp, g, g_ent, lse, ent, is_label)
+                         : grad_of<float>(x, inv_temp, g, g_ent, lse, ent, is_label);
+  }, py::arg("x"), py::arg("inv_temp"), py::arg("g"), py::arg("g_ent"), py::arg("lse"),
+        py::arg("entropy"), py::arg("is_label"), py::arg("dtype") = "float32");
+  m.def("exp_avx2", &exp_avx2, py::arg("x"));
+  m.def("round_trip", &round_trip, py::arg("x"), py::arg("dtype"), py::arg("kernel"));
+}

@@ -1,0 +1,121 @@
+"""The jobs behind ``fastdpo bench`` and ``fastdpo memory``: run, print, write reports."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from . import memory as mem
+from . import report
+from .impls import by_name
+from .machine import machine_info, machine_tag
+from .runner import native_target_memory, native_target_summary, run_preset
+from .workloads import NATIVE_TARGET, preset
+
+GiB = 1 << 30
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _impls(names):
+    return by_name(names.split(",") if isinstance(names, str) else names)
+
+
+def print_native_target(s: dict, log=print) -> None:
+    c = s["case"]
+    log(f"\nnative CPU target: {c['workload']} fp32 N={c['tokens']} V={c['vocab']} "
+        f"on {s['device']}: {s['status']}")
+    if s["status"] != "measured":
+        return
+    log(f"  fastdpo[native] median {s['median_s'] * 1e3:.1f} ms")
+    for peer, x in s["speedups"].items():
+        goal = s["goals"]["speedup_vs"].get(peer)
+        g = f"  (goal >= {goal:g}x: {'met' if x is not None and x >= goal else 'NOT met'})" \
+            if goal else ""
+        log(f"  speedup vs {peer:28s} {x:6.2f}x{g}" if x is not None else
+            f"  speedup vs {peer:28s} n/a (not timed)")
+    for impl, x in s.get("peak_total_x_logits", {}).items():
+        log(f"  peak memory (inputs + step) {impl:28s} {x:5.2f}x logits")
+    key = [k for k in s["met"] if k.startswith("peak")]
+    if key:
+        log(f"  peak goal {key[0]}: {'met' if s['met'][key[0]] else 'NOT met'}")
+
+
+def memory_job(preset_name, device, out: Path, *, impls=None, budget_gib=None, seq_len=2048,
+               machine=None, log=print, extra_rows=()) -> dict:
+    machine = machine or machine_info()
+    p = preset(preset_name, device)
+    impl_list = _impls(impls) if impls else [i for i in by_name() if i.kinds != ("linear_dpo",)]
+    log(f"memory profile ({preset_name}, {device}): {len(p.memory_cases)} cases")
+    t0 = time.perf_counter()
+    rows = list(extra_rows) + mem.profile(p.memory_cases, impl_list, device, log=log)
+    fits = mem.fit_scaling(rows)
+    budgets = mem.budget(fits, budget_gib, seq_len) if budget_gib else []
+    log("\n" + mem.table(rows))
+    if fits:
+        log("\nscaling fit: total peak (inputs + step) = a + b * tokens")
+        for f in fits:
+            log(f"  {f['workload']} V={f['vocab']} {f['dtype']} {f['impl']:28s} "
+                f"a={f['a_bytes'] / 2**20:9.1f} MiB  b={f['b_bytes_per_token'] / 2**10:9.1f} "
+                f"KiB/token  ({f['points']} points)")
+    if budgets:
+        log(f"\nlargest batch of {seq_len}-token sequences in {budget_gib:g} GiB (from the fit):")
+        for b in budgets:
+            log(f"  {b['workload']} V={b['vocab']} {b['dtype']} {b['impl']:28s} "
+                f"{b['max_batch']} sequences ({b['max_tokens']} tokens)")
+    tag, ts = machine_tag(machine), report.stamp(machine)
+    obj = {"kind": "memory", "machine": machine, "preset": preset_name, "device": device,
+           "method": {"cpu": "VmHWM - VmRSS before the step, fresh interpreter per case, HWM "
+                             "reset via /proc/self/clear_refs; inputs excluded",
+                      "cuda": "max_memory_allocated - memory_allocated before the step",
+                      "saved": "unique storages packed by autograd during the forward"},
+           "rows": rows, "fits": fits, "budget": budgets,
+           "elapsed_s": time.perf_counter() - t0}
+    files = report.write_json(obj, out, "memory", tag, ts)
+    files += report.write_csv(rows, machine, out, "memory", tag, ts)
+    files += report.write_plot(rows, "peak_extra_bytes", "extra peak memory (GiB)",
+                               f"peak memory of the step beyond its inputs - "
+                               f"{report.machine_line(machine)}", out, "memory", tag, ts,
+                               scale=1 / GiB)
+    log("\nwrote " + ", ".join(str(f) for f in files))
+    return obj
+
+
+def bench_job(preset_name, device, out: Path, *, impls=None, workloads=None, with_memory=True,
+              budget_gib=None, seq_len=2048, log=print) -> dict:
+    machine = machine_info()
+    p = preset(preset_name, device)
+    impl_list = _impls(impls) if impls else by_name()
+    log(f"fastdpo bench --{preset_name} on {report.machine_line(machine)}")
+    if machine["triton_interpret"]:
+        log("note: TRITON_INTERPRET is set; Triton implementations on CPU are not timed")
+    t0 = time.perf_counter()
+    rows = run_preset(p, impl_list, device, log=log, workloads=workloads)
+    target_mem = []
+    if with_memory and (not workloads or NATIVE_TARGET.workload in workloads):
+        log("\nnative target: peak memory per implementation (isolated processes)")
+        target_mem = native_target_memory(impl_list, device, log=log)
+    summary = native_target_summary(rows, target_mem, device)
+    print_native_target(summary, log)
+    tag, ts = machine_tag(machine), report.stamp(machine)
+    obj = {"kind": "bench", "machine": machine, "preset": preset_name, "device": device,
+           "timing": {"cpu": "time.perf_counter around one step", "cuda": "CUDA events, L2 "
+                      "flushed before each repeat", "warmup": p.warmup, "repeats": p.repeats,
+                      "statistic": "median; spread = quartiles, min, max"},
+           "rows": rows, "native_target": summary, "elapsed_s": time.perf_counter() - t0}
+    files = report.write_json(obj, out, "bench", tag, ts)
+    files += report.write_csv(rows, machine, out, "bench", tag, ts)
+    files += report.write_plot(rows, "median_s", "median time per step (ms)",
+                               f"time per step - {report.machine_line(machine)}", out, "bench",
+                               tag, ts, scale=1e3)
+    log("\nwrote " + ", ".join(str(f) for f in files))
+    if with_memory:
+        log("")
+        obj["memory"] = memory_job(preset_name, device, out, impls=impls, budget_gib=budget_gib,
+                                   seq_len=seq_len, machine=machine, log=log,
+                                   extra_rows=target_mem)
+    return obj

@@ -1,0 +1,137 @@
+"""Timed sweeps: every (case, implementation) that can run here, side by side, with ratios.
+
+Each row carries the case, the implementation, its status (``ok``, ``unavailable`` with the reason,
+``skipped`` with the reason, ``error`` with the message) and, when timed, median and spread over the
+repeats plus speedups against every peer timed on the same case (``speedup_vs_eager`` is
+``eager_median / this_median``).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+from . import memory as mem
+from .impls import Impl
+from .timing import measure
+from .workloads import (NATIVE_TARGET, NATIVE_TARGET_GOALS, NATIVE_TARGET_IMPLS, Case, Preset,
+                        build_step, supports, unavailable)
+
+
+def time_case(case: Case, impl: Impl, device, *, warmup: int, repeats: int,
+              max_seconds: float | None) -> dict:
+    device = torch.device(device)
+    row = {**case.to_dict(), "device": device.type, "impl": impl.name, "family": impl.family,
+           "note": impl.note, "logits_bytes": case.logits_bytes()}
+    why = unavailable(impl, case, device)
+    if why:
+        return {**row, "status": "unavailable", "reason": why}
+    try:
+        step = build_step(case, impl, device)
+        t0 = time.perf_counter()
+        t = measure(step.run, setup=step.setup, device=device, warmup=warmup, repeats=repeats,
+                    max_seconds=max_seconds)
+        row["wall_s"] = time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001 - one failing implementation doesn't stop the sweep
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+        return {**row, "status": "error", "reason": msg}
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    row.update(status="ok", **{k: v for k, v in t.to_dict().items() if k != "samples_s"},
+               samples_s=t.samples_s)
+    row["tokens_per_s"] = case.tokens * (2 if case.workload == "dpo_step" else 1) / t.median_s
+    # Effective bandwidth over the logits the step must read at least once (logits workloads).
+    if case.kind == "logits":
+        n_logits = 2 if case.workload == "dpo_step" else 1
+        row["logits_gbps"] = n_logits * case.logits_bytes() / t.median_s / 1e9
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``speedup_vs_<peer>`` on every timed row, against every other timed row of the same case."""
+    key = ("workload", "vocab", "tokens", "dtype", "batch", "hidden", "device")
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in key), []).append(r)
+    for group in groups.values():
+        timed = {r["impl"]: r["median_s"] for r in group if r.get("status") == "ok"}
+        for r in group:
+            if r.get("status") != "ok":
+                continue
+            for other, t in timed.items():
+                if other != r["impl"]:
+                    r[f"speedup_vs_{other}"] = t / r["median_s"]
+
+
+def run_preset(p: Preset, impls: list[Impl], device, *, log=print, workloads=None) -> list[dict]:
+    rows = []
+    for case in p.cases:
+        if workloads and case.workload not in workloads:
+            continue
+        for impl in impls:
+            if not supports(impl, case):
+                continue
+            if impl.name in ("torch.compile", "cce[torch_compile]") and \
+                    case.vocab not in p.compile_vocabs and case != NATIVE_TARGET:
+                rows.append({**case.to_dict(), "device": torch.device(device).type,
+                             "impl": impl.name, "family": impl.family, "status": "skipped",
+                             "reason": f"preset {p.name!r} compiles only at V in "
+                                       f"{list(p.compile_vocabs)} (compile time)"})
+                continue
+            if case == NATIVE_TARGET and impl.name not in NATIVE_TARGET_IMPLS and \
+                    impl.family != "fastdpo":
+                continue
+            row = time_case(case, impl, device, warmup=p.warmup, repeats=p.repeats,
+                            max_seconds=p.max_seconds)
+            rows.append(row)
+            if log:
+                if row["status"] == "ok":
+                    msg = (f"{row['median_s'] * 1e3:10.2f} ms  (IQR {row['iqr_rel'] * 100:4.1f}%,"
+                           f" n={row['repeats']})")
+                else:
+                    msg = f"{row['status']}: {row['reason']}"
+                log(f"  {case.label():55s} {impl.name:30s} {msg}")
+    add_ratios(rows)
+    return rows
+
+
+def native_target_summary(rows: list[dict], mem_rows: list[dict], device) -> dict:
+    """The issue-3 target on this machine: speedups of fastdpo[native] and its peak memory."""
+    case = NATIVE_TARGET
+    mine = [r for r in rows if r["impl"] == "fastdpo[native]" and r.get("status") == "ok"
+            and r["workload"] == case.workload and r["vocab"] == case.vocab
+            and r["tokens"] == case.tokens and r["dtype"] == case.dtype]
+    out = {"case": case.to_dict(), "device": torch.device(device).type,
+           "goals": NATIVE_TARGET_GOALS, "speedups": {}, "met": {}}
+    if not mine:
+        nat = [r for r in rows if r["impl"] == "fastdpo[native]"]
+        out["status"] = "fastdpo[native] not timed: " + (nat[0].get("reason", "") if nat else "")
+        return out
+    r = mine[0]
+    out["status"] = "measured"
+    out["median_s"] = r["median_s"]
+    for peer, goal in NATIVE_TARGET_GOALS["speedup_vs"].items():
+        s = r.get(f"speedup_vs_{peer}")
+        out["speedups"][peer] = s
+        out["met"][f"speedup_vs_{peer}>={goal}"] = None if s is None else s >= goal
+    if r.get("speedup_vs_fastdpo[torch]") is not None:
+        out["speedups"]["fastdpo[torch]"] = r["speedup_vs_fastdpo[torch]"]
+    peaks = {m["impl"]: m for m in mem_rows if m.get("status") == "ok"
+             and m["workload"] == case.workload and m["vocab"] == case.vocab
+             and m["tokens"] == case.tokens and m["dtype"] == case.dtype}
+    out["peak_total_x_logits"] = {k: v["peak_total_x_logits"] for k, v in peaks.items()}
+    out["peak_extra_x_logits"] = {k: v["peak_extra_x_logits"] for k, v in peaks.items()}
+    if "fastdpo[native]" in peaks:
+        x = peaks["fastdpo[native]"]["peak_total_x_logits"]
+        out["met"][f"peak_total_x_logits<={NATIVE_TARGET_GOALS['peak_x_logits_max']}"] = (
+            x <= NATIVE_TARGET_GOALS["peak_x_logits_max"])
+    return out
+
+
+def native_target_memory(impls: list[Impl], device, log=print) -> list[dict]:
+    chosen = [i for i in impls if i.name in NATIVE_TARGET_IMPLS]
+    return mem.profile([NATIVE_TARGET], chosen, device, log=log)

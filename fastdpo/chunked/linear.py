@@ -1,0 +1,312 @@
+"""Fused LM head over chunks: log-probs from hidden states and the LM-head weight.
+
+Implements ``linear_logps_fwd`` / ``linear_logps_bwd`` (see :mod:`fastdpo.ops`) for the ``torch``
+and ``native`` backends with one chunk loop, parameterised by the row kernel run on each chunk of
+logits (``torch_logps_*`` or the C++ ``native_logps_*``). The Triton backend reuses the backward
+loop with its own fused tile kernel. No ``(N, V)`` buffer ever exists:
+
+* forward: vocabulary chunks outside, token chunks inside; each ``(Nc, Vc)`` tile of logits is
+  built by one matmul, reduced by the row kernel with ``vocab_start`` set to the tile's first
+  column (so a label in another tile counts 0), and merged into per-token running statistics
+  (online log-sum-exp). Only O(N) survives the loop.
+* backward: the same tiles are rebuilt and turned into ``d logits`` in place by the row kernel
+  (given the global lse/entropy), then multiplied into ``d_hidden`` / ``d_weight`` / ``d_bias``.
+  ``d_weight`` of a vocabulary chunk is accumulated in fp32 over all tokens of a token block and
+  written once, ``d_hidden`` of a token block in fp32 over all vocabulary chunks.
+
+Chunk sizes come from a memory budget of ``BUDGET_FRACTION`` of what the ``(N, V)`` logits would
+take in the hidden states' dtype (at least ``MIN_BUDGET``): a third for the fp32 ``d_hidden``
+accumulator of a token block (bf16/fp16 inputs; several blocks when it would not fit, each adding
+its fp32 ``d_weight`` partial into the gradient), a third for the fp32 weight chunk and its
+gradient accumulator, a third for the logits tile and the row kernel's temporaries.
+
+The logit transform (Gemma-2 style soft-capping): ``z = c * tanh(s * (h @ w.T + b) / c) / T`` with
+``s = logit_scale``, ``c = softcap`` (0 = off), ``T = temperature``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import backends, ops
+from . import logps as _torch_rows  # noqa: F401  (registers the torch row kernels run here)
+
+BUDGET_FRACTION = 0.05
+MIN_BUDGET = 16 << 20
+# fp32 copies of one logits tile alive at once in the torch row kernel (tile, tanh buffer, the
+# kernel's own exp / product temporaries); the native and Triton tile kernels need fewer.
+TILE_COPIES = 5
+
+
+@dataclass(frozen=True)
+class Plan:
+    block_rows: int   # tokens whose d_hidden is accumulated in fp32 at once (Ns)
+    tile_rows: int    # tokens per tile (Nc)
+    tile_cols: int    # vocabulary entries per tile (Vc)
+
+
+def plan(N: int, V: int, H: int, itemsize: int, *, tile_bytes: int = 4 * TILE_COPIES,
+         hidden_acc: bool = True, budget: int | None = None) -> Plan:
+    """Chunk sizes keeping the extra memory near ``budget`` bytes (see the module docstring).
+
+    ``tile_bytes``: bytes of temporaries per logits-tile element; ``hidden_acc``: whether
+    ``d_hidden`` needs a separate fp32 accumulator (it does not when the hidden states are fp32).
+    """
+    if budget is None:
+        budget = max(MIN_BUDGET, int(BUDGET_FRACTION * N * V * itemsize))
+    part = budget // 3
+    H = max(H, 1)
+    block_rows = max(1, min(N, part // (4 * H))) if hidden_acc else max(N, 1)
+    cols = part // (8 * H)  # fp32 weight chunk + fp32 d_weight accumulator
+    cols = V if cols >= V else max(64, cols // 64 * 64)
+    cols = min(cols, V)
+    rows = part // (cols * tile_bytes + 4 * H)  # tile temporaries + fp32 hidden chunk
+    rows = max(1, min(rows, block_rows, max(N, 1)))
+    return Plan(block_rows, rows, cols)
+
+
+# --------------------------------------------------------------------------- matmul helpers
+
+
+acc_dtype = ops.acc_dtype
+
+
+def operand_dtype(compute: torch.dtype, device: torch.device) -> torch.dtype:
+    """dtype of matmul operands: the input's own on CUDA (tensor cores, fp32 accumulation
+    inside), fp32 on CPU (its bf16/fp16 matmuls round the result to the input dtype)."""
+    return compute if device.type == "cuda" else acc_dtype(compute)
+
+
+_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def mm_acc(a, b, out=None, accumulate=False):
+    """``out (+)= a @ b`` with an fp32/fp64 result whatever the operands' dtype."""
+    target = out.dtype if out is not None else acc_dtype(a.dtype)
+    if a.dtype == target:
+        if out is None:
+            return a @ b
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    r = None
+    if a.is_cuda and _MM_OUT_DTYPE_OK.get("cuda", True):
+        try:
+            r = torch.mm(a, b, out_dtype=target)
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE_OK["cuda"] = False
+    if r is None:
+        r = (a @ b).to(target)
+    if out is None:
+        return r
+    return out.add_(r) if accumulate else out.copy_(r)
+
+
+def logits_tile(h, w, b, logit_scale, softcap, out, tanh_out=None):
+    """Write the transformed logits (before temperature) of rows ``h`` and vocabulary ``w`` into
+    ``out``; with ``tanh_out`` also keep ``tanh(s * a / c)`` for the backward's chain rule."""
+    mm_acc(h, w.t(), out=out)
+    if b is not None:
+        out.add_(b.to(out.dtype))
+    if softcap:
+        out.mul_(logit_scale / softcap).tanh_()
+        if tanh_out is not None:
+            tanh_out.copy_(out)
+        out.mul_(softcap)
+    elif logit_scale != 1.0:
+        out.mul_(logit_scale)
+    return out
+
+
+def chain_factor_(dz, t, logit_scale, softcap):
+    """Turn ``d z`` (w.r.t. the transformed logits) into ``d a`` (w.r.t. ``h @ w.T + b``)."""
+    if softcap:
+        dz.mul_(t.mul_(t).neg_().add_(1.0))  # 1 - tanh^2
+    if logit_scale != 1.0:
+        dz.mul_(logit_scale)
+    return dz
+
+
+# ----------------------------------------------------------------------------- forward loop
+
+
+def in_tile(labels, start, width):
+    local = labels.long() - start
+    return (local >= 0) & (local < width)
+
+
+def forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
+                 logit_scale, softcap, vocab_start, vocab_total, with_entropy, *, plan_=None):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    acc = acc_dtype(hidden.dtype)
+    opd = operand_dtype(hidden.dtype, dev)
+    p = plan_ or plan(N, V, H, hidden.element_size(), hidden_acc=False)
+    row_fwd = ops.get_op(row_backend, "logps_fwd")
+    f32 = acc  # output dtype of the row ops
+    m = torch.full((N,), -math.inf, dtype=f32, device=dev)  # running log-sum-exp
+    zl = torch.zeros(N, dtype=f32, device=dev)              # label logit (sum over tiles)
+    s = torch.zeros(N, dtype=f32, device=dev) if with_entropy else None  # sum p*z, scaled to m
+    buf = torch.empty(p.tile_rows * p.tile_cols, dtype=acc, device=dev)
+    lab2 = labels.view(1, N)
+    for v0 in range(0, V, p.tile_cols):
+        v1 = min(V, v0 + p.tile_cols)
+        w = weight[v0:v1].to(opd)
+        b = None if bias is None else bias[v0:v1]
+        for n0 in range(0, N, p.tile_rows):
+            n1 = min(N, n0 + p.tile_rows)
+            x = buf[: (n1 - n0) * (v1 - v0)].view(1, n1 - n0, v1 - v0)
+            logits_tile(hidden[n0:n1].to(opd), w, b, logit_scale, softcap, x[0])
+            lp_c, lse_c, ent_c = row_fwd(x, lab2[:, n0:n1], ignore_index, float(temperature),
+                                         vocab_start + v0, vocab_total, with_entropy)
+            lp_c, lse_c = lp_c[0], lse_c[0]
+            # A tile masked to -inf everywhere (e.g. by the bias) adds nothing, unless it holds
+            # the label, whose logit is then -inf.
+            dead = torch.isneginf(lse_c)
+            m_old = m[n0:n1]
+            m_new = torch.logaddexp(m_old, lse_c)
+            if with_entropy:
+                term = torch.exp(lse_c - m_new) * (lse_c - ent_c[0])
+                keep = torch.exp(m_old - m_new).nan_to_num_(0.0)  # NaN while every tile was dead
+                s[n0:n1] = s[n0:n1] * keep + torch.where(dead, 0.0, term)
+            m[n0:n1] = m_new
+            # the tile's label logit, or 0 when the label is elsewhere
+            zl_c = torch.where(dead, torch.where(in_tile(labels[n0:n1], vocab_start + v0, v1 - v0),
+                                                 -math.inf, 0.0), lp_c + lse_c)
+            zl[n0:n1] += zl_c
+    active = labels != ignore_index
+    logp = torch.where(active, zl - m, 0.0)
+    lse = torch.where(active, m, 0.0)
+    ent = (torch.where(active, m - s, 0.0) if with_entropy
+           else hidden.new_empty((0,), dtype=f32))
+    return logp, lse, ent
+
+
+# ---------------------------------------------------------------------------- backward loop
+
+
+class RowKernelTiles:
+    """Gradient tiles from a row kernel (``torch`` or ``native``): build the tile of logits,
+    run ``<row_backend>_logps_bwd`` on it in place, apply the chain rule of the transform."""
+
+    tile_bytes = 4 * TILE_COPIES
+
+    def __init__(self, row_backend: str):
+        self.row_bwd = ops.get_op(row_backend, "logps_bwd")
+        self.buf = self.tbuf = None
+
+    def grad_tile(self, h, w, b, labels, grad_logp, grad_entropy, lse, ent, ignore_index,
+                  temperature, logit_scale, softcap, vocab_start, vocab_total, opd):
+        n, v = h.shape[0], w.shape[0]
+        acc = acc_dtype(h.dtype)
+        if self.buf is None:
+            self.buf = torch.empty(self._cap, dtype=acc, device=h.device)
+            self.tbuf = torch.empty(self._cap if softcap else 0, dtype=acc, device=h.device)
+        x = self.buf[: n * v].view(1, n, v)
+        t = self.tbuf[: n * v].view(n, v) if softcap else None
+        logits_tile(h, w, b, logit_scale, softcap, x[0], t)
+        self.row_bwd(grad_logp.view(1, n), None if grad_entropy is None else grad_entropy.view(1, n),
+                     x, labels.view(1, n), lse.view(1, n), None if ent is None else ent.view(1, n),
+                     ignore_index, float(temperature), vocab_start, vocab_total, x)
+        dz = chain_factor_(x[0], t, logit_scale, softcap)
+        return dz if dz.dtype == opd else dz.to(opd)
+
+    def reserve(self, elements: int):
+        self._cap = elements
+
+
+def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                  ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total,
+                  need_hidden_grad, need_weight_grad, need_bias_grad, *, plan_=None):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    acc = acc_dtype(hidden.dtype)
+    opd = operand_dtype(hidden.dtype, dev)
+    need_bias_grad = need_bias_grad and bias is not None
+    empty = hidden.new_empty((0,))
+    d_h = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_hidden_grad else empty
+    d_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_weight_grad else empty
+    d_b = torch.zeros_like(bias) if need_bias_grad else empty
+    if not (need_hidden_grad or need_weight_grad or need_bias_grad) or N == 0:
+        return d_h, d_w, d_b
+    hidden_acc = need_hidden_grad and d_h.dtype != acc
+    p = plan_ or plan(N, V, H, hidden.element_size(), tile_bytes=tiles.tile_bytes,
+                      hidden_acc=hidden_acc)
+    tiles.reserve(p.tile_rows * p.tile_cols)
+    grad_logp = grad_logp.to(acc)
+    grad_entropy = None if grad_entropy is None else grad_entropy.to(acc)
+    w_direct = need_weight_grad and d_w.dtype == acc and p.block_rows >= N
+    for s0 in range(0, N, p.block_rows):
+        s1 = min(N, s0 + p.block_rows)
+        dh_acc = None
+        if need_hidden_grad:
+            dh_acc = (torch.zeros((s1 - s0, H), dtype=acc, device=dev) if hidden_acc
+                      else d_h[s0:s1])
+        for v0 in range(0, V, p.tile_cols):
+            v1 = min(V, v0 + p.tile_cols)
+            w = weight[v0:v1].to(opd)
+            b = None if bias is None else bias[v0:v1]
+            dw_acc = None
+            if need_weight_grad:
+                dw_acc = d_w[v0:v1] if w_direct else torch.zeros((v1 - v0, H), dtype=acc, device=dev)
+            db_acc = torch.zeros(v1 - v0, dtype=acc, device=dev) if need_bias_grad else None
+            for n0 in range(s0, s1, p.tile_rows):
+                n1 = min(s1, n0 + p.tile_rows)
+                h = hidden[n0:n1].to(opd)
+                dz = tiles.grad_tile(h, w, b, labels[n0:n1], grad_logp[n0:n1],
+                                     None if grad_entropy is None else grad_entropy[n0:n1],
+                                     lse[n0:n1], None if entropy is None else entropy[n0:n1],
+                                     ignore_index, temperature, logit_scale, softcap,
+                                     vocab_start + v0, vocab_total, opd)
+                if need_hidden_grad:
+                    mm_acc(dz, w, out=dh_acc[n0 - s0:n1 - s0], accumulate=True)
+                if need_weight_grad:
+                    mm_acc(dz.t(), h, out=dw_acc, accumulate=True)
+                if need_bias_grad:
+                    db_acc += dz.sum(0, dtype=acc)
+            if need_weight_grad and not w_direct:
+                d_w[v0:v1] += dw_acc  # one rounding per token block
+            if need_bias_grad:
+                d_b[v0:v1] += db_acc.to(d_b.dtype)
+        if hidden_acc:
+            d_h[s0:s1].copy_(dh_acc)
+    return d_h, d_w, d_b
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+def _checked(row_backend, device):
+    if row_backend != "torch":
+        why = backends.device_reason(row_backend, device)
+        if why:
+            raise RuntimeError(f"backend {row_backend!r} is not available on {device}: {why}")
+
+
+def make_impls(row_backend: str):
+    def fwd(hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap,
+            vocab_start, vocab_total, with_entropy):
+        _checked(row_backend, hidden.device)
+        return forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
+                            logit_scale, softcap, vocab_start, vocab_total, with_entropy)
+
+    def bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index,
+            temperature, logit_scale, softcap, vocab_start, vocab_total, need_hidden_grad,
+            need_weight_grad, need_bias_grad, deterministic):
+        # Deterministic by construction: fixed loop order, no atomics.
+        _checked(row_backend, hidden.device)
+        return backward_loop(RowKernelTiles(row_backend), grad_logp, grad_entropy, hidden,
+                             weight, bias, labels, lse, entropy, ignore_index, temperature,
+                             logit_scale, softcap, vocab_start, vocab_total, need_hidden_grad,
+                             need_weight_grad, need_bias_grad)
+
+    return fwd, bwd
+
+
+for _rb in ("torch", "native"):
+    _fwd, _bwd = make_impls(_rb)
+    ops.register_impl(_rb, "linear_logps_fwd", _fwd)
+    ops.register_impl(_rb, "linear_logps_bwd", _bwd)

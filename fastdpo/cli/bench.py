@@ -1,0 +1,60 @@
+"""``fastdpo bench``: time fastdpo against its peers here, then profile peak memory.
+
+The main job in one command: ``fastdpo bench --quick`` runs the timed sweep (including the native
+CPU target), the memory report, and writes JSON/CSV/PNG under ``--out``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_preset_arguments(parser) -> None:
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                   help="a few minutes on 2 CPU cores (default)")
+    g.add_argument("--full", dest="preset", action="store_const", const="full",
+                   help="every vocabulary, more token counts and dtypes")
+    parser.set_defaults(preset="quick")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                        help="directory for JSON/CSV/PNG (default: benchmarks/results)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--impl", default=None,
+                        help="comma list of implementations (default: all; see --list)")
+    parser.add_argument("--budget", type=float, default=None, metavar="GIB",
+                        help="also answer: the largest batch of --seq-len tokens fitting GIB GiB")
+    parser.add_argument("--seq-len", type=int, default=2048, help="sequence length for --budget")
+    parser.add_argument("--list", action="store_true", help="list implementations and exit")
+
+
+def add_arguments(parser) -> None:
+    add_preset_arguments(parser)
+    parser.add_argument("--workload", default=None,
+                        help="comma list of workloads to time (default: all in the preset)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the memory report (timing only)")
+
+
+def list_impls(device) -> int:
+    import torch
+
+    from fastdpo.bench.impls import all_impls
+
+    for impl in all_impls():
+        for kind in impl.kinds:
+            why = impl.unavailable(torch.device(device), kind=kind)
+            print(f"{impl.name:34s} {kind:11s} {'available' if not why else 'unavailable: ' + why}")
+    return 0
+
+
+def run(args) -> int:
+    from fastdpo.bench.jobs import bench_job, default_device
+
+    device = args.device or default_device()
+    if args.list:
+        return list_impls(device)
+    workloads = args.workload.split(",") if args.workload else None
+    bench_job(args.preset, device, args.out, impls=args.impl, workloads=workloads,
+              with_memory=not args.no_memory, budget_gib=args.budget, seq_len=args.seq_len)
+    return 0

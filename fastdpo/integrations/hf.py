@@ -1,0 +1,127 @@
+"""Hugging Face ``transformers`` causal LMs into the fused LM head, logits never computed.
+
+A trainer that does ``logits = model(input_ids, attention_mask=mask).logits`` followed by a
+log-prob gather switches in one line::
+
+    logps = fastdpo.integrations.hf.sequence_logps(model, input_ids, labels,
+                                                   attention_mask=mask, shift=True)
+
+or, to keep control of the call, :func:`lm_head_inputs` runs only the model's decoder and returns
+what :func:`fastdpo.linear_token_logps` needs (hidden states, LM-head weight and bias, and the
+logit transform the model applies: Gemma-2/3 ``final_logit_softcapping``, Cohere ``logit_scale``,
+Granite ``logits_scaling``)::
+
+    head = lm_head_inputs(model, input_ids=input_ids, attention_mask=mask)
+    logps = fastdpo.linear_sequence_logps(head.hidden, head.weight, labels, shift=True,
+                                          **head.kwargs())
+
+Only ``transformers`` model conventions are used (``get_decoder`` / ``base_model_prefix`` /
+``get_output_embeddings``); ``transformers`` itself is not imported here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..linear import linear_sequence_logps, linear_token_logps
+
+
+@dataclass
+class LMHeadInputs:
+    hidden: torch.Tensor            # (B, T, H) final hidden states (after the final norm)
+    weight: torch.Tensor            # (V, H) LM-head weight (the embedding matrix when tied)
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    outputs: object = None          # the decoder's full output (past_key_values, aux losses...)
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of :func:`fastdpo.linear_token_logps` for this head."""
+        return {"bias": self.bias, "softcap": self.softcap, "logit_scale": self.logit_scale}
+
+
+def decoder_of(model):
+    """The base module of a ``*ForCausalLM`` model: everything but the LM head."""
+    get = getattr(model, "get_decoder", None)
+    if callable(get):
+        try:
+            dec = get()
+        except (AttributeError, NotImplementedError):
+            dec = None
+        if dec is not None and dec is not model:
+            return dec
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and isinstance(getattr(model, prefix, None), torch.nn.Module):
+        return getattr(model, prefix)
+    if isinstance(getattr(model, "model", None), torch.nn.Module):
+        return model.model
+    raise TypeError(f"cannot find the decoder of {type(model).__name__}: it has no get_decoder(), "
+                    f"base_model_prefix attribute or .model")
+
+
+def head_of(model):
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else getattr(model, "lm_head", None)
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise TypeError(f"cannot find the LM head of {type(model).__name__}")
+    return head
+
+
+def logit_transform(model) -> tuple[float | None, float]:
+    """``(softcap, logit_scale)`` that ``model`` applies to ``lm_head(hidden)``."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    softcap = getattr(cfg, "final_logit_softcapping", None) or None
+    scale = 1.0
+    model_scale = getattr(model, "logit_scale", None)  # Cohere keeps it on the model
+    if isinstance(model_scale, (int, float)):
+        scale *= float(model_scale)
+    elif getattr(cfg, "logit_scale", None) is not None:
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None):  # Granite divides
+        scale /= float(cfg.logits_scaling)
+    return (float(softcap) if softcap else None), scale
+
+
+def lm_head_inputs(model, **model_kwargs) -> LMHeadInputs:
+    """Run the decoder of a causal LM (not its LM head) and return what the fused head needs.
+
+    ``model_kwargs`` go to the decoder (``input_ids``, ``attention_mask``, ``position_ids``,
+    ``inputs_embeds``...). ``labels`` / ``logits_to_keep`` are head arguments and are refused.
+    """
+    for bad in ("labels", "logits_to_keep", "num_logits_to_keep"):
+        if bad in model_kwargs:
+            raise TypeError(f"{bad!r} is an argument of the LM head, not of the decoder")
+    model_kwargs.setdefault("use_cache", False)
+    out = decoder_of(model)(**model_kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    head = head_of(model)
+    softcap, scale = logit_transform(model)
+    return LMHeadInputs(hidden, head.weight, getattr(head, "bias", None), softcap, scale, out)
+
+
+def _split(kw):
+    names = ("attention_mask", "position_ids", "inputs_embeds", "past_key_values",
+             "cache_position", "token_type_ids")
+    model_kw = {k: kw.pop(k) for k in names if k in kw}
+    model_kw.update(kw.pop("model_kwargs", None) or {})
+    return model_kw, kw
+
+
+def token_logps(model, input_ids, labels, **kwargs):
+    """:func:`fastdpo.linear_token_logps` of ``labels`` under ``model``. Decoder arguments
+    (``attention_mask``, ``position_ids``, ..., or a ``model_kwargs`` dict) go to the model, the
+    rest (``shift``, ``temperature``, ``return_entropy``, ``backend``...) to the log-prob call."""
+    model_kw, kw = _split(dict(kwargs))
+    head = lm_head_inputs(model, input_ids=input_ids, **model_kw)
+    return linear_token_logps(head.hidden, head.weight, labels, **head.kwargs(), **kw)
+
+
+def sequence_logps(model, input_ids, labels, **kwargs):
+    """:func:`fastdpo.linear_sequence_logps` under ``model``; arguments as in :func:`token_logps`."""
+    model_kw, kw = _split(dict(kwargs))
+    head = lm_head_inputs(model, input_ids=input_ids, **model_kw)
+    return linear_sequence_logps(head.hidden, head.weight, labels, **head.kwargs(), **kw)
