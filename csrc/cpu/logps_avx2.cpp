@@ -43,17 +43,19 @@ FASTDPO_INLINE F8 operator+(F8 a, F8 b) { return _mm256_add_ps(a.v, b.v); }
 FASTDPO_INLINE F8 operator-(F8 a, F8 b) { return _mm256_sub_ps(a.v, b.v); }
 FASTDPO_INLINE F8 operator*(F8 a, F8 b) { return _mm256_mul_ps(a.v, b.v); }
 
-// exp on 8 lanes, about 1 ulp (Cody-Waite reduction by ln 2, degree-5 polynomial of the Cephes
-// expf). Below ln(FLT_MIN) it returns exactly 0 (masked -inf logits give p = 0); NaN stays NaN
-// (operand order of min/max keeps it); arguments above 88 are clamped (never reached: the kernels
-// only take exp of values <= max - max).
+// exp on 8 lanes, about 1 ulp: Cody-Waite reduction by ln 2 and the degree-5 polynomial of the
+// Cephes expf. Below ln(FLT_MIN) it returns exactly 0 (masked -inf logits give p = 0); NaN stays
+// NaN (operand order of min/max keeps it); arguments above 88 are clamped (the kernels only take
+// exp of values near or below 0).
 FASTDPO_INLINE __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.33f);
+  // 1.5 * 2^23 + 127: adding it rounds to an integer and leaves n + 127 in the low mantissa bits.
+  const __m256 magic = _mm256_set1_ps(12583039.0f);
   const __m256 too_small = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
   x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
   x = _mm256_max_ps(lo, x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 k = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(k, magic);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 y = _mm256_set1_ps(1.9875691500e-4f);
@@ -64,10 +66,8 @@ FASTDPO_INLINE __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r);
   y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(too_small, y);
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23));
+  return _mm256_andnot_ps(too_small, _mm256_mul_ps(y, scale));
 }
 
 }  // namespace fastdpo::cpu::avx2_impl
@@ -120,8 +120,10 @@ FASTDPO_INLINE void store8(BF16* p, F8 v) {
 }
 
 constexpr int64_t kVec = 8;
-constexpr int64_t kUnit = 4 * kVec;  // elements per step: four independent lane sets for ILP
-constexpr int64_t kChunk = 2048;     // elements per two-sweep chunk (8 KiB of fp32, L1-resident)
+constexpr int kSets = 2;                 // independent lane sets per step (few, to stay in registers)
+constexpr int64_t kUnit = kSets * kVec;  // elements per step
+constexpr int64_t kChunk = 2048;         // elements per two-sweep chunk (L1-resident)
+constexpr int64_t kLine = 64;            // bytes per cache line
 
 template <class S>
 struct Tail {
@@ -133,20 +135,29 @@ struct Tail {
   }
 };
 
+// One chunk of n (a multiple of kUnit) elements. The second sweep reads from L1 and meanwhile asks
+// for the next chunk [x + n, x + n + prefetch_n), so its first sweep does not wait on memory.
 template <bool kEntropy, class S>
-FASTDPO_INLINE void fwd_chunk(const S* x, int64_t n, F8 inv_temp, State8 (&st)[4]) {
-  F8 m[4] = {F8(-INFINITY), F8(-INFINITY), F8(-INFINITY), F8(-INFINITY)};
+FASTDPO_INLINE void fwd_chunk(const S* x, int64_t n, int64_t prefetch_n, F8 inv_temp,
+                              State8 (&st)[kSets]) {
+  F8 m[kSets];
+  for (int k = 0; k < kSets; ++k) m[k] = F8(-INFINITY);
   for (int64_t i = 0; i < n; i += kUnit) {
-    for (int k = 0; k < 4; ++k) m[k] = Math<F8>::max(load8(x + i + k * kVec), m[k]);
+    for (int k = 0; k < kSets; ++k) m[k] = Math<F8>::max(load8(x + i + k * kVec), m[k]);
   }
-  F8 neg_ref[4];
-  for (int k = 0; k < 4; ++k) {
+  F8 neg_ref[kSets];
+  for (int k = 0; k < kSets; ++k) {
     // inv_temp > 0, so the max of x / T is (max x) / T.
     rescale<kEntropy>(st[k], Math<F8>::max(m[k] * inv_temp, st[k].m));
     neg_ref[k] = F8(0.0f) - ref_point(st[k].m);
   }
+  const char* next = reinterpret_cast<const char*>(x + n);
+  const int64_t next_bytes = prefetch_n * static_cast<int64_t>(sizeof(S));
+  constexpr int64_t kUnitBytes = kUnit * static_cast<int64_t>(sizeof(S));
   for (int64_t i = 0; i < n; i += kUnit) {
-    for (int k = 0; k < 4; ++k) {
+    const int64_t pb = i * static_cast<int64_t>(sizeof(S));
+    if (pb % kLine < kUnitBytes && pb < next_bytes) _mm_prefetch(next + pb, _MM_HINT_T0);
+    for (int k = 0; k < kSets; ++k) {
       const F8 d = Math<F8>::fma(load8(x + i + k * kVec), inv_temp, neg_ref[k]);
       accumulate<kEntropy>(st[k].s, st[k].t, d);
     }
@@ -155,18 +166,21 @@ FASTDPO_INLINE void fwd_chunk(const S* x, int64_t n, F8 inv_temp, State8 (&st)[4
 
 template <bool kEntropy, class S>
 SoftmaxState<float> fwd_row(const S* x, int64_t V, float inv_temp) {
-  State8 st[4];
+  State8 st[kSets];
   for (auto& s : st) s = state_init<F8>();
   const F8 vt(inv_temp);
   const int64_t full = V / kUnit * kUnit;
   for (int64_t c = 0; c < full; c += kChunk) {
-    fwd_chunk<kEntropy>(x + c, (full - c < kChunk) ? full - c : kChunk, vt, st);
+    const int64_t n = (full - c < kChunk) ? full - c : kChunk;
+    const int64_t rest = full - c - n;
+    fwd_chunk<kEntropy>(x + c, n, rest < kChunk ? rest : kChunk, vt, st);
   }
   if (full < V) {
     const Tail<S> tail(x + full, V - full);
-    fwd_chunk<kEntropy>(tail.buf, kUnit, vt, st);
+    fwd_chunk<kEntropy>(tail.buf, kUnit, 0, vt, st);
   }
-  const State8 a = merge<kEntropy>(merge<kEntropy>(st[0], st[1]), merge<kEntropy>(st[2], st[3]));
+  State8 a = st[0];
+  for (int k = 1; k < kSets; ++k) a = merge<kEntropy>(a, st[k]);
   alignas(32) float m[8], s[8], t[8];
   _mm256_store_ps(m, a.m.v);
   _mm256_store_ps(s, a.s.v);
@@ -205,9 +219,9 @@ void fwd_rows(const LogpsFwdParams& p, int64_t r0, int64_t r1) {
 
 template <bool kEntropy, class S>
 FASTDPO_INLINE void bwd_unit(const S* x, S* out, F8 inv_temp, const GradCoeffs<F8>& c) {
-  F8 v[4];
-  for (int k = 0; k < 4; ++k) v[k] = grad_element<kEntropy>(load8(x + k * kVec), inv_temp, c);
-  for (int k = 0; k < 4; ++k) store8(out + k * kVec, v[k]);  // after all loads: out may be x
+  F8 v[kSets];
+  for (int k = 0; k < kSets; ++k) v[k] = grad_element<kEntropy>(load8(x + k * kVec), inv_temp, c);
+  for (int k = 0; k < kSets; ++k) store8(out + k * kVec, v[k]);  // after all loads: out may be x
 }
 
 template <bool kEntropy, class S>

@@ -11,14 +11,15 @@ loop with its own fused tile kernel. No ``(N, V)`` buffer ever exists:
   (online log-sum-exp). Only O(N) survives the loop.
 * backward: the same tiles are rebuilt and turned into ``d logits`` in place by the row kernel
   (given the global lse/entropy), then multiplied into ``d_hidden`` / ``d_weight`` / ``d_bias``.
-  ``d_weight`` of a vocabulary chunk is accumulated in fp32 over all tokens of a token block and
-  written once, ``d_hidden`` of a token block in fp32 over all vocabulary chunks.
+  ``d_weight`` of a vocabulary chunk is accumulated in fp32 over all tokens and written once,
+  ``d_hidden`` of a token block in fp32 over all vocabulary chunks.
 
 Chunk sizes come from a memory budget of ``BUDGET_FRACTION`` of what the ``(N, V)`` logits would
 take in the hidden states' dtype (at least ``MIN_BUDGET``): a third for the fp32 ``d_hidden``
-accumulator of a token block (bf16/fp16 inputs; several blocks when it would not fit, each adding
-its fp32 ``d_weight`` partial into the gradient), a third for the fp32 weight chunk and its
-gradient accumulator, a third for the logits tile and the row kernel's temporaries.
+accumulator of a token block (bf16/fp16 inputs; when all tokens do not fit, ``d_hidden`` is
+computed block by block in a first sweep and ``d_weight`` / ``d_bias`` in a second one, so each
+gradient is still rounded once), a third for the fp32 weight chunk and its gradient accumulator,
+a third for the logits tile and the row kernel's temporaries.
 
 The logit transform (Gemma-2 style soft-capping): ``z = c * tanh(s * (h @ w.T + b) / c) / T`` with
 ``s = logit_scale``, ``c = softcap`` (0 = off), ``T = temperature``.
@@ -220,11 +221,16 @@ class RowKernelTiles:
 def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
                   ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total,
                   need_hidden_grad, need_weight_grad, need_bias_grad, *, plan_=None):
+    """Gradients of the fused head; ``tiles.grad_tile`` turns a chunk into ``d logits``.
+
+    One sweep over the tiles when the fp32 ``d_hidden`` accumulator of all tokens fits the budget
+    (or is not needed); otherwise two, so that every gradient is still rounded once: token blocks
+    outside for ``d_hidden``, then all tokens inside each vocabulary chunk for ``d_weight`` /
+    ``d_bias`` (the tiles are rebuilt twice: one more logits matmul instead of memory).
+    """
     N, H = hidden.shape
     V = weight.shape[0]
-    dev = hidden.device
     acc = acc_dtype(hidden.dtype)
-    opd = operand_dtype(hidden.dtype, dev)
     need_bias_grad = need_bias_grad and bias is not None
     empty = hidden.new_empty((0,))
     d_h = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_hidden_grad else empty
@@ -236,13 +242,33 @@ def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, 
     p = plan_ or plan(N, V, H, hidden.element_size(), tile_bytes=tiles.tile_bytes,
                       hidden_acc=hidden_acc)
     tiles.reserve(p.tile_rows * p.tile_cols)
-    grad_logp = grad_logp.to(acc)
-    grad_entropy = None if grad_entropy is None else grad_entropy.to(acc)
-    w_direct = need_weight_grad and d_w.dtype == acc and p.block_rows >= N
-    for s0 in range(0, N, p.block_rows):
-        s1 = min(N, s0 + p.block_rows)
+    rows = (labels, grad_logp.to(acc), None if grad_entropy is None else grad_entropy.to(acc),
+            lse, entropy)
+    consts = (ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total)
+    if p.block_rows >= N or not (need_weight_grad or need_bias_grad) or not need_hidden_grad:
+        _sweep(tiles, p, N, hidden, weight, bias, rows, consts, d_h, d_w, d_b, hidden_acc)
+    else:
+        _sweep(tiles, p, p.block_rows, hidden, weight, bias, rows, consts, d_h, empty, empty,
+               hidden_acc)
+        _sweep(tiles, p, N, hidden, weight, bias, rows, consts, empty, d_w, d_b, False)
+    return d_h, d_w, d_b
+
+
+def _sweep(tiles, p, block_rows, hidden, weight, bias, rows, consts, d_h, d_w, d_b, hidden_acc):
+    """Token blocks of ``block_rows`` outside, vocabulary chunks, token tiles inside; fills the
+    non-empty ones of ``d_h`` / ``d_w`` / ``d_b``. ``d_w`` / ``d_b`` need a single block."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    acc = acc_dtype(hidden.dtype)
+    opd = operand_dtype(hidden.dtype, dev)
+    labels, grad_logp, grad_entropy, lse, entropy = rows
+    need_h, need_w, need_b = d_h.numel() > 0, d_w.numel() > 0, d_b.numel() > 0
+    w_direct = need_w and d_w.dtype == acc
+    for s0 in range(0, N, block_rows):
+        s1 = min(N, s0 + block_rows)
         dh_acc = None
-        if need_hidden_grad:
+        if need_h:
             dh_acc = (torch.zeros((s1 - s0, H), dtype=acc, device=dev) if hidden_acc
                       else d_h[s0:s1])
         for v0 in range(0, V, p.tile_cols):
@@ -250,30 +276,28 @@ def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, 
             w = weight[v0:v1].to(opd)
             b = None if bias is None else bias[v0:v1]
             dw_acc = None
-            if need_weight_grad:
+            if need_w:
                 dw_acc = d_w[v0:v1] if w_direct else torch.zeros((v1 - v0, H), dtype=acc, device=dev)
-            db_acc = torch.zeros(v1 - v0, dtype=acc, device=dev) if need_bias_grad else None
+            db_acc = torch.zeros(v1 - v0, dtype=acc, device=dev) if need_b else None
             for n0 in range(s0, s1, p.tile_rows):
                 n1 = min(s1, n0 + p.tile_rows)
                 h = hidden[n0:n1].to(opd)
                 dz = tiles.grad_tile(h, w, b, labels[n0:n1], grad_logp[n0:n1],
                                      None if grad_entropy is None else grad_entropy[n0:n1],
                                      lse[n0:n1], None if entropy is None else entropy[n0:n1],
-                                     ignore_index, temperature, logit_scale, softcap,
-                                     vocab_start + v0, vocab_total, opd)
-                if need_hidden_grad:
+                                     *consts[:4], consts[4] + v0, consts[5], opd)
+                if need_h:
                     mm_acc(dz, w, out=dh_acc[n0 - s0:n1 - s0], accumulate=True)
-                if need_weight_grad:
+                if need_w:
                     mm_acc(dz.t(), h, out=dw_acc, accumulate=True)
-                if need_bias_grad:
+                if need_b:
                     db_acc += dz.sum(0, dtype=acc)
-            if need_weight_grad and not w_direct:
-                d_w[v0:v1] += dw_acc  # one rounding per token block
-            if need_bias_grad:
-                d_b[v0:v1] += db_acc.to(d_b.dtype)
+            if need_w and not w_direct:
+                d_w[v0:v1].copy_(dw_acc)
+            if need_b:
+                d_b[v0:v1].copy_(db_acc)
         if hidden_acc:
             d_h[s0:s1].copy_(dh_acc)
-    return d_h, d_w, d_b
 
 
 # ------------------------------------------------------------------------------ registration

@@ -1,4 +1,4 @@
-"""The autograd Function of the DPO-family losses: closed-form backward, no graph through the formula.
+"""The autograd Function of the DPO-family losses: closed-form backward, no graph in the formula.
 
 Forward evaluates the per-pair losses together with their derivatives (``functional.combined``) in
 fp32 (fp64 when an input is fp64) and keeps the ``O(B)`` derivative tensors; backward scales them by

@@ -1,4 +1,4 @@
-"""Public ``dpo_loss``: every DPO-family loss of TRL's ``DPOTrainer`` plus soft-label and distill DPO.
+"""Public ``dpo_loss``: the DPO-family losses of TRL's ``DPOTrainer``, soft-label and distill DPO.
 
 The pair losses are functions of sequence log-probabilities only, so this module never sees logits;
 :class:`fastdpo.DPOLoss` computes the log-probabilities and calls :func:`dpo_loss`.
@@ -7,14 +7,13 @@ The pair losses are functions of sequence log-probabilities only, so this module
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from numbers import Real
 
 import torch
 
 from .. import _validate as V
 from .autograd import PreferenceLoss, compute_dtype
-from .functional import (DELTA_TYPES, F_DIVERGENCE_TYPES, F_DIVERGENCES, LABEL_SMOOTHING_TYPES,
+from .functional import (F_DIVERGENCE_TYPES, F_DIVERGENCES, LABEL_SMOOTHING_TYPES,
                          LOSS_TYPES, NORM_TYPES, LossConfig)
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -77,9 +76,9 @@ def _check_pair_tensor(name: str, t, like: torch.Tensor, *, integer_ok: bool = F
         raise ValueError(f"{name} is on {t.device} but the log-probs are on {like.device}")
 
 
-def _validate(pc, pr, rc, rr, beta, types, weights, label_smoothing, target_probs,
-              reward_margins, chosen_lengths, rejected_lengths, reduction, discopop_tau,
-              f_divergence_type, f_alpha, bco_delta, validate):
+def _validate(pc, pr, rc, rr, types, weights, label_smoothing, target_probs, reward_margins,
+              chosen_lengths, rejected_lengths, reduction, f_divergence_type, bco_delta,
+              validate):
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
              "ref_rejected_logps")
     for n, t in zip(names, (pc, pr, rc, rr)):
@@ -110,7 +109,8 @@ def _validate(pc, pr, rc, rr, beta, types, weights, label_smoothing, target_prob
     if "soft" in types:
         if target_probs is None:
             raise ValueError("loss_type='soft' needs target_probs (the preference probability "
-                             "of chosen over rejected per pair, e.g. from fastdpo.preference_probs)")
+                             "of chosen over rejected per pair, e.g. from "
+                             "fastdpo.preference_probs)")
         _check_pair_tensor("target_probs", target_probs, pc)
         if checked and not bool(((target_probs >= 0) & (target_probs <= 1)).all()):
             raise ValueError("target_probs must lie in [0, 1] (and not be NaN)")
@@ -132,7 +132,8 @@ def _validate(pc, pr, rc, rr, beta, types, weights, label_smoothing, target_prob
     if "sft" in types and chosen_lengths is None:
         raise ValueError("loss_type='sft' needs chosen_lengths (completion token counts): it is "
                          "the mean chosen log-prob per token")
-    if any(t in NORM_TYPES for t in types) and (chosen_lengths is None) != (rejected_lengths is None):
+    one_length = (chosen_lengths is None) != (rejected_lengths is None)
+    if one_length and any(t in NORM_TYPES for t in types):
         raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
     if bco_delta is not None:
         if "bco_pair" not in types:
@@ -205,9 +206,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     label_smoothing = _check_number("label_smoothing", label_smoothing)
     discopop_tau = _check_number("discopop_tau", discopop_tau, positive=True)
     f_alpha = _check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
-    _validate(pc, pr, rc, rr, beta, types, weights, label_smoothing, target_probs,
-              reward_margins, chosen_lengths, rejected_lengths, reduction, discopop_tau,
-              f_divergence_type, f_alpha, bco_delta, validate)
+    _validate(pc, pr, rc, rr, types, weights, label_smoothing, target_probs, reward_margins,
+              chosen_lengths, rejected_lengths, reduction, f_divergence_type, bco_delta, validate)
     weights = tuple(_check_number("loss_weights[i]", w) for w in (weights or (1.0,) * len(types)))
     cfg = LossConfig(beta=beta, loss_types=types, loss_weights=weights,
                      label_smoothing=label_smoothing, discopop_tau=discopop_tau,
@@ -275,4 +275,4 @@ class RewardRunningMean:
         self.value, self.count = state["value"].clone(), int(state["count"])
 
 
-__all__ = ["dpo_loss", "preference_metrics", "RewardRunningMean", "LOSS_TYPES", "DELTA_TYPES"]
+__all__ = ["dpo_loss", "preference_metrics", "RewardRunningMean", "LOSS_TYPES"]

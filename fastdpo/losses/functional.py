@@ -7,8 +7,8 @@ probabilities, reward margins). The derivatives are computed together with the l
 kept (``O(B)`` tensors), so backward is a multiply (plus a scatter for the sorting losses).
 
 Numerics follow TRL 1.16's ``DPOTrainer`` (``trl/trainer/dpo_trainer.py``) term by term, but every
-``log(sigmoid(.))`` is a ``logsigmoid`` and every ``1 - sigmoid(x)`` is ``sigmoid(-x)``, so the losses
-and gradients stay finite and accurate for implicit-reward gaps of 1e4 in fp32 (DiscoPOP's
+``log(sigmoid(.))`` is a ``logsigmoid`` and every ``1 - sigmoid(x)`` is ``sigmoid(-x)``, so the
+losses and gradients stay finite and accurate for implicit-reward gaps of 1e4 in fp32 (DiscoPOP's
 ``exp(-x) * sigmoid(x / tau)`` is evaluated as ``exp(-x + logsigmoid(x / tau))``, which TRL turns
 into ``inf * 0 = nan`` for very negative ``x``).
 

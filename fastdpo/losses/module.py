@@ -1,4 +1,4 @@
-"""``DPOLoss``: from the policy's logits (or hidden states + LM head) to the DPO loss in one call."""
+"""``DPOLoss``: from the policy's logits (or hidden states + LM head) to the DPO loss, one call."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ class DPOLoss(nn.Module):
         self.backend, self.inplace_backward, self.validate = backend, inplace_backward, validate
         self.logit_scale, self.softcap = logit_scale, softcap
         self.process_group = process_group
-        self.bco_running_mean = bool(bco_running_mean) and _has(loss_type, "bco_pair")
+        if bco_running_mean and not _has(loss_type, "bco_pair"):
+            raise ValueError("bco_running_mean applies to loss_type='bco_pair' only")
+        self.bco_running_mean = bool(bco_running_mean)
         if self.bco_running_mean:
             self.register_buffer("bco_mean", torch.zeros(()))
             self.register_buffer("bco_count", torch.zeros((), dtype=torch.int64))

@@ -1,4 +1,5 @@
-"""Preference targets from an explicit reward model: soft labels, on-policy pairs, rejection sampling.
+"""Preference targets from an explicit reward model: soft labels, on-policy pairs, rejection
+sampling.
 
 A reward model ``r`` says chosen beats rejected with probability ``sigmoid(r_w - r_l)`` (Bradley-
 Terry). :func:`preference_probs` turns (ensembles of) rewards into that probability, the target of
@@ -24,7 +25,8 @@ STRATEGIES = ("best_worst", "all")
 
 
 class PreferenceTargets(NamedTuple):
-    """``probs``: P(chosen beats rejected), for ``soft``. ``margins``: its logit, for ``distill``."""
+    """``probs``: P(chosen beats rejected), for ``soft``; ``margins``: its logit, for ``distill``.
+    """
     probs: torch.Tensor
     margins: torch.Tensor
 

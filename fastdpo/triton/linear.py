@@ -114,7 +114,7 @@ def _linear_fwd_kernel(
             d = z - m_new[:, None]
             p = tl.exp(d)
             if WITH_ENTROPY:
-                u = alpha * (u + (m - m_new) * s) + tl.sum(tl.where(p > 0, p * d, 0.0), axis=1)
+                u = alpha * (u + (m - m_new) * s) + tl.sum(p * tl.where(p > 0, d, 0.0), axis=1)
             s = s * alpha + tl.sum(p, axis=1)
             zl += tl.sum(tl.where(cols[None, :] == local[:, None], z, 0.0), axis=1)
             m = m_new
@@ -168,7 +168,7 @@ def _linear_grad_tile_kernel(
         if HAS_GE:
             ge = tl.where(active, tl.load(ge_ptr + rows, mask=row_ok, other=0.0), 0.0)
             ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-            dz -= tl.where(p > 0, ge[:, None] * p * (z - lse[:, None] + ent[:, None]), 0.0)
+            dz -= ge[:, None] * p * tl.where(p > 0, z - lse[:, None] + ent[:, None], 0.0)
         dz = tl.where(active[:, None] & col_ok[None, :], dz * dfac, 0.0)
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=out_ok)
 

@@ -254,6 +254,9 @@ def compile_spec(op: str, V: int, dtype: torch.dtype, label_dtype: torch.dtype =
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs)
         triton.compile(src, target=GPUTarget("cuda", 90, 64), options=opts)
     """
+    if not isinstance(_logps_fwd_kernel, triton.runtime.JITFunction):
+        raise RuntimeError("ahead-of-time compilation needs a process without TRITON_INTERPRET=1 "
+                           "(the kernels were built for the interpreter)")
     cfg = launch_config(V, dtype, op, interpreted=False)
     xt, lt = "*" + _TL_DTYPE[dtype], "*" + _TL_DTYPE[label_dtype]
     if op == "fwd":

@@ -1,10 +1,13 @@
 """DPOLoss end to end on a tiny random-init causal LM, against an eager plain-torch DPO."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import fastdpo
 import fastdpo.losses as L
 
 V, B, T = 128, 3, 11  # B pairs -> 2B sequences
@@ -107,9 +110,9 @@ def test_model_gradients_match_eager(models, kind):
     assert set(metrics) == set(L.dpo.METRIC_NAMES)
 
 
-def test_backends_and_inplace_backward(models, backend):
-    policy, ref = models
-    ids, labels = batch(2)
+def test_backends_and_inplace_backward(models, backend, device):
+    policy, ref = (copy.deepcopy(m).to(device) for m in models)
+    ids, labels = (t.to(device) for t in batch(2))
     e_loss, e_grads = eager_grads(policy, ref, ids, labels, "sigmoid", 0.1)
     with torch.no_grad():
         ref_logits = ref(ids).logits
@@ -142,20 +145,16 @@ def test_fused_linear_path(models):
 
 
 def test_reference_inputs_agree():
+    """ref_logits, ref_logps as a pair and as one (2B,) tensor give the same loss."""
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(2 * B, T, V, generator=g)
     ref_logits = torch.randn(2 * B, T, V, generator=g)
     _, labels = batch(5)
     crit = L.DPOLoss(beta=0.3, loss_type="sigmoid_norm")
     a, ma = crit(logits, labels, ref_logits=ref_logits)
-    _, m_ref = crit(ref_logits, labels, ref_logits=ref_logits)
-    ref_seq = m_ref["logps/chosen"], m_ref["logps/rejected"]  # means only; recompute per pair
-    crit_none = L.DPOLoss(beta=0.3, loss_type="sigmoid_norm", reduction="none")
-    _, per = crit_none(ref_logits, labels, ref_logits=ref_logits)
-    rc, rr = per["logps/chosen"], per["logps/rejected"]
-    assert torch.allclose(rc.mean(), ref_seq[0]) and torch.allclose(rr.mean(), ref_seq[1])
-    b, _ = crit(logits, labels, ref_logps=(rc, rr))
-    c, _ = crit(logits, labels, ref_logps=torch.cat([rc, rr]))
+    ref = fastdpo.sequence_logps(ref_logits, labels, shift=True)
+    b, _ = crit(logits, labels, ref_logps=ref.chunk(2))
+    c, _ = crit(logits, labels, ref_logps=ref)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, c)
     assert ma["rewards/accuracies"].shape == ()
@@ -193,7 +192,6 @@ def test_bco_running_mean_state():
         ref = torch.randn(2 * B, T, V, generator=g)
         loss, m = crit(logits, labels, ref_logits=ref)
         means.append(((m["rewards/chosen"] + m["rewards/rejected"]) / 2).item())
-        pc, pr = m["logps/chosen"], m["logps/rejected"]
     assert crit.bco_count.item() == 3
     assert crit.bco_mean.item() == pytest.approx(sum(means) / 3, rel=1e-5)
     crit.eval()
@@ -209,6 +207,8 @@ def test_module_argument_errors():
         L.DPOLoss(beta=0)
     with pytest.raises(ValueError, match="label_smoothing"):
         L.DPOLoss(loss_type="robust", label_smoothing=0.6)
+    with pytest.raises(ValueError, match="bco_running_mean"):
+        L.DPOLoss(loss_type="sigmoid", bco_running_mean=True)
     crit = L.DPOLoss()
     logits = torch.randn(4, 5, V)
     labels = torch.randint(0, V, (4, 5))

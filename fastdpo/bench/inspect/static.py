@@ -1,0 +1,276 @@
+"""Ahead-of-time compilation for sm_80 / sm_90 without a GPU, and what the compiled code says.
+
+Triton kernels are built with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
+using the same meta-parameters and specialisation (16-byte divisibility of pointers, strides and
+sizes) the JIT would use on a GPU:
+
+* fastdpo's log-prob kernels from ``fastdpo.triton.logps.compile_spec`` (the launchers' own
+  configuration), at a representative vocabulary;
+* every other kernel (fastdpo's fused-linear ones, the peers') from a launch recorded under the
+  interpreter (:mod:`.traffic`), re-typed exactly as the JIT types arguments; fastdpo's fused-linear
+  tiles are switched to their GPU configuration when ``fastdpo.triton.linear._config`` says what
+  it is, and the row says which configuration was compiled.
+
+CUDA C++ kernels under ``csrc/cuda`` are built with ``nvcc -cubin``. For each kernel and
+architecture: registers, spill bytes (``ptxas -v``), static + dynamic shared memory, local-memory
+instructions in the SASS, and the widest/narrowest global load and store inside loops.
+
+Triton decides at import whether a kernel is interpreted, so this runs in a fresh interpreter
+with ``TRITON_INTERPRET=0`` (:func:`run_isolated`) whenever the current process interprets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import sass
+
+ARCHS = (80, 90)
+TRITON_DTYPES = ("float32", "bfloat16", "float16")
+REPRESENTATIVE_V = 128256
+
+
+def _arch_name(cc: int) -> str:
+    return "sm_90a" if cc == 90 else f"sm_{cc}"
+
+
+def _triton_record(compiled, cc: int, workdir: Path, stem: str) -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    cubin = workdir / f"{stem}.cubin"
+    ptx = workdir / f"{stem}.ptx"
+    cubin.write_bytes(compiled.asm["cubin"])
+    ptx.write_text(compiled.asm["ptx"])
+    name = compiled.metadata.name
+    res = sass.resource_usage(cubin).get(name, {})
+    spills = sass.ptxas_verbose(get_ptxas(cc).path, ptx, _arch_name(cc)).get(name, {})
+    code = sass.sass_of_cubin(cubin).get(name)
+    return {"arch": f"sm_{cc}", "kernel": name, "registers": res.get("registers"),
+            "spill_store_bytes": spills.get("spill_store_bytes"),
+            "spill_load_bytes": spills.get("spill_load_bytes"),
+            "stack_bytes": res.get("stack_bytes"), "local_bytes": res.get("local_bytes"),
+            "shared_bytes": int(compiled.metadata.shared),
+            "num_warps": int(compiled.metadata.num_warps),
+            "num_stages": int(getattr(compiled.metadata, "num_stages", 0)),
+            "sass": code.to_dict() if code else None}
+
+
+def _compile(fn, sig, const, attrs, opts, cc):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    target = GPUTarget("cuda", cc, 32)
+    backend = triton.compiler.make_backend(target)
+    return triton.compile(src, target=target, options=backend.parse_options(dict(opts)).__dict__)
+
+
+def fastdpo_spec_jobs(dtypes=TRITON_DTYPES, entropy=(False, True), V=REPRESENTATIVE_V):
+    return [{"source": "spec", "op": op, "dtype": dt, "with_entropy": ent, "V": V}
+            for op in ("fwd", "bwd") for dt in dtypes for ent in entropy]
+
+
+def _unwrap_jit(obj):
+    from triton.runtime.jit import JITFunction
+
+    seen = 0
+    while not isinstance(obj, JITFunction) and hasattr(obj, "fn") and seen < 5:
+        obj, seen = obj.fn, seen + 1
+    if not isinstance(obj, JITFunction):
+        raise TypeError(f"{obj!r} is not a Triton JIT function")
+    return obj
+
+
+def _linear_gpu_override(launch: dict) -> tuple[dict, str]:
+    """fastdpo fused-linear kernels: their GPU tile configuration instead of the interpreter's."""
+    if not launch["module"].startswith("fastdpo.triton.linear"):
+        return {}, "as launched under the interpreter"
+    try:
+        import torch
+
+        lin = importlib.import_module("fastdpo.triton.linear")
+        dt = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}
+        first_ptr = next(p["type"] for p in launch["params"].values() if "type" in p)
+        BN, BV, BK, warps, stages = lin._config(dt.get(first_ptr, torch.float32),
+                                                torch.device("cuda"))
+    except Exception as exc:  # noqa: BLE001 - keep the launched configuration
+        return {}, f"as launched under the interpreter (GPU config unknown: {exc})"
+    const = {"BLOCK_N": BN, "BLOCK_V": BV, "BLOCK_K": BK, "UPCAST": False}
+    return {"const": const, "num_warps": warps, "num_stages": stages}, "GPU configuration"
+
+
+def compile_job(job: dict, cc: int, workdir: Path) -> dict:
+    """Compile one job (a ``compile_spec`` request or a recorded launch) for ``sm_<cc>``."""
+    if job["source"] == "spec":
+        import torch
+
+        from fastdpo.triton import logps as tl_logps
+
+        dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        fn, sig, const, attrs, opts = tl_logps.compile_spec(job["op"], job["V"], dt[job["dtype"]],
+                                                            with_entropy=job["with_entropy"])
+        label = {"impl": "fastdpo[triton]", "op": job["op"], "dtype": job["dtype"],
+                 "with_entropy": job["with_entropy"], "V": job["V"],
+                 "config": "launch_config (GPU)", "constexprs": const, "options": opts}
+    else:
+        mod = importlib.import_module(job["module"])
+        obj = mod
+        for part in job["qualname"].split("."):
+            obj = getattr(obj, part)
+        fn = _unwrap_jit(obj)
+        override, config = _linear_gpu_override(job)
+        sig, const, attrs = {}, {}, {}
+        for i, name in enumerate(fn.arg_names):
+            p = job["params"].get(name)
+            if p is None:
+                raise ValueError(f"launch of {job['qualname']} has no argument {name!r}")
+            if "constexpr" in p:
+                sig[name] = "constexpr"
+                const[name] = override.get("const", {}).get(name, p["constexpr"])
+            else:
+                sig[name] = p["type"]
+                if p.get("spec") == "D":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        opts = {"num_warps": override.get("num_warps", job["options"].get("num_warps", 4)),
+                "num_stages": override.get("num_stages", job["options"].get("num_stages", 3))}
+        label = {"impl": job.get("impl", job["module"]), "op": job.get("op"),
+                 "dtype": job.get("dtype"), "config": config, "constexprs": const,
+                 "options": opts}
+    t0 = time.perf_counter()
+    compiled = _compile(fn, sig, const, attrs, opts, cc)
+    stem = f"{fn.__name__}_{abs(hash(json.dumps(label, sort_keys=True, default=str)))}_{cc}"
+    rec = _triton_record(compiled, cc, workdir, stem)
+    rec["compile_s"] = time.perf_counter() - t0
+    return {**label, **rec}
+
+
+# ---------------------------------------------------------------- CUDA C++ (csrc/cuda)
+
+
+def cuda_sources(root: Path) -> list[Path]:
+    return sorted((root / "csrc" / "cuda").glob("*.cu"))
+
+
+def cuda_flags(root: Path) -> list[str]:
+    """nvcc flags for a device-only build of csrc/cuda (headers of csrc/ and of torch)."""
+    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", f"-I{root / 'csrc' / 'include'}",
+             f"-I{root / 'csrc'}"]
+    try:
+        from torch.utils.cpp_extension import include_paths
+
+        flags += [f"-I{p}" for p in include_paths()]
+    except Exception:  # noqa: BLE001 - torch-free kernels still build
+        pass
+    return flags
+
+
+def compile_cuda(src: Path, cc: int, workdir: Path, root: Path) -> list[dict]:
+    nvcc = sass.tool("nvcc") or "/usr/local/bin/nvcc"
+    cubin = workdir / f"{src.stem}_sm{cc}.cubin"
+    cmd = [nvcc, "-cubin", f"-arch=sm_{cc}", "-Xptxas", "-v", *cuda_flags(root), str(src),
+           "-o", str(cubin)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return [{"impl": "fastdpo[native,cuda]", "source": str(src.relative_to(root)),
+                 "arch": f"sm_{cc}", "error": f"nvcc failed: {p.stderr.strip()[-600:]}"}]
+    import re
+
+    spills = {m.group(1): (int(m.group(3)), int(m.group(4))) for m in re.finditer(
+        r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores,"
+        r" (\d+) bytes spill loads", p.stderr)}
+    res = sass.resource_usage(cubin)
+    code = sass.sass_of_cubin(cubin)
+    out = []
+    for name, r in sorted(res.items()):
+        st, ld = spills.get(name, (None, None))
+        out.append({"impl": "fastdpo[native,cuda]", "source": str(src.relative_to(root)),
+                    "arch": f"sm_{cc}", "kernel": _demangle(name), "mangled": name,
+                    "registers": r["registers"], "spill_store_bytes": st, "spill_load_bytes": ld,
+                    "stack_bytes": r["stack_bytes"], "local_bytes": r["local_bytes"],
+                    "shared_bytes": r["static_shared_bytes"],
+                    "sass": code[name].to_dict() if name in code else None,
+                    "compile_s": time.perf_counter() - t0})
+    return out
+
+
+def _demangle(name: str) -> str:
+    import shutil
+
+    exe = shutil.which("c++filt") or sass.tool("cu++filt")
+    if not exe:
+        return name
+    p = subprocess.run([exe, name], capture_output=True, text=True)
+    return p.stdout.strip() or name
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_jobs(jobs: list[dict], archs=ARCHS, cuda_root: str | None = None) -> list[dict]:
+    """Compile every job for every architecture here (kernels must not be interpreted)."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="fastdpo-inspect-") as tmp:
+        work = Path(tmp)
+        for job in jobs:
+            for cc in archs:
+                try:
+                    out.append(compile_job(job, cc, work))
+                except Exception as exc:  # noqa: BLE001 - one kernel failing is reported
+                    out.append({**{k: v for k, v in job.items() if k != "params"},
+                                "arch": f"sm_{cc}", "error": f"{type(exc).__name__}: {exc}"[:600]})
+        if cuda_root:
+            root = Path(cuda_root)
+            for src in cuda_sources(root):
+                for cc in archs:
+                    out.extend(compile_cuda(src, cc, work, root))
+    return out
+
+
+def run_isolated(jobs: list[dict], archs=ARCHS, cuda_root: str | None = None,
+                 timeout: float = 900) -> list[dict]:
+    spec = json.dumps({"jobs": jobs, "archs": list(archs), "cuda_root": cuda_root}, default=str)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    p = subprocess.run([sys.executable, "-m", "fastdpo.bench.inspect.static"], input=spec,
+                       capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"static child failed ({p.returncode}): {p.stderr.strip()[-800:]}")
+    return json.loads(lines[-1])
+
+
+def compile_all(jobs, archs=ARCHS, cuda_root=None) -> list[dict]:
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if interpreting or "triton" in sys.modules and _kernels_interpreted():
+        return run_isolated(jobs, archs, cuda_root)
+    return run_jobs(jobs, archs, cuda_root)
+
+
+def _kernels_interpreted() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from fastdpo.triton import logps as tl_logps
+
+        return isinstance(tl_logps._logps_fwd_kernel, InterpretedFunction)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def main() -> int:
+    spec = json.loads(sys.stdin.read())
+    res = run_jobs(spec["jobs"], tuple(spec["archs"]), spec.get("cuda_root"))
+    print(json.dumps(res, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Fused LM head (fastdpo.linear_*): every backend against float64 logits through fastdpo.reference,
+against the logits path, gradcheck, memory bound of the chunk loop, determinism, tied embeddings."""
+
+import weakref
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastdpo
+from fastdpo import reference as R
+from fastdpo.chunked import linear as L
+from fastdpo.linear import linear_sequence_logps, linear_token_logps
+from tolerance import assert_rule
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make(lead, H, V, dtype, *, seed=0, ignore_frac=0.25, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V, lead, generator=g)
+    labels[torch.rand(lead, generator=g) < ignore_frac] = -100
+    return hidden, weight, b, labels
+
+
+def head_logits(h, w, b, *, logit_scale=1.0, softcap=None):
+    """The logits the fused head stands for, computed in ``h``'s dtype (eager) or float64."""
+    z = h @ w.t()
+    if b is not None:
+        z = z + b
+    z = z * logit_scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def leaves(*ts, grad=True):
+    return [None if t is None else t.detach().clone().requires_grad_(grad) for t in ts]
+
+
+def check(backend, hidden, weight, bias, labels, *, logit_scale=1.0, softcap=None, **kw):
+    """logps, entropy and the gradients of hidden/weight/bias under the tolerance rule."""
+    dtype = hidden.dtype
+    h, w, b = leaves(hidden, weight, bias)
+    lp, ent = linear_token_logps(h, w, labels, bias=b, logit_scale=logit_scale, softcap=softcap,
+                                 return_entropy=True, backend=backend, **kw)
+    h64, w64, b64 = leaves(*(None if t is None else t.double() for t in (hidden, weight, bias)))
+    lp64, ent64 = R.token_logps(head_logits(h64, w64, b64, logit_scale=logit_scale,
+                                            softcap=softcap), labels, return_entropy=True, **kw)
+    hlo, wlo, blo = leaves(hidden, weight, bias)
+    lplo, entlo = R.token_logps(head_logits(hlo, wlo, blo, logit_scale=logit_scale,
+                                            softcap=softcap), labels, return_entropy=True,
+                                dtype=dtype, **kw)
+    assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_rule(lp, lp64, lplo, dtype, what="logps")
+    assert_rule(ent, ent64, entlo, dtype, what="entropy")
+    g = torch.Generator().manual_seed(1)
+    c1, c2 = torch.randn(lp.shape, generator=g), torch.randn(lp.shape, generator=g)
+    for a, e, t in ((lp, ent, torch.float32), (lp64, ent64, torch.float64), (lplo, entlo, dtype)):
+        ((a * c1.to(a.dtype)).sum() + (e * c2.to(e.dtype)).sum()).backward()
+    for name, x, x64, xlo in (("d_hidden", h, h64, hlo), ("d_weight", w, w64, wlo),
+                              ("d_bias", b, b64, blo)):
+        if x is None:
+            continue
+        assert x.grad.dtype == x.dtype and x.grad.shape == x.shape, name
+        assert_rule(x.grad, x64.grad, xlo.grad, dtype, what=name)
+    return lp, ent
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,H,V", [((2, 5), 24, 70), ((1,), 16, 1), ((3, 2), 40, 33)])
+def test_matches_reference(backend, dtype, lead, H, V):
+    check(backend, *make(lead, H, V, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softcap_bias_scale_temperature(backend, dtype):
+    h, w, b, y = make((2, 6), 24, 77, dtype, seed=2, bias=True)
+    check(backend, h * 4, w, b, y, logit_scale=0.8, softcap=6.0, temperature=0.7, shift=True)
+
+
+@pytest.mark.parametrize("opts", [dict(shift=True), dict(temperature=1.3),
+                                  dict(softcap=3.0, logit_scale=2.0),
+                                  dict(ignore_index=-1, shift=True)])
+def test_options(backend, opts):
+    h, w, b, y = make((2, 7), 16, 45, torch.float32, seed=3, bias=True)
+    if opts.get("ignore_index") == -1:
+        y = torch.where(y == -100, -1, y)
+    check(backend, h, w, b, y, **opts)
+
+
+def test_two_dim_rows_int32_labels_non_contiguous(backend):
+    big, w, _, y = make((7, 3), 24, 40, torch.float32, seed=4)
+    h = big.transpose(0, 1)  # (3, 7, H), leading dims not mergeable: reshape copies B*T*H
+    assert not h.is_contiguous()
+    check(backend, h, w, None, y.t().contiguous(), shift=True)
+    check(backend, big[:, 0], w, None, y[:, 0].to(torch.int32), shift=True)
+
+
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("shift", [False, True])
+def test_agrees_with_logits_path(backend, average, shift):
+    h, w, b, y = make((3, 6), 24, 50, torch.float32, seed=5, bias=True)
+    y[1] = -100  # an all-ignored sequence: 0 and no NaN
+    tw = torch.rand(3, 6, generator=torch.Generator().manual_seed(3))
+    kw = dict(token_weights=tw, average=average, shift=shift, temperature=0.9)
+    h1, w1, b1 = leaves(h, w, b)
+    out = linear_sequence_logps(h1, w1, y, bias=b1, softcap=5.0, backend=backend, **kw)
+    h2, w2, b2 = leaves(h, w, b)
+    ref = fastdpo.sequence_logps(head_logits(h2, w2, b2, softcap=5.0), y, backend="torch", **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out[1].item() == 0.0
+    out.sum().backward()
+    ref.sum().backward()
+    for a, c in ((h1, h2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_cu_seqlens_and_entropy_reduction(backend, shift):
+    h, w, _, y = make((11,), 16, 23, torch.float32, seed=8, ignore_frac=0.1)
+    cu = torch.tensor([0, 4, 4, 9, 11], dtype=torch.int32)
+    out, ent = linear_sequence_logps(h, w, y, cu_seqlens=cu, shift=shift, return_entropy=True,
+                                     average=True, backend=backend)
+    z = head_logits(h.double(), w.double(), None)
+    ref = R.sequence_logps(z, y, cu_seqlens=cu, shift=shift, average=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    tok_ent = fastdpo.token_logps(z, fastdpo.logps.mask_sequence_starts(y, cu, -100) if shift
+                                  else y, shift=shift, return_entropy=True, backend="torch")[1]
+    ent_ref = fastdpo.logps.reduce_sequences(
+        tok_ent, fastdpo.logps.mask_sequence_starts(y, cu, -100) if shift else y,
+        ignore_index=-100, token_weights=None, average=True, shift=shift, cu_seqlens=cu,
+        validate=True)
+    assert out.shape == ent.shape == (4,)
+    torch.testing.assert_close(ent.double(), ent_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64(monkeypatch):
+    # Tiny tiles: several token blocks (d_weight partials), vocabulary chunks and token tiles.
+    monkeypatch.setattr(L, "plan", lambda N, V, H, it, **k: L.Plan(4, 3, 8))
+    h, w, b, y = make((2, 5), 6, 19, torch.float64, seed=9, bias=True)
+    tw = torch.rand(2, 5, dtype=torch.float64)
+
+    def f(h, w, b):
+        lp, ent = linear_token_logps(h, w, y, bias=b, return_entropy=True, temperature=0.8,
+                                     softcap=2.0, logit_scale=1.5, shift=True, backend="torch")
+        return lp, ent, linear_sequence_logps(h, w, y, bias=b, token_weights=tw, average=True,
+                                              backend="torch")
+
+    assert torch.autograd.gradcheck(f, tuple(leaves(h, w, b)))
+
+
+def test_small_chunks_bf16_within_rule(monkeypatch):
+    """Many token blocks (d_weight summed in bf16 per block) still meet the accuracy rule."""
+    monkeypatch.setattr(L, "plan", lambda N, V, H, it, **k: L.Plan(5, 3, 64))
+    check("torch", *make((4, 5), 32, 150, torch.bfloat16, seed=10, bias=True), softcap=4.0)
+
+
+def test_only_some_grads_and_tied_embeddings(backend):
+    V, H = 37, 16
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(V, H)
+    proj = torch.nn.Linear(H, H)
+    ids = torch.randint(0, V, (2, 6))
+    labels = ids.clone()
+    labels[0, :2] = -100
+
+    def run(fused):
+        emb.zero_grad()
+        proj.zero_grad()
+        hidden = torch.tanh(proj(emb(ids)))
+        if fused:
+            out = linear_sequence_logps(hidden, emb.weight, labels, shift=True, backend=backend)
+        else:
+            out = fastdpo.sequence_logps(hidden @ emb.weight.t(), labels, shift=True,
+                                         backend="torch")
+        out.sum().backward()
+        return out.detach(), emb.weight.grad.clone(), proj.weight.grad.clone()
+
+    for a, c in zip(run(True), run(False)):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    # weight frozen: only d_hidden is computed
+    h, w, _, y = make((2, 4), 16, 30, torch.float32)
+    h.requires_grad_(True)
+    linear_token_logps(h, w, y, backend=backend).sum().backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    fastdpo.token_logps(h2 @ w.t(), y, backend="torch").sum().backward()
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_weight_grad(backend):
+    h, w, b, y = make((3, 9), 32, 90, torch.bfloat16, seed=11, bias=True)
+    grads = []
+    for _ in range(2):
+        h1, w1, b1 = leaves(h, w, b)
+        linear_sequence_logps(h1, w1, y, bias=b1, deterministic=True, softcap=3.0,
+                              backend=backend).sum().backward()
+        grads.append((h1.grad, w1.grad, b1.grad))
+    for a, c in zip(*grads):
+        assert torch.equal(a, c)
+
+
+def test_reference_pass_saves_nothing(backend):
+    h, w, b, y = make((2, 4), 16, 30, torch.float32, bias=True)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.no_grad():
+            out = linear_sequence_logps(h, w, y, bias=b, shift=True, backend=backend)
+        assert not out.requires_grad and saved == []
+        linear_sequence_logps(h, w, y, bias=b, shift=True, backend=backend)
+    own = {t.data_ptr() for t in (h, w, b)}
+    extra = [t for t in saved if t.data_ptr() not in own]
+    assert sum(t.numel() for t in extra) <= 8 * y.numel()  # O(tokens), no logits
+
+
+def test_validation_errors():
+    h, w, b, y = make((2, 4), 16, 30, torch.float32)
+    with pytest.raises(ValueError, match="weight must be"):
+        linear_token_logps(h, w[:, :8], y)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        linear_token_logps(h, w, y[:, :3])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        linear_token_logps(h, w, y, bias=torch.zeros(3))
+    with pytest.raises(ValueError, match="softcap"):
+        linear_token_logps(h, w, y, softcap=-1.0)
+    with pytest.raises(ValueError, match="labels must lie"):
+        linear_token_logps(h, w, torch.full_like(y, 30))
+    bad = torch.full_like(y, 30)
+    assert torch.isnan(linear_token_logps(h, w, bad, validate=False, backend="torch")).all()
+
+
+def test_opcheck_torch_linear_ops():
+    from fastdpo import ops
+
+    h, w, b, y = make((6,), 8, 21, torch.float32, bias=True)
+    fwd = ops.get_op("torch", "linear_logps_fwd")
+    torch.library.opcheck(fwd, (h, w, b, y, -100, 0.9, 1.0, 2.0, 0, 21, True))
+    lp, lse, ent = fwd(h, w, b, y, -100, 0.9, 1.0, 2.0, 0, 21, True)
+    args = (torch.randn(6), torch.randn(6), h, w, b, y, lse, ent, -100, 0.9, 1.0, 2.0, 0, 21,
+            True, True, True, False)
+    torch.library.opcheck(ops.get_op("torch", "linear_logps_bwd"), args)
+
+
+# ------------------------------------------------------------------------------------- memory
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storages allocated under the mode and still alive; tracks the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.cur, self.peak = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self.live and ptr in inputs:
+                    continue  # in place or a view of something made before the mode
+                if ptr not in self.live:
+                    self.live[ptr] = [t.untyped_storage().nbytes(), 0]
+                    self.cur += self.live[ptr][0]
+                    self.peak = max(self.peak, self.cur)
+                self.live[ptr][1] += 1
+                weakref.finalize(t, self._release, ptr)
+        return out
+
+    def _release(self, ptr):
+        entry = self.live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.cur -= entry[0]
+            del self.live[ptr]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_loop_extra_memory_within_budget(monkeypatch, dtype):
+    """Beyond inputs, outputs and gradients the loop holds <= 5% of the (N, V) logits."""
+    monkeypatch.setattr(L, "MIN_BUDGET", 0)
+    N, H, V = 512, 32, 4096
+    h, w, b, y = make((N,), H, V, dtype, bias=True)
+    logits_bytes = N * V * h.element_size()
+    with LiveBytes() as m:
+        lp, lse, ent = L.forward_loop("torch", h, w, b, y, -100, 1.0, 1.0, 3.0, 0, V, True)
+        fwd_peak = m.peak
+    slack = 64 * N  # O(tokens) statistics
+    assert fwd_peak - 3 * 4 * N <= 0.05 * logits_bytes + slack, fwd_peak
+    g = torch.randn(N)
+    with LiveBytes() as m:
+        grads = L.backward_loop(L.RowKernelTiles("torch"), g, g, h, w, b, y, lse, ent, -100,
+                                1.0, 1.0, 3.0, 0, V, True, True, True)
+        grad_bytes = sum(t.numel() * t.element_size() for t in grads)
+        extra = m.peak - grad_bytes
+    assert extra <= 0.05 * logits_bytes + slack, (extra, logits_bytes)
+
+
+@pytest.mark.parametrize("N", [4096, 16384])
+@pytest.mark.parametrize("H", [2048, 4096, 8192])
+def test_plan_budget_at_128k_vocab(N, H):
+    """The chunk plan's own accounting stays within 5% of bf16 logits at V = 128k."""
+    V = 128 * 1024
+    p = L.plan(N, V, H, 2)
+    acc_h = p.block_rows * H * 4
+    per_chunk = 2 * p.tile_cols * H * 4
+    tile = p.tile_rows * (p.tile_cols * L.TILE_COPIES * 4 + H * 4)
+    assert acc_h + per_chunk + tile <= 0.05 * N * V * 2
+    assert p.tile_cols >= 64 and p.tile_rows >= 64  # matmuls stay reasonably shaped
