@@ -15,6 +15,7 @@ import torch
 from . import _validate as V
 from . import backends
 from .autograd.linear import LinearTokenLogps, flat_rows, forward_rows
+from .chunked import linear as _chunked_linear  # noqa: F401  (torch + native linear impls; pure torch)
 from .logps import mask_sequence_starts, reduce_sequences
 
 # Modules registering the linear ops of each backend (the torch module also registers the
@@ -24,8 +25,12 @@ _IMPL_MODULES = {"torch": "fastdpo.chunked.linear", "native": "fastdpo.chunked.l
 
 
 def ensure_impls(backend: str) -> None:
-    """Import the module registering ``backend``'s linear ops (after :func:`backends.resolve`)."""
-    importlib.import_module(_IMPL_MODULES[backend])
+    """Import the module registering ``backend``'s linear ops (after :func:`backends.resolve`).
+
+    Skipped while torch.compile traces (imports break the graph); the torch/native impls are
+    imported with this module and :func:`backends.resolve` loads the triton ones."""
+    if not torch.compiler.is_compiling():
+        importlib.import_module(_IMPL_MODULES[backend])
 
 
 def _check(hidden, weight, labels, bias, shift, temperature, logit_scale, softcap):

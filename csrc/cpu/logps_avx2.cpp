@@ -43,31 +43,27 @@ FASTDPO_INLINE F8 operator+(F8 a, F8 b) { return _mm256_add_ps(a.v, b.v); }
 FASTDPO_INLINE F8 operator-(F8 a, F8 b) { return _mm256_sub_ps(a.v, b.v); }
 FASTDPO_INLINE F8 operator*(F8 a, F8 b) { return _mm256_mul_ps(a.v, b.v); }
 
-// exp on 8 lanes, about 1 ulp: Cody-Waite reduction by ln 2 and the degree-5 polynomial of the
-// Cephes expf. Below ln(FLT_MIN) it returns exactly 0 (masked -inf logits give p = 0); NaN stays
-// NaN (operand order of min/max keeps it); arguments above 88 are clamped (the kernels only take
-// exp of values near or below 0).
+// exp on 8 lanes within 3 ulp: round(x log2 e) by the magic-number trick, x - n ln 2 in one fma
+// (its error grows with |n|, i.e. only for terms far too small to matter in a sum), and a degree-5
+// minimax polynomial with exp(0) = 1 exactly. Arguments are clamped to [-88, 88]; at -88 n is -127,
+// whose exponent field is 0, so -inf and anything below e^-87.7 give exactly 0 (masked logits
+// contribute nothing) with no extra mask. NaN stays NaN (min/max operand order keeps it).
 FASTDPO_INLINE __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33f);
   // 1.5 * 2^23 + 127: adding it rounds to an integer and leaves n + 127 in the low mantissa bits.
   const __m256 magic = _mm256_set1_ps(12583039.0f);
-  const __m256 too_small = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
   x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
-  x = _mm256_max_ps(lo, x);
+  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
   const __m256 k = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
   const __m256 n = _mm256_sub_ps(k, magic);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r);
-  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147180559945309f), x);
+  __m256 y = _mm256_set1_ps(0.008290297351777554f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.041897911578416824f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.1666763573884964f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.4999915063381195f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.9999997019767761f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
   const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23));
-  return _mm256_andnot_ps(too_small, _mm256_mul_ps(y, scale));
+  return _mm256_mul_ps(y, scale);
 }
 
 }  // namespace fastdpo::cpu::avx2_impl
@@ -236,7 +232,12 @@ void bwd_row(const S* x, S* out, int64_t V, float inv_temp, const GradCoeffs<flo
   const GradCoeffs<F8> cv{F8(c.neg_lse), F8(c.a), F8(c.b)};
   const F8 vt(inv_temp);
   const int64_t full = V / kUnit * kUnit;
-  for (int64_t i = 0; i < full; i += kUnit) bwd_unit<kEntropy>(x + i, out + i, vt, cv);
+  constexpr int64_t kAhead = 4096 / static_cast<int64_t>(sizeof(S));  // elements prefetched ahead
+  constexpr int64_t kPerLine = kLine / static_cast<int64_t>(sizeof(S));
+  for (int64_t i = 0; i < full; i += kUnit) {
+    if (i % kPerLine < kUnit && i + kAhead < V) _mm_prefetch(reinterpret_cast<const char*>(x + i + kAhead), _MM_HINT_T0);
+    bwd_unit<kEntropy>(x + i, out + i, vt, cv);
+  }
   if (full < V) {
     const Tail<S> tail(x + full, V - full);
     S res[kUnit];

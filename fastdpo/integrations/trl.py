@@ -212,7 +212,10 @@ class FastDPOTrainer(DPOTrainer):
         # sees the forward it needs for gradient sync and FSDP unshards; the frozen reference of
         # a plain setup runs just its decoder (nothing of the head is computed).
         if policy or self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            outputs = model(**model_kwargs, output_hidden_states=True, logits_to_keep=1)
+            # An empty index tensor: no position goes through the model's own LM head, and
+            # (unlike an int, which slices a view) nothing of the hidden states is saved for it.
+            keep = torch.zeros(0, dtype=torch.long, device=model_kwargs["input_ids"].device)
+            outputs = model(**model_kwargs, output_hidden_states=True, logits_to_keep=keep)
             hidden = outputs.hidden_states[-1]  # after the final norm (transformers convention)
         else:
             head = lm_head_inputs(unwrapped, **model_kwargs)

@@ -38,25 +38,6 @@ from .. import backends
 
 
 @triton.jit
-def _group_update(x, m, s, u, c, WITH_ENTROPY: tl.constexpr):
-    """Fold a ``(groups, VEC)`` fp32 tile ``x`` into the per-group ``(m, s, u)``; ``c = log2(e)/T``.
-
-    ``max(x) * c == max(x * c)`` for ``c > 0``, so the max is taken on ``x`` and ``y - m`` is one FMA.
-    """
-    m_new = tl.maximum(m, tl.max(x, axis=1) * c)
-    alpha = tl.exp2(m - m_new)  # rescales the old sums; 0 against the -FLT_MAX start
-    d = x * c - m_new[:, None]
-    p = tl.exp2(d)
-    if WITH_ENTROPY:
-        # Old u moves to the new max: + (m - m_new) * s. A -inf logit has p = 0 and adds 0,
-        # not 0 * -inf.
-        u = alpha * (u + (m - m_new) * s) + tl.sum(p * tl.maximum(d, -3.4028234663852886e38),
-                                                   axis=1)
-    s = s * alpha + tl.sum(p, axis=1)
-    return m_new, s, u
-
-
-@triton.jit
 def _logps_fwd_kernel(
     x_ptr, lab_ptr, logp_ptr, lse_ptr, ent_ptr,
     T, V,
@@ -82,15 +63,41 @@ def _logps_fwd_kernel(
         m = tl.full([G], -3.4028234663852886e38, tl.float32)
         s = tl.zeros([G], tl.float32)
         u = tl.zeros([G], tl.float32)
+        # The label's logit: one scalar load, issued before the stream so its latency hides.
+        local = label - vocab_start
+        valid = (label >= 0) & (label < vocab_total)
+        in_shard = valid & (local >= 0) & (local < V)
+        x_lab = tl.load(x_row + tl.where(in_shard, local, 0), mask=in_shard, other=0.0)
         n_full = (V // BLOCK_V) * BLOCK_V
+        # The tile update is written out twice (full tiles, tail) rather than in a helper: the
+        # interpreter pays ~30 ms per nested-function call, i.e. per tile.
         for v0 in range(0, n_full, BLOCK_V):
             x = tl.load(x_row + v0 + tile, eviction_policy="evict_first").to(tl.float32)
-            m, s, u = _group_update(x, m, s, u, c, WITH_ENTROPY)
-        if n_full < V:  # masked tail; the -inf padding adds nothing
+            # max(x) * c == max(x * c) for c > 0, so y - m_new below is one FMA.
+            m_new = tl.maximum(m, tl.max(x, axis=1) * c)
+            alpha = tl.exp2(m - m_new)  # rescales the old sums; 0 against the -FLT_MAX start
+            d = x * c - m_new[:, None]
+            p = tl.exp2(d)
+            if WITH_ENTROPY:
+                # Old u moves to the new max: + (m - m_new) * s. A -inf logit has p = 0 and
+                # adds 0, not 0 * -inf.
+                u = alpha * (u + (m - m_new) * s) + tl.sum(
+                    p * tl.maximum(d, -3.4028234663852886e38), axis=1)
+            s = s * alpha + tl.sum(p, axis=1)
+            m = m_new
+        if n_full < V:  # masked tail, the same update; the -inf padding adds nothing
             offs = n_full + tile
             x = tl.load(x_row + offs, mask=offs < V, other=float("-inf"),
                         eviction_policy="evict_first").to(tl.float32)
-            m, s, u = _group_update(x, m, s, u, c, WITH_ENTROPY)
+            m_new = tl.maximum(m, tl.max(x, axis=1) * c)
+            alpha = tl.exp2(m - m_new)
+            d = x * c - m_new[:, None]
+            p = tl.exp2(d)
+            if WITH_ENTROPY:
+                u = alpha * (u + (m - m_new) * s) + tl.sum(
+                    p * tl.maximum(d, -3.4028234663852886e38), axis=1)
+            s = s * alpha + tl.sum(p, axis=1)
+            m = m_new
 
         # Combine the groups at the row max M (base-2 units). Groups that saw only -inf have
         # s = u = 0 and a finite m - M: they add exactly 0.
@@ -100,10 +107,6 @@ def _logps_fwd_kernel(
         log2_s = tl.log2(S)
         lse = (M + log2_s) * 0.6931471805599453
 
-        local = label - vocab_start
-        valid = (label >= 0) & (label < vocab_total)
-        in_shard = valid & (local >= 0) & (local < V)
-        x_lab = tl.load(x_row + tl.where(in_shard, local, 0), mask=in_shard, other=0.0)
         y_lab = x_lab.to(tl.float32) * c
         logp = tl.where(in_shard, (y_lab - M - log2_s) * 0.6931471805599453, -lse)
         logp = tl.where(valid, logp, float("nan"))
@@ -118,41 +121,12 @@ def _logps_fwd_kernel(
 
 
 @triton.jit
-def _to_out(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Round fp32 ``x`` to the gradient's dtype, to nearest even.
-
-    Triton 3.9's interpreter truncates fp32 -> bf16 casts; there the rounding is done on the bits
-    first (the usual add-half-ulp trick) so that CPU tests see what the GPU's cvt.rn gives.
-    """
-    if INTERPRETED and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN payloads stay NaN
-    return x.to(dtype)
-
-
-@triton.jit
-def _grad_tile(x, cols, label_col, c, lse2, a, k, gs, HAS_GE: tl.constexpr):
-    """``d/dx`` of one fp32 tile; ``label_col`` is the label's index in the tile (maybe outside).
-
-    The label is matched against the loop-invariant ``cols`` and a scalar, not the absolute
-    offsets: the latter get widened to 64-bit compares by the compiler (4 extra ops per element).
-    """
-    p = tl.exp2(x * c - lse2)
-    if HAS_GE:
-        dz = -p * tl.where(p > 0.0, a * x + k, k)
-    else:
-        dz = -p * k
-    return tl.where(cols == label_col, dz + gs, dz)
-
-
-@triton.jit
 def _logps_bwd_kernel(
     gl_ptr, ge_ptr, x_ptr, lab_ptr, lse_ptr, ent_ptr, g_ptr,
     T, V,
     stride_xb, stride_xt, stride_lb, stride_lt, stride_gb, stride_gt,
     ignore_index, inv_temp, vocab_start, vocab_total,
-    HAS_GE: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETED: tl.constexpr,
+    HAS_GE: tl.constexpr, BLOCK_V: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -189,17 +163,38 @@ def _logps_bwd_kernel(
         local = label - vocab_start
         in_shard = (label >= 0) & (label < vocab_total) & (local >= 0) & (local < V)
         local = tl.where(in_shard, local, -1).to(tl.int32)
+        # As in the forward, the tile code is written out twice instead of calling helpers.
+        # The label is matched against the loop-invariant ``cols`` and a scalar, not against
+        # the absolute offsets: those get widened to 64-bit compares (4 extra ops per element).
         for v0 in range(0, n_full, BLOCK_V):
             offs = tl.max_contiguous(tl.multiple_of(v0 + cols, BLOCK_V), BLOCK_V)
             x = tl.load(x_row + offs, eviction_policy="evict_first").to(tl.float32)
-            dz = _grad_tile(x, cols, local - v0, c, lse2, a, k, gs, HAS_GE)
-            tl.store(g_row + offs, _to_out(dz, g_ptr.dtype.element_ty, INTERPRETED))
+            p = tl.exp2(x * c - lse2)
+            if HAS_GE:
+                dz = -p * tl.where(p > 0.0, a * x + k, k)
+            else:
+                dz = -p * k
+            dz = tl.where(cols == local - v0, dz + gs, dz)
+            if BF16_RTNE:  # interpreter only: it truncates fp32 -> bf16, GPUs round (cvt.rn)
+                bits = dz.to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)  # add half an ulp, ties to even
+                dz = tl.where(dz == dz, bits.to(tl.float32, bitcast=True), dz)
+            tl.store(g_row + offs, dz.to(g_ptr.dtype.element_ty))
         if n_full < V:
             offs = n_full + cols
             mask = offs < V
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            dz = _grad_tile(x, cols, local - n_full, c, lse2, a, k, gs, HAS_GE)
-            tl.store(g_row + offs, _to_out(dz, g_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+            p = tl.exp2(x * c - lse2)
+            if HAS_GE:
+                dz = -p * tl.where(p > 0.0, a * x + k, k)
+            else:
+                dz = -p * k
+            dz = tl.where(cols == local - n_full, dz + gs, dz)
+            if BF16_RTNE:  # interpreter only: it truncates fp32 -> bf16, GPUs round (cvt.rn)
+                bits = dz.to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)  # add half an ulp, ties to even
+                dz = tl.where(dz == dz, bits.to(tl.float32, bitcast=True), dz)
+            tl.store(g_row + offs, dz.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------- configuration
@@ -215,8 +210,8 @@ def launch_config(V: int, dtype: torch.dtype, op: str = "fwd", interpreted: bool
     Returns ``{"BLOCK_V", "VEC", "num_warps"}``; the launchers and ahead-of-time compilation
     (:func:`compile_spec`) use the same values. ``VEC`` is one 16-byte vector (4 fp32 or 8
     bf16/fp16 elements). On GPUs the forward loads four vectors per thread and tile (64 bytes in
-    flight), so tiles are 4096 fp32 / 8192 bf16 elements over 8 warps, 8-64 steps for 32k-256k
-    vocabularies; the backward uses 4096-element tiles for every dtype.
+    flight), so tiles are 4096 fp32 / 8192 bf16 elements over 8 warps: 4-63 steps per row for
+    32k-256k vocabularies. The backward uses 4096-element tiles for every dtype.
     Interpreted (CPU tests) tiles are small so tails and multi-tile rows are exercised quickly.
     """
     if op not in ("fwd", "bwd"):
@@ -252,7 +247,10 @@ def compile_spec(op: str, V: int, dtype: torch.dtype, label_dtype: torch.dtype =
 
         kernel, sig, const, attrs, opts = compile_spec("fwd", 128256, torch.bfloat16)
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs)
-        triton.compile(src, target=GPUTarget("cuda", 90, 64), options=opts)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)  # arch, warp size
+
+    Strides of 2**31 or more make the JIT type them i64 instead: a different (also correct)
+    variant, not covered by this spec.
     """
     if not isinstance(_logps_fwd_kernel, triton.runtime.JITFunction):
         raise RuntimeError("ahead-of-time compilation needs a process without TRITON_INTERPRET=1 "
@@ -276,8 +274,8 @@ def compile_spec(op: str, V: int, dtype: torch.dtype, label_dtype: torch.dtype =
                "stride_xb": "i32", "stride_xt": "i32", "stride_lb": "i32", "stride_lt": "i32",
                "stride_gb": "i32", "stride_gt": "i32", "ignore_index": "i32",
                "inv_temp": "fp32", "vocab_start": "i32", "vocab_total": "i32",
-               "HAS_GE": "constexpr", "BLOCK_V": "constexpr", "INTERPRETED": "constexpr"}
-        const = {"HAS_GE": bool(with_entropy), "BLOCK_V": cfg["BLOCK_V"], "INTERPRETED": False}
+               "HAS_GE": "constexpr", "BLOCK_V": "constexpr", "BF16_RTNE": "constexpr"}
+        const = {"HAS_GE": bool(with_entropy), "BLOCK_V": cfg["BLOCK_V"], "BF16_RTNE": False}
         aligned_args = ("gl_ptr", "ge_ptr", "x_ptr", "lse_ptr", "ent_ptr", "g_ptr", "V",
                         "stride_xb", "stride_xt", "stride_gb", "stride_gt")
     else:
@@ -374,5 +372,6 @@ def logps_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_inde
             grad_logits.stride(0), grad_logits.stride(1),
             int(ignore_index), 1.0 / float(temperature), int(vocab_start), int(vocab_total),
             HAS_GE=has_ge, BLOCK_V=block_v,
-            INTERPRETED=backends.triton_interpreted(), num_warps=num_warps or cfg["num_warps"],
+            BF16_RTNE=grad_logits.dtype == torch.bfloat16 and backends.triton_interpreted(),
+            num_warps=num_warps or cfg["num_warps"],
         )

@@ -266,25 +266,28 @@ def test_vocab_shard_semantics(K, device):
 
 
 def test_offsets_beyond_int32(K, device, tmp_path):
-    """Rows living past element 2**32 of their storage, reached through strides that each fit
-    in int32 (so the JIT types them i32) but whose products and sums do not: ``t * stride_t``
+    """Rows living past element 2**32 of their view, reached through strides that each fit in
+    int32 (so the JIT types them i32) but whose products and sums do not: ``t * stride_t``
     exceeds 2**31 and ``b * stride_b + t * stride_t`` exceeds 2**32. Any 32-bit step in the
-    offset arithmetic reads or writes the wrong row.
+    offset arithmetic reads or writes the wrong row. The view starts 2**31 elements into its
+    storage so that such a wrapped offset still lands inside the storage (a wrong answer here,
+    not a crash of the test process).
 
-    On CPU the storage is a sparse file mapped with ``torch.from_file(shared=True)``: 8 GiB of
-    address space of which only the few touched pages (a few KiB) ever materialise. On a GPU it
-    is a real 8 GiB allocation.
+    On CPU the storage is a sparse file mapped with ``torch.from_file(shared=True)``: 12 GiB of
+    address space of which only the touched pages (a few KiB) ever materialise. On a GPU it is a
+    real 12 GiB allocation.
     """
     B, T, V = 2, 3, 40
-    st_b, st_t = 2**31 - 2**10, 2**30 + 2**14
-    n = st_b * (B - 1) + st_t * (T - 1) + V + BLOCK
-    assert st_b < 2**31 and st_t < 2**31 and n > 2**32 and (T - 1) * st_t > 2**31
+    st_b, st_t, start = 2**31 - 2**10, 2**30 + 2**14, 2**31
+    last = st_b * (B - 1) + st_t * (T - 1)  # offset of the last row within the view
+    assert st_b < 2**31 and st_t < 2**31 and (T - 1) * st_t > 2**31 and last > 2**32
+    n = start + last + 2 * V
     if device.type == "cpu":
         base = torch.from_file(str(tmp_path / "sparse.bin"), shared=True, size=n,
                                dtype=torch.float16)
     else:
-        base = torch.empty(n, dtype=torch.float16, device=device)
-    x = base.as_strided((B, T, V), (st_b, st_t, 1))
+        base = torch.zeros(n, dtype=torch.float16, device=device)
+    x = base.as_strided((B, T, V), (st_b, st_t, 1), storage_offset=start)
     data, lab = make(B, T, V, torch.float16, device, seed=14, ignore_frac=0.0)
     lab[0, 0] = -100
     x.copy_(data)
@@ -293,7 +296,7 @@ def test_offsets_beyond_int32(K, device, tmp_path):
     assert torch.equal(lp, lp_c) and torch.equal(lse, lse_c) and torch.equal(ent, ent_c)
     g = torch.randn(B, T, generator=torch.Generator().manual_seed(15)).to(device)
     want = run_bwd(K, g, None, data, lab, lse_c, None, torch.empty_like(data))
-    out = base.as_strided((B, T, V), (st_b, st_t, 1), storage_offset=V)  # beside x
+    out = base.as_strided((B, T, V), (st_b, st_t, 1), storage_offset=start + V)  # beside x
     run_bwd(K, g, None, x, lab, lse, None, out)
     assert torch.equal(out, want)
     assert torch.equal(x, data)  # out-of-place left the logits alone

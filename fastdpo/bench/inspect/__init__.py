@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -19,21 +18,20 @@ VOCABS = (32000, 128256, 152064, 256000)
 
 
 def launch_jobs(traffic_rows) -> list[dict]:
-    """Unique recorded launches (other than fastdpo's log-prob kernels, which have specs)."""
-    jobs, seen = [], set()
+    """One recorded launch per (implementation, op, dtype, kernel), from the largest vocabulary
+    (test shapes like V = 5003 leave rows unaligned, which no real vocabulary does). fastdpo's
+    log-prob kernels are left out: they are built from ``compile_spec``."""
+    best: dict[tuple, tuple] = {}
     for r in traffic_rows:
         for ln in r.get("_launches", []):
             if ln["module"].startswith("fastdpo.triton.logps"):
                 continue
-            key = json.dumps([ln["module"], ln["qualname"], ln["params"], ln["options"]],
-                             sort_keys=True, default=str)
-            if key in seen:
-                continue
-            seen.add(key)
-            jobs.append({"source": "launch", "impl": r["impl"], "op": r["op"],
-                         "dtype": r["dtype"], **{k: ln[k] for k in ("module", "qualname",
-                                                                     "params", "options")}})
-    return jobs
+            key = (r["impl"], r["op"], r["dtype"], ln["module"], ln["qualname"])
+            if key not in best or r["V"] > best[key][0]:
+                best[key] = (r["V"], ln)
+    return [{"source": "launch", "impl": k[0], "op": k[1], "dtype": k[2], "V": v,
+             **{f: ln[f] for f in ("module", "qualname", "params", "options")}}
+            for k, (v, ln) in best.items()]
 
 
 def traffic_cases(quick: bool):
@@ -74,9 +72,10 @@ def traffic_table(rows) -> str:
             continue
         per = r["B"] * r["T"] if r["impl"] != "fastdpo[triton].linear" else r["B"]
         reads = r.get("logits_reads_per_active_row")
+        reads = "-" if reads is None else f"{reads:.3f}"
         lines.append(f"{r['impl']:24s} {r['op']:12s} {r['dtype']:9s} {r['V']:7d} "
                      f"{r['total_bytes'] / per:12.1f} {r['minimum_bytes'] / per:10.1f} "
-                     f"{r['ratio']:7.3f} {reads if reads is None else f'{reads:.3f}':>16s}")
+                     f"{r['ratio']:7.3f} {reads:>16s}")
     return "\n".join(lines)
 
 
@@ -109,8 +108,9 @@ def roofline_table(rows) -> str:
              f"{'step ms':>8s} {'ref ms':>8s}"]
     for r in rows:
         sp = r.get("logits_passes_step")
+        sp = "-" if sp is None else f"{sp:.2f}"
         lines.append(f"{r['impl']:24s} {r['dtype']:9s} {r['vocab']:7d} {r['gpu']:28s} "
-                     f"{sp if sp is None else f'{sp:.2f}':>11s} "
+                     f"{sp:>11s} "
                      f"{r.get('step_ms_est', float('nan')):8.3f} "
                      f"{r.get('ref_ms_est', float('nan')):8.3f}")
     return "\n".join(lines)

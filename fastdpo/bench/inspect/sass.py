@@ -70,6 +70,7 @@ class KernelSass:
     loop_stores: dict = field(default_factory=dict)
     local_ops: int = 0  # LDL/STL: spills (or local arrays)
     streaming_loops: int = 0  # loops that touch global memory
+    scope: str = "loops"  # where loop_* were taken: "loops", or "whole kernel (no loop)"
     widest_loop_load: int | None = None
     narrowest_loop_load: int | None = None
     widest_loop_store: int | None = None
@@ -127,6 +128,8 @@ def analyse(name: str, instrs: list[Instr]) -> KernelSass:
         elif ins.base in ("LDL", "STL"):
             k.local_ops += 1
     k.global_loads, k.global_stores = dict(gl), dict(gs)
+    if not touching:  # one tile per program (no loop): the whole kernel is the streaming part
+        ll, ls, k.scope = gl, gs, "whole kernel (no loop)"
     k.loop_loads, k.loop_stores = dict(ll), dict(ls)
     k.streaming_loops = len(touching)
     if ll:

@@ -141,8 +141,8 @@ def compile_job(job: dict, cc: int, workdir: Path) -> dict:
         opts = {"num_warps": override.get("num_warps", job["options"].get("num_warps", 4)),
                 "num_stages": override.get("num_stages", job["options"].get("num_stages", 3))}
         label = {"impl": job.get("impl", job["module"]), "op": job.get("op"),
-                 "dtype": job.get("dtype"), "config": config, "constexprs": const,
-                 "options": opts}
+                 "dtype": job.get("dtype"), "V": job.get("V"), "config": config,
+                 "constexprs": const, "options": opts}
     t0 = time.perf_counter()
     compiled = _compile(fn, sig, const, attrs, opts, cc)
     stem = f"{fn.__name__}_{abs(hash(json.dumps(label, sort_keys=True, default=str)))}_{cc}"

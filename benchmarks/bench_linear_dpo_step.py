@@ -1,0 +1,30 @@
+"""A whole DPO step from hidden states through the LM head, with Liger's fused-linear DPO loss.
+
+Run directly (writes JSON/CSV/PNG to benchmarks/results/)::
+
+    python benchmarks/bench_linear_dpo_step.py [--quick|--full] [--impl fastdpo[native],eager]
+
+or with pytest-benchmark::
+
+    python -m pytest benchmarks/bench_linear_dpo_step.py --benchmark-only
+"""
+
+import sys
+
+import pytest
+
+from fastdpo.bench import scripting
+
+WORKLOADS = ("linear_dpo_step",)
+NATIVE_TARGET = False
+PARAMS = scripting.pytest_params(WORKLOADS, NATIVE_TARGET)
+
+
+@pytest.mark.parametrize("case,impl", PARAMS, ids=[scripting.param_id(*p) for p in PARAMS])
+def test_linear_dpo_step(benchmark, case, impl):
+    scripting.pytest_benchmark(benchmark, case, impl)
+
+
+if __name__ == "__main__":
+    sys.exit(scripting.main("linear_dpo_step", WORKLOADS, native_target=NATIVE_TARGET,
+                             script=__file__))

@@ -1,0 +1,30 @@
+"""Reference-model pass: sequence_logps under no_grad over vocabularies and dtypes.
+
+Run directly (writes JSON/CSV/PNG to benchmarks/results/)::
+
+    python benchmarks/bench_logps_reference.py [--quick|--full] [--impl fastdpo[native],eager]
+
+or with pytest-benchmark::
+
+    python -m pytest benchmarks/bench_logps_reference.py --benchmark-only
+"""
+
+import sys
+
+import pytest
+
+from fastdpo.bench import scripting
+
+WORKLOADS = ("logps_ref",)
+NATIVE_TARGET = False
+PARAMS = scripting.pytest_params(WORKLOADS, NATIVE_TARGET)
+
+
+@pytest.mark.parametrize("case,impl", PARAMS, ids=[scripting.param_id(*p) for p in PARAMS])
+def test_logps_reference(benchmark, case, impl):
+    scripting.pytest_benchmark(benchmark, case, impl)
+
+
+if __name__ == "__main__":
+    sys.exit(scripting.main("logps_reference", WORKLOADS, native_target=NATIVE_TARGET,
+                             script=__file__))

@@ -1,0 +1,11 @@
+"""Peak memory per implementation vs vocabulary and tokens (``fastdpo memory`` as a script)::
+
+    python benchmarks/bench_memory.py [--quick|--full] [--budget 80 --seq-len 4096]
+"""
+
+import sys
+
+from fastdpo.cli import main as cli
+
+if __name__ == "__main__":
+    sys.exit(cli.main(["memory", *sys.argv[1:]]))

@@ -1,0 +1,52 @@
+"""``fastdpo inspect``: GPU kernel quality without a GPU.
+
+Counts each Triton kernel's global-memory traffic under the interpreter (vs. the minimum: logits
+read once, gradient written once), compiles fastdpo's and the peers' kernels (and csrc/cuda) ahead
+of time for sm_80/sm_90 to report registers, spills, shared memory and load widths in the
+streaming loops, and turns the counted bytes into roofline *estimates* for H100 and A100.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                   help="two vocabularies, fp32/bf16 (default)")
+    g.add_argument("--full", dest="preset", action="store_const", const="full",
+                   help="every vocabulary and fp16 too")
+    parser.set_defaults(preset="quick")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                        help="directory for JSON/CSV (default: benchmarks/results)")
+    parser.add_argument("--arch", default="80,90", help="compute capabilities (default: 80,90)")
+    parser.add_argument("--no-cuda-sources", action="store_true",
+                        help="skip nvcc builds of csrc/cuda/*.cu")
+
+
+def source_root() -> str | None:
+    """The source tree holding csrc/ (an editable install or a checkout), else None."""
+    import fastdpo
+
+    root = Path(fastdpo.__file__).resolve().parent.parent
+    return str(root) if (root / "csrc" / "cuda").is_dir() else None
+
+
+def run(args) -> int:
+    from fastdpo.bench import inspect as ins
+    from fastdpo.bench.machine import machine_info
+
+    archs = tuple(int(a) for a in args.arch.split(","))
+    cuda_root = None if args.no_cuda_sources else source_root()
+    res = ins.run(quick=args.preset == "quick", archs=archs, cuda_root=cuda_root)
+    print("\nmemory traffic (counted under TRITON_INTERPRET=1; ratio = bytes / minimum)")
+    print(ins.traffic_table(res["traffic"]))
+    print("\nahead-of-time builds (no GPU): registers, spill bytes, shared memory, access widths "
+          "in the streaming loops (bits)")
+    print(ins.static_table(res["static"]))
+    print()
+    print(ins.roofline_table(res["roofline"]))
+    files = ins.write(res, args.out, machine_info())
+    print("\nwrote " + ", ".join(str(f) for f in files))
+    return 0

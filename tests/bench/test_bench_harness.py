@@ -1,0 +1,139 @@
+"""The benchmark harness: timing statistics, machine details, steps that compute the same thing
+for every implementation, ratios, reasons for what can't run, and the report files."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from fastdpo.bench import impls, machine, report, runner, timing, workloads
+from fastdpo.bench.workloads import Case
+
+
+def test_measure_rebuilds_state_untimed_and_excludes_warmup():
+    calls = {"setup": 0, "step": 0}
+
+    def setup():
+        calls["setup"] += 1
+        return calls["setup"]
+
+    seen = []
+
+    def step(state):
+        calls["step"] += 1
+        seen.append(state)
+
+    t = timing.measure(step, setup=setup, warmup=2, repeats=5)
+    assert calls == {"setup": 7, "step": 7}
+    assert seen == [1, 2, 3, 4, 5, 6, 7]  # every call got fresh state
+    assert t.repeats == 5 and t.warmup == 2 and len(t.samples_s) == 5
+    assert t.clock == "perf_counter"
+    assert t.min_s <= t.q25_s <= t.median_s <= t.q75_s <= t.max_s
+
+
+def test_summary_statistics():
+    t = timing.summarize([4.0, 1.0, 3.0, 2.0, 100.0], warmup=1, clock="perf_counter")
+    assert t.median_s == 3.0 and t.q25_s == 2.0 and t.q75_s == 4.0
+    assert t.min_s == 1.0 and t.max_s == 100.0
+    assert t.iqr_rel == pytest.approx(2.0 / 3.0)
+
+
+def test_machine_details():
+    info = machine.machine_info()
+    with open("/proc/cpuinfo") as f:
+        models = {ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")}
+    assert info["cpu_model"] in models
+    assert info["torch_threads"] == torch.get_num_threads()
+    assert info["cpu_count"] >= 1 and info["versions"]["torch"] == torch.__version__
+    assert info["versions"]["fastdpo"]
+    assert machine.machine_tag(info).endswith(f"-{torch.get_num_threads()}t")
+
+
+def _grad_of(impl_name, case):
+    impl = impls.by_name([impl_name])[0]
+    step = workloads.build_step(case, impl, "cpu")
+    return step.run(step.setup())
+
+
+@pytest.mark.parametrize("workload,batch", [("logps_fwd_bwd", 2), ("dpo_step", 4)])
+def test_steps_of_fastdpo_and_eager_agree(workload, batch):
+    case = Case(workload, vocab=1000, tokens=64, batch=batch)
+    (g_eager,) = _grad_of("eager", case)
+    (g_fast,) = _grad_of("fastdpo[torch]", case)  # in-place backward: the logits' own storage
+    assert g_fast.shape == g_eager.shape == (batch, 64 // batch, 1000)
+    torch.testing.assert_close(g_fast, g_eager, rtol=1e-4, atol=1e-6)
+    assert g_eager.abs().sum() > 0
+
+
+def test_forward_values_agree_and_reference_pass_builds_no_graph():
+    case = Case("logps_ref", vocab=777, tokens=32, batch=2)
+    outs = {}
+    for name in ("eager", "fastdpo[torch]", "trl.selective_log_softmax"):
+        impl = impls.by_name([name])[0]
+        if impl.unavailable("cpu"):
+            continue
+        step = workloads.build_step(case, impl, "cpu")
+        outs[name] = step.run(step.setup())
+        assert not outs[name].requires_grad
+    ref = outs.pop("eager")
+    for name, out in outs.items():
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_labels_ignore_a_prompt_prefix():
+    lab = workloads.make_labels(Case("logps_fwd", 50, 64, batch=2), "cpu")
+    assert (lab[:, :4] == -100).all() and (lab[:, 4:] >= 0).all()
+
+
+def test_triton_peers_on_cpu_say_why_and_are_not_timed(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # even then: the interpreter is not timed
+    for name in ("liger.cross_entropy", "liger.fused_linear_cross_entropy", "cce"):
+        assert "needs GPU" in impls.by_name([name])[0].unavailable("cpu")
+    assert "not timed" in impls.by_name(["fastdpo[triton]"])[0].unavailable("cpu")
+    row = runner.time_case(Case("logps_fwd", 100, 8), impls.by_name(["liger.cross_entropy"])[0],
+                           "cpu", warmup=0, repeats=1, max_seconds=None)
+    assert row["status"] == "unavailable" and "needs GPU" in row["reason"]
+
+
+def test_ratios_are_per_case():
+    rows = [{"workload": "w", "vocab": 1, "tokens": 1, "dtype": "f", "batch": 1, "hidden": 0,
+             "device": "cpu", "impl": name, "status": "ok", "median_s": t}
+            for name, t in (("eager", 4.0), ("mine", 1.0))]
+    rows.append({**rows[0], "vocab": 2, "impl": "mine", "median_s": 1.0})
+    runner.add_ratios(rows)
+    assert rows[1]["speedup_vs_eager"] == 4.0 and rows[0]["speedup_vs_mine"] == 0.25
+    assert "speedup_vs_eager" not in rows[2]  # another case: nothing to compare with
+
+
+def test_timed_sweep_and_report_files(tmp_path):
+    case = Case("logps_fwd_bwd", vocab=500, tokens=16)
+    rows = [runner.time_case(case, i, "cpu", warmup=1, repeats=3, max_seconds=None)
+            for i in impls.by_name(["eager", "fastdpo[torch]"])]
+    rows += [runner.time_case(Case("logps_fwd_bwd", vocab=700, tokens=16), i, "cpu", warmup=0,
+                              repeats=2, max_seconds=None)
+             for i in impls.by_name(["eager", "fastdpo[torch]"])]
+    runner.add_ratios(rows)
+    assert all(r["status"] == "ok" and r["repeats"] >= 2 for r in rows)
+    assert rows[1]["speedup_vs_eager"] == pytest.approx(rows[0]["median_s"] / rows[1]["median_s"])
+    info = machine.machine_info()
+    tag, ts = machine.machine_tag(info), report.stamp(info)
+    files = report.write_json({"machine": info, "rows": rows}, tmp_path, "bench", tag, ts)
+    files += report.write_csv(rows, info, tmp_path, "bench", tag, ts)
+    files += report.write_plot(rows, "median_s", "ms", "t", tmp_path, "bench", tag, ts, 1e3)
+    names = {f.name for f in files}
+    assert {"bench-latest.json", "bench-latest.csv", "bench-latest.png"} <= names
+    assert json.loads((tmp_path / "bench-latest.json").read_text())["machine"]["cpu_model"]
+    with open(tmp_path / "bench-latest.csv") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 4 and got[0]["machine_cpu_model"] == info["cpu_model"]
+    assert (tmp_path / "bench-latest.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_presets_hold_the_native_target():
+    quick = workloads.preset("quick", "cpu")
+    assert quick.cases[0] == workloads.NATIVE_TARGET
+    t = workloads.NATIVE_TARGET
+    assert (t.workload, t.dtype, t.tokens, t.vocab) == ("logps_fwd_bwd", "float32", 2048, 128256)
+    full = workloads.preset("full", "cpu")
+    assert {c.vocab for c in full.cases} == set(workloads.VOCABS)

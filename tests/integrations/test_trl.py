@@ -1,0 +1,202 @@
+"""FastDPOTrainer against TRL's own DPOTrainer on a tiny random Llama (CPU, fp32, no downloads)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import pathlib
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from trl import DPOConfig, DPOTrainer
+
+import fastdpo
+import fastdpo.reference
+from fastdpo.bench.memory import saved_for_backward
+from fastdpo.integrations.trl import (FastDPOConfig, FastDPOTrainer, RewardColumnsCollator,
+                                      check_trl_version)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHARS = "abcdefghijklmnopqrstuvwxyz .,?!:"
+# metrics TRL logs every step; FastDPOTrainer must log the same names with the same values
+TRL_METRICS = ("loss", "grad_norm", "entropy", "num_tokens", "logits/chosen", "logits/rejected",
+               "mean_token_accuracy", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+               "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")
+
+
+def tiny_llama(tokenizer, seed=0):
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
+                      bos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def dataset(rewards="scalar"):
+    prompts = ["what is up?", "say hi.", "count:", "the sky is"] * 2
+    data = {"prompt": prompts,
+            "chosen": [" not much", " hi there", " one two", " blue"] * 2,
+            "rejected": [" go away", " no", " red", " green grass, wet"] * 2}
+    if rewards == "scalar":
+        data["chosen_reward"] = [1.0, 2.0, 0.5, 3.0] * 2
+        data["rejected_reward"] = [0.0, -1.0, 0.4, 1.0] * 2
+    elif rewards == "ensemble":  # three reward models per example
+        data["chosen_reward"] = [[1.0, 0.2, 2.0], [2.0, 1.0, -0.5], [0.5, 0.5, 0.1],
+                                 [3.0, 2.5, 1.0]] * 2
+        data["rejected_reward"] = [[0.0, 0.1, 1.0], [-1.0, 1.5, 0.0], [0.4, -0.3, 0.2],
+                                   [1.0, 1.0, 1.5]] * 2
+    elif rewards == "certain":  # P(chosen wins) = 1 in fp32: soft-label DPO == sigmoid DPO
+        data["chosen_reward"] = [60.0] * 8
+        data["rejected_reward"] = [-60.0] * 8
+    return Dataset.from_dict(data)
+
+
+def make_trainer(cls, tokenizer, data, *, seed=0, steps=3, config_cls=None, batch=2, **cfg):
+    model = tiny_llama(tokenizer, seed)
+    ref = copy.deepcopy(model)
+    config_cls = config_cls or (FastDPOConfig if cls is FastDPOTrainer else DPOConfig)
+    args = config_cls(output_dir="/tmp/fastdpo-test-trl", max_steps=steps,
+                      per_device_train_batch_size=batch, logging_steps=1, report_to=[], use_cpu=True,
+                      save_strategy="no", disable_tqdm=True, learning_rate=1e-2, seed=0,
+                      bf16=False, **cfg)  # fp32: the comparison is about our math, not bf16's
+    return cls(model=model, ref_model=ref, args=args, train_dataset=data,
+               processing_class=tokenizer)
+
+
+def train_log(trainer):
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def assert_logs_close(ours, theirs, names=TRL_METRICS, rtol=1e-4, atol=1e-6):
+    assert len(ours) == len(theirs) > 0
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        for k in names:
+            assert k in a, f"step {step}: FastDPOTrainer does not log {k!r}"
+            assert math.isclose(a[k], b[k], rel_tol=rtol, abs_tol=atol), \
+                f"step {step}: {k} = {a[k]} (fastdpo) vs {b[k]} (TRL)"
+
+
+@pytest.mark.parametrize("cfg", [
+    {},  # sigmoid DPO, live reference model
+    {"loss_type": ["sigmoid_norm", "sft"], "loss_weights": [1.0, 0.5]},  # lengths, multi-loss
+    {"loss_type": ["robust"], "label_smoothing": 0.1, "ld_alpha": 0.5,
+     "precompute_ref_log_probs": True},  # LD-DPO weighting, precomputed reference
+], ids=["sigmoid", "sigmoid_norm+sft", "robust-ld-precompute"])
+def test_matches_trl_dpo_trainer(tokenizer, cfg):
+    data = dataset("none")
+    theirs = train_log(make_trainer(DPOTrainer, tokenizer, data, **cfg))
+    ours = train_log(make_trainer(FastDPOTrainer, tokenizer, data, **cfg))
+    assert_logs_close(ours, theirs)
+
+
+def test_saves_less_for_backward_than_trl(tokenizer):
+    """Only the completion positions' hidden rows are kept for the LM head's backward (TRL's
+    CPU path keeps a copy of every position's), and no logits are saved at all."""
+    data = dataset("none")
+    sizes = {}
+    for cls in (DPOTrainer, FastDPOTrainer):
+        tr = make_trainer(cls, tokenizer, data, batch=4, steps=1)
+        tr.model.train()
+        batch = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+        sizes[cls] = saved_for_backward(lambda b: tr.compute_loss(tr.model, b), (batch,),
+                                        exclude=list(tr.model.parameters()))["saved_bytes_extra"]
+    B, T = batch["input_ids"].shape
+    completion = int(batch["completion_mask"][:, 1:].sum())
+    H = tr.model.config.hidden_size
+    fewer_rows = (B * (T - 1) - completion) * H * 4  # bytes of prompt/padding rows not kept
+    assert sizes[FastDPOTrainer] <= sizes[DPOTrainer] - fewer_rows, sizes
+
+
+def test_reward_columns_reach_the_loss(tokenizer):
+    """TRL drops unknown columns; the reward columns survive (scalar and ensemble)."""
+    tr = make_trainer(FastDPOTrainer, tokenizer, dataset("ensemble"), loss_type=["soft"])
+    assert isinstance(tr.data_collator, RewardColumnsCollator)
+    batch = next(iter(tr.get_train_dataloader()))
+    assert batch["chosen_reward"].shape == (2, 3) and batch["rejected_reward"].shape == (2, 3)
+    # the loss is fastdpo.dpo_loss with soft targets from the ensemble
+    tr.model.train()
+    inputs = tr._prepare_inputs(batch)
+    loss = tr.compute_loss(tr.model, inputs)
+    probs = fastdpo.losses.preference_probs(inputs["chosen_reward"].t(),
+                                            inputs["rejected_reward"].t()).probs
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        logits = tr.model(input_ids=inputs["input_ids"],
+                          attention_mask=inputs["attention_mask"]).logits
+        ref = tr.ref_model(input_ids=inputs["input_ids"],
+                           attention_mask=inputs["attention_mask"]).logits
+    pol = fastdpo.reference.sequence_logps(logits, labels, shift=True).float()
+    refl = fastdpo.reference.sequence_logps(ref, labels, shift=True).float()
+    d = 0.1 * ((pol[:2] - refl[:2]) - (pol[2:] - refl[2:]))
+    expect = (-probs * torch.nn.functional.logsigmoid(d)
+              - (1 - probs) * torch.nn.functional.logsigmoid(-d)).mean()
+    torch.testing.assert_close(loss.detach(), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_labels_with_certain_targets_equal_sigmoid_dpo(tokenizer):
+    theirs = train_log(make_trainer(DPOTrainer, tokenizer, dataset("certain")))
+    ours = train_log(make_trainer(FastDPOTrainer, tokenizer, dataset("certain"),
+                                  loss_type=["soft"]))
+    assert_logs_close(ours, theirs)
+    assert all(h["targets/probs"] == 1.0 for h in ours)
+
+
+def test_distill_trains_and_missing_columns_are_named(tokenizer):
+    log = train_log(make_trainer(FastDPOTrainer, tokenizer, dataset("scalar"),
+                                 loss_type=["distill"], steps=2))
+    assert all(math.isfinite(h["loss"]) for h in log)
+    tr = make_trainer(FastDPOTrainer, tokenizer, dataset("none"), loss_type=["soft"], steps=1)
+    with pytest.raises(ValueError, match="chosen_reward"):
+        tr.train()
+
+
+def test_fallback_to_trl_when_unsupported(tokenizer):
+    """use_weighting (WPO) needs log sum p^2: TRL's own path runs, with a warning."""
+    data = dataset("scalar")
+    theirs = train_log(make_trainer(DPOTrainer, tokenizer, data, use_weighting=True, steps=1))
+    with pytest.warns(UserWarning, match="use_weighting"):
+        tr = make_trainer(FastDPOTrainer, tokenizer, data, use_weighting=True, steps=1)
+    assert_logs_close(train_log(tr), theirs)
+    with pytest.raises(ValueError, match="fused path"):
+        make_trainer(FastDPOTrainer, tokenizer, data, use_weighting=True, loss_type=["soft"])
+
+
+def test_plain_dpo_config_and_version_check(tokenizer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback warning on the default path
+        tr = make_trainer(FastDPOTrainer, tokenizer, dataset("none"), config_cls=DPOConfig,
+                          steps=1)
+    assert train_log(tr)
+    check_trl_version("1.15.2")
+    check_trl_version("1.16.0")
+    for bad in ("1.14.2", "1.17.0.dev0", "2.0.0"):
+        with pytest.raises(ImportError, match="supports TRL 1.15.x, 1.16.x"):
+            check_trl_version(bad)
+
+
+def test_soft_label_example_runs(capsys):
+    spec = importlib.util.spec_from_file_location("soft_label_dpo",
+                                                  ROOT / "examples" / "soft_label_dpo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--steps", "2", "--rm-steps", "2", "--output-dir", "/tmp/fastdpo-test-example"])
+    out = capsys.readouterr().out
+    assert "targets/probs" in out and "rewards/accuracies" in out
