@@ -111,9 +111,9 @@ def linear_token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, 
     Args:
         hidden: ``(B, T, H)`` or ``(N, H)`` final hidden states (fp32/bf16/fp16; fp64 on the torch
             and native backends). Under autocast they are cast to the autocast dtype.
-        weight: ``(V, H)`` LM-head weight, cast chunk by chunk to ``hidden``'s dtype for the
-            matmuls. With tied embeddings pass the embedding matrix: its gradient accumulates
-            with the embedding's as usual.
+        weight: ``(V, H)`` LM-head weight; the matmuls run in ``hidden``'s dtype with fp32
+            accumulation (weight chunks cast on the fly; on CPU in fp32). With tied embeddings
+            pass the embedding matrix: its gradient accumulates with the embedding's as usual.
         labels: ``(B, T)`` or ``(N,)`` int32/int64 token ids; ``ignore_index`` marks skipped tokens.
         bias: optional ``(V,)`` LM-head bias.
         shift: pair position ``t`` with the label at ``t + 1`` (causal LM). ``hidden`` is not

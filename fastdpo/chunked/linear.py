@@ -28,6 +28,7 @@ The logit transform (Gemma-2 style soft-capping): ``z = c * tanh(s * (h @ w.T + 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,10 @@ import torch
 from .. import backends, ops
 from . import logps as _torch_rows  # noqa: F401  (registers the torch row kernels run here)
 
-BUDGET_FRACTION = 0.05
+# Extra memory allowed, as a fraction of the (N, V) logits. More (FASTDPO_LINEAR_MEMORY_FRACTION,
+# e.g. 0.1) lets bf16 d_hidden accumulate in one sweep: at H = 4096, V = 128k its fp32
+# accumulator alone is 6.25% of the bf16 logits, so 5% costs a second sweep (one more matmul).
+BUDGET_FRACTION = float(os.environ.get("FASTDPO_LINEAR_MEMORY_FRACTION", "0.05"))
 MIN_BUDGET = 16 << 20
 # fp32 copies of one logits tile alive at once in the torch row kernel (tile, tanh buffer, the
 # kernel's own exp / product temporaries); the native and Triton tile kernels need fewer.

@@ -1,4 +1,4 @@
-"""Triton kernels for the log-prob row contract of :mod:`fastdpo.ops` (``logps_fwd`` / ``logps_bwd``).
+"""Triton kernels for the log-prob row contract of :mod:`fastdpo.ops` (logps_fwd / logps_bwd).
 
 One program owns one row (token) of ``(B, T, V)`` logits and streams its vocabulary once in
 ``BLOCK_V`` tiles.
@@ -207,7 +207,8 @@ def _next_pow2(n: int) -> int:
 def launch_config(V: int, dtype: torch.dtype, op: str = "fwd", interpreted: bool | None = None):
     """Meta-parameters of the ``op`` ("fwd"/"bwd") kernel for vocabulary ``V`` and logits ``dtype``.
 
-    Returns ``{"BLOCK_V", "VEC", "num_warps"}``; the launchers and ahead-of-time compilation
+    Returns ``{"BLOCK_V", "VEC", "num_warps"}``; the launchers (which also pin
+    ``enable_fp_fusion=True``: ``x * c - m`` is meant to be one FMA) and ahead-of-time compilation
     (:func:`compile_spec`) use the same values. ``VEC`` is one 16-byte vector (4 fp32 or 8
     bf16/fp16 elements). On GPUs the forward loads four vectors per thread and tile (64 bytes in
     flight), so tiles are 4096 fp32 / 8192 bf16 elements over 8 warps: 4-63 steps per row for
@@ -219,7 +220,7 @@ def launch_config(V: int, dtype: torch.dtype, op: str = "fwd", interpreted: bool
     if interpreted is None:
         interpreted = backends.triton_interpreted()
     V = max(int(V), 1)
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    vec = 16 // dtype.itemsize
     if interpreted:
         block = min(max(64, _next_pow2(V // 16)), 1024)
         return {"BLOCK_V": block, "VEC": vec, "num_warps": 1}
@@ -284,7 +285,7 @@ def compile_spec(op: str, V: int, dtype: torch.dtype, label_dtype: torch.dtype =
     attrs = {}
     if aligned:
         attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned_args}
-    return kernel, sig, const, attrs, {"num_warps": cfg["num_warps"]}
+    return kernel, sig, const, attrs, {"num_warps": cfg["num_warps"], "enable_fp_fusion": True}
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -336,7 +337,7 @@ def logps_fwd(logits, labels, ignore_index, temperature, vocab_start, vocab_tota
             T, V, logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),
             int(ignore_index), 1.0 / float(temperature), int(vocab_start), int(vocab_total),
             WITH_ENTROPY=bool(with_entropy), BLOCK_V=block_v, VEC=cfg["VEC"],
-            num_warps=num_warps or cfg["num_warps"],
+            num_warps=num_warps or cfg["num_warps"], enable_fp_fusion=True,
         )
     return logp, lse, ent
 
@@ -373,5 +374,5 @@ def logps_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_inde
             int(ignore_index), 1.0 / float(temperature), int(vocab_start), int(vocab_total),
             HAS_GE=has_ge, BLOCK_V=block_v,
             BF16_RTNE=grad_logits.dtype == torch.bfloat16 and backends.triton_interpreted(),
-            num_warps=num_warps or cfg["num_warps"],
+            num_warps=num_warps or cfg["num_warps"], enable_fp_fusion=True,
         )
