@@ -88,7 +88,7 @@ def fit_reward_model(tok, pairs, seed: int, steps: int) -> LlamaForSequenceClass
     boot = [rng.choice(pairs) for _ in pairs]  # each member sees its own bootstrap sample
     ids_c, m_c = encode(tok, [p + c for p, c, _ in boot])
     ids_r, m_r = encode(tok, [p + r for p, _, r in boot])
-    opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(rm.parameters(), lr=1e-2)
     for _ in range(steps):
         rc = rm(input_ids=ids_c, attention_mask=m_c).logits.squeeze(-1)
         rr = rm(input_ids=ids_r, attention_mask=m_r).logits.squeeze(-1)
@@ -109,15 +109,17 @@ def score(tok, rms, texts):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="DPO training steps")
-    ap.add_argument("--rm-steps", type=int, default=30, help="steps per reward model")
+    ap.add_argument("--rm-steps", type=int, default=40, help="steps per reward model")
     ap.add_argument("--members", type=int, default=3, help="reward models in the ensemble")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (tiny models: more threads mostly add overhead)")
     ap.add_argument("--output-dir", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(min(4, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     tok = char_tokenizer()
     rng = random.Random(0)
 
-    rm_pairs = noisy_pairs(rng, 64, flip=0.2)
+    rm_pairs = noisy_pairs(rng, 128, flip=0.2)
     rms = [fit_reward_model(tok, rm_pairs, seed=s, steps=args.rm_steps)
            for s in range(args.members)]
 

@@ -50,13 +50,34 @@ from .autograd.linear import flat_rows
 from .autograd.linear import forward_rows as linear_forward_rows
 from .autograd.logps import backward_into, forward_rows, rows_view
 
-__all__ = ["vocab_parallel_token_logps", "vocab_parallel_linear_token_logps", "shard_range"]
+__all__ = ["vocab_parallel_token_logps", "vocab_parallel_linear_token_logps", "shard_range",
+           "combine_shards", "check_same_labels"]
 
 
 def _world(group) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("process_group given but torch.distributed is not initialised")
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of process_group")
+    return rank, dist.get_world_size(group)
+
+
+def check_same_labels(labels, group) -> None:
+    """Checked mode: every rank must hold the same labels (one 2-element all-reduce).
+
+    Ranks of a vocabulary-parallel group score the same tokens; different labels (say, a data-
+    parallel batch split by mistake) would otherwise combine into silently wrong log-probs.
+    """
+    lab = labels.reshape(-1).long()
+    # a position-weighted checksum: exact in int64 for any realistic batch, order-sensitive
+    w = (torch.arange(lab.numel(), device=lab.device) * 2654435761) % 1000003 + 1
+    h = torch.stack([(lab * w).sum(), torch.tensor(lab.numel(), device=lab.device)])
+    both = torch.cat([h, -h])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(both[:2], -both[2:]):
+        raise ValueError("labels differ across the ranks of process_group: a vocabulary-parallel "
+                         "group must score the same tokens on every rank")
 
 
 def shard_range(vocab_total: int, group) -> tuple[int, int]:
@@ -173,6 +194,8 @@ def vocab_parallel_token_logps(logits, labels, process_group, *, ignore_index=-1
     vocab_total = vocab_local * world
     vocab_start, _ = shard_range(vocab_total, process_group)
     if V.checked_mode(validate, logits.device):
+        # the collective first: a rank must not raise alone and leave the others waiting
+        check_same_labels(labels, process_group)
         V.check_label_values(labels, ignore_index, vocab_total)
     be = backends.resolve(backend, logits.device, logits.dtype)
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -262,6 +285,8 @@ def vocab_parallel_linear_token_logps(hidden, weight_shard, labels, process_grou
     vocab_total = vocab_local * world
     vocab_start, _ = shard_range(vocab_total, process_group)
     if V.checked_mode(validate, hidden.device):
+        # the collective first: a rank must not raise alone and leave the others waiting
+        check_same_labels(labels, process_group)
         V.check_label_values(labels, ignore_index, vocab_total)
     dev = hidden.device
     if torch.is_autocast_enabled(dev.type):  # like F.linear, as the single-device path does

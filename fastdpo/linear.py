@@ -15,7 +15,7 @@ import torch
 from . import _validate as V
 from . import backends
 from .autograd.linear import LinearTokenLogps, flat_rows, forward_rows
-from .chunked import linear as _chunked_linear  # noqa: F401  (torch + native linear impls; pure torch)
+from .chunked import linear as _chunked_linear  # noqa: F401  (torch + native linear impls)
 from .logps import mask_sequence_starts, reduce_sequences
 
 # Modules registering the linear ops of each backend (the torch module also registers the

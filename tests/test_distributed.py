@@ -110,6 +110,9 @@ def _check_logits_path(rank, world, pg):
     with pytest.raises(ValueError, match="labels must lie"):
         fastdpo.token_logps(logits[..., sl], labels, process_group=pg)
     labels[0, 2] = 1
+    with pytest.raises(ValueError, match="labels differ across the ranks"):
+        other = torch.where(labels >= 0, (labels + rank) % V_TOTAL, labels)
+        fastdpo.token_logps(logits[..., sl], other, process_group=pg)
     x = logits[..., sl].clone().requires_grad_(True)
     seq = fastdpo.sequence_logps(x, labels, shift=True, average=True, process_group=pg)
     xf = logits.clone().requires_grad_(True)

@@ -29,7 +29,7 @@ def test_opcheck_bwd(backend):
     args = (g, torch.randn_like(logp), logits, labels, lse, ent, -100, 0.9, 0, 19,
             torch.empty_like(logits))
     torch.library.opcheck(ops.get_op(backend, "logps_bwd"), args)
-    args = (g, None, logits[:, 1:], labels[:, :-1], lse[:, :-1].contiguous(), None, -100, 0.9, 0,
+    args = (g[:, :-1].contiguous(), None, logits[:, 1:], labels[:, :-1], lse[:, :-1].contiguous(), None, -100, 0.9, 0,
             19, torch.empty_like(logits)[:, 1:])
     torch.library.opcheck(ops.get_op(backend, "logps_bwd"), args)
 

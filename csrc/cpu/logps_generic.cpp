@@ -47,14 +47,15 @@ void fwd_rows(const LogpsFwdParams& p, int64_t r0, int64_t r1) {
   const int64_t V = p.rows.V;
   const A inv_temp = static_cast<A>(p.inv_temp);
   for (int64_t row = r0; row < r1; ++row) {
-    const LabelInfo lab = classify_label(p.labels.at(row, p.rows.T), p.rule, V);
+    const int64_t b = row / p.rows.T, t = row - b * p.rows.T;
+    const LabelInfo lab = classify_label(p.labels.at(b, t), p.rule, V);
     if (lab.kind == LabelKind::kIgnored) {
       p.logp[row] = 0.0f;
       p.lse[row] = 0.0f;
       if (p.entropy) p.entropy[row] = 0.0f;
       continue;
     }
-    const S* x = logits + p.rows.offset(row);
+    const S* x = logits + p.rows.offset(b, t);
     A lse, ent;
     if (p.entropy) {
       finalize(fwd_row<true>(x, V, inv_temp), lse, ent);
@@ -90,18 +91,19 @@ void bwd_rows(const LogpsBwdParams& p, int64_t r0, int64_t r1) {
   const int64_t V = p.rows.V, T = p.rows.T;
   const A inv_temp = static_cast<A>(p.inv_temp);
   for (int64_t row = r0; row < r1; ++row) {
-    S* out = grad + (row / T) * p.grad_stride_b + (row % T) * p.grad_stride_t;
-    const LabelInfo lab = classify_label(p.labels.at(row, T), p.rule, V);
+    const int64_t b = row / T, t = row - b * T;
+    S* out = grad + b * p.grad_stride_b + t * p.grad_stride_t;
+    const LabelInfo lab = classify_label(p.labels.at(b, t), p.rule, V);
     if (lab.kind == LabelKind::kIgnored) {
       std::memset(static_cast<void*>(out), 0, static_cast<size_t>(V) * sizeof(S));
       continue;
     }
-    const S* x = logits + p.rows.offset(row);
-    const A g = p.grad_logp.at(row, T);
-    const A lse = p.lse.at(row, T);
+    const S* x = logits + p.rows.offset(b, t);
+    const A g = p.grad_logp.at(b, t);
+    const A lse = p.lse.at(b, t);
     if (p.grad_entropy.data) {
-      const GradCoeffs<A> c = grad_coeffs<A>(g, p.grad_entropy.at(row, T), lse,
-                                             p.entropy.at(row, T), inv_temp);
+      const GradCoeffs<A> c = grad_coeffs<A>(g, p.grad_entropy.at(b, t), lse,
+                                             p.entropy.at(b, t), inv_temp);
       bwd_row<true>(x, out, V, inv_temp, c, lab, g);
     } else {
       const GradCoeffs<A> c = grad_coeffs<A>(g, A(0), lse, A(0), inv_temp);

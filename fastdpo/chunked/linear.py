@@ -212,7 +212,8 @@ class RowKernelTiles:
         x = self.buf[: n * v].view(1, n, v)
         t = self.tbuf[: n * v].view(n, v) if softcap else None
         logits_tile(h, w, b, logit_scale, softcap, x[0], t)
-        self.row_bwd(grad_logp.view(1, n), None if grad_entropy is None else grad_entropy.view(1, n),
+        ge = None if grad_entropy is None else grad_entropy.view(1, n)
+        self.row_bwd(grad_logp.view(1, n), ge,
                      x, labels.view(1, n), lse.view(1, n), None if ent is None else ent.view(1, n),
                      ignore_index, float(temperature), vocab_start, vocab_total, x)
         dz = chain_factor_(x[0], t, logit_scale, softcap)
@@ -237,8 +238,9 @@ def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, 
     acc = acc_dtype(hidden.dtype)
     need_bias_grad = need_bias_grad and bias is not None
     empty = hidden.new_empty((0,))
-    d_h = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_hidden_grad else empty
-    d_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_weight_grad else empty
+    dense = torch.contiguous_format
+    d_h = torch.zeros_like(hidden, memory_format=dense) if need_hidden_grad else empty
+    d_w = torch.zeros_like(weight, memory_format=dense) if need_weight_grad else empty
     d_b = torch.zeros_like(bias) if need_bias_grad else empty
     if not (need_hidden_grad or need_weight_grad or need_bias_grad) or N == 0:
         return d_h, d_w, d_b
@@ -281,7 +283,8 @@ def _sweep(tiles, p, block_rows, hidden, weight, bias, rows, consts, d_h, d_w, d
             b = None if bias is None else bias[v0:v1]
             dw_acc = None
             if need_w:
-                dw_acc = d_w[v0:v1] if w_direct else torch.zeros((v1 - v0, H), dtype=acc, device=dev)
+                dw_acc = (d_w[v0:v1] if w_direct
+                          else torch.zeros((v1 - v0, H), dtype=acc, device=dev))
             db_acc = torch.zeros(v1 - v0, dtype=acc, device=dev) if need_b else None
             for n0 in range(s0, s1, p.tile_rows):
                 n1 = min(s1, n0 + p.tile_rows)

@@ -121,7 +121,8 @@ def token_logps(model, input_ids, labels, **kwargs):
 
 
 def sequence_logps(model, input_ids, labels, **kwargs):
-    """:func:`fastdpo.linear_sequence_logps` under ``model``; arguments as in :func:`token_logps`."""
+    """:func:`fastdpo.linear_sequence_logps` under ``model``; arguments as in
+    :func:`token_logps`."""
     model_kw, kw = _split(dict(kwargs))
     head = lm_head_inputs(model, input_ids=input_ids, **model_kw)
     return linear_sequence_logps(head.hidden, head.weight, labels, **head.kwargs(), **kw)

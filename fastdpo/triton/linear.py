@@ -134,7 +134,7 @@ def _linear_grad_tile_kernel(
     UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``dz[n, v] = d loss / d (h[n] @ w[v] + b[v])`` for a ``(N, V)`` chunk (``N``, ``V`` local)."""
+    """``dz[n, v] = d loss / d (h[n] @ w[v] + b[v])`` over an ``(N, V)`` chunk (local sizes)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

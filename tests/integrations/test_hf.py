@@ -1,4 +1,4 @@
-"""fastdpo.integrations.hf: tiny random-init transformers models, fused head vs model(...).logits."""
+"""fastdpo.integrations.hf: tiny random-init transformers models, fused head vs the logits."""
 
 import pytest
 import torch

@@ -29,6 +29,15 @@ TRL_METRICS = ("loss", "grad_norm", "entropy", "num_tokens", "logits/chosen", "l
                "rewards/margins", "logps/chosen", "logps/rejected")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: extra threads only add synchronisation (and contention on shared CI)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
@@ -102,9 +111,13 @@ def assert_logs_close(ours, theirs, names=TRL_METRICS, rtol=1e-4, atol=1e-6):
 ], ids=["sigmoid", "sigmoid_norm+sft", "robust-ld-precompute"])
 def test_matches_trl_dpo_trainer(tokenizer, cfg):
     data = dataset("none")
-    theirs = train_log(make_trainer(DPOTrainer, tokenizer, data, **cfg))
-    ours = train_log(make_trainer(FastDPOTrainer, tokenizer, data, **cfg))
-    assert_logs_close(ours, theirs)
+    trl_trainer = make_trainer(DPOTrainer, tokenizer, data, **cfg)
+    fast_trainer = make_trainer(FastDPOTrainer, tokenizer, data, **cfg)
+    assert_logs_close(train_log(fast_trainer), train_log(trl_trainer))
+    # evaluation (no grad, eval_ prefix) after training, on the trained policies
+    ev = [t.evaluate(eval_dataset=dataset("none")) for t in (fast_trainer, trl_trainer)]
+    names = ["eval_" + k for k in TRL_METRICS if k not in ("loss", "grad_norm", "num_tokens")]
+    assert_logs_close([ev[0]], [ev[1]], names=names + ["eval_loss"])
 
 
 def test_saves_less_for_backward_than_trl(tokenizer):
@@ -197,6 +210,7 @@ def test_soft_label_example_runs(capsys):
                                                   ROOT / "examples" / "soft_label_dpo.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--steps", "2", "--rm-steps", "2", "--output-dir", "/tmp/fastdpo-test-example"])
+    mod.main(["--steps", "2", "--rm-steps", "2", "--threads", "1",
+              "--output-dir", "/tmp/fastdpo-test-example"])
     out = capsys.readouterr().out
     assert "targets/probs" in out and "rewards/accuracies" in out

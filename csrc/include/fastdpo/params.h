@@ -14,8 +14,10 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3
 struct RowsLayout {
   int64_t B = 0, T = 0, V = 0;
   int64_t stride_b = 0, stride_t = 0;  // in elements; the vocabulary stride is 1
-  FASTDPO_HOST_DEVICE FASTDPO_INLINE int64_t offset(int64_t row) const {
-    return (row / T) * stride_b + (row % T) * stride_t;
+  // Rows are numbered row = b * T + t; kernels split the index once (64-bit division is a call
+  // on GPUs) and pass (b, t) to every accessor.
+  FASTDPO_HOST_DEVICE FASTDPO_INLINE int64_t offset(int64_t b, int64_t t) const {
+    return b * stride_b + t * stride_t;
   }
 };
 
@@ -23,8 +25,8 @@ struct LabelsView {
   const void* data = nullptr;
   bool is_int64 = true;
   int64_t stride_b = 0, stride_t = 0;
-  FASTDPO_HOST_DEVICE FASTDPO_INLINE int64_t at(int64_t row, int64_t T) const {
-    int64_t off = (row / T) * stride_b + (row % T) * stride_t;
+  FASTDPO_HOST_DEVICE FASTDPO_INLINE int64_t at(int64_t b, int64_t t) const {
+    const int64_t off = b * stride_b + t * stride_t;
     return is_int64 ? static_cast<const int64_t*>(data)[off]
                     : static_cast<int64_t>(static_cast<const int32_t*>(data)[off]);
   }
@@ -34,8 +36,8 @@ struct LabelsView {
 struct RowScalars {
   const float* data = nullptr;
   int64_t stride_b = 0, stride_t = 0;
-  FASTDPO_HOST_DEVICE FASTDPO_INLINE float at(int64_t row, int64_t T) const {
-    return data[(row / T) * stride_b + (row % T) * stride_t];
+  FASTDPO_HOST_DEVICE FASTDPO_INLINE float at(int64_t b, int64_t t) const {
+    return data[b * stride_b + t * stride_t];
   }
 };
 

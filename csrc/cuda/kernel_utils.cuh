@@ -1,0 +1,60 @@
+// Device helpers shared by the CUDA kernels: storage <-> accumulator conversion and the 16-byte
+// vector view of a row (aligned body, scalar head and tail).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "fastdpo/params.h"
+
+namespace fastdpo::cuda {
+
+template <class S> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+
+template <class S> __device__ __forceinline__ S from_acc(float v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ double from_acc_d(double v) { return v; }
+
+template <class S, class A>
+__device__ __forceinline__ S store_value(A v) {
+  if constexpr (sizeof(S) == 8) return v;
+  else return from_acc<S>(v);
+}
+
+// 16 bytes of S: one 128-bit load or store.
+template <class S>
+struct alignas(16) Vec {
+  static constexpr int kN = 16 / static_cast<int>(sizeof(S));
+  S v[kN];
+};
+
+// A row split as [0, head) scalar, [head, head + nvec * kN) 16-byte vectors, the rest scalar.
+struct RowSplit {
+  int64_t head, nvec, tail_begin;
+};
+
+// `addr` is the row's start; head elements bring it to a 16-byte boundary. Rows whose address is
+// not a multiple of the element size (never produced by torch) get no vector body at all.
+template <class S>
+__device__ __forceinline__ RowSplit split_row(uintptr_t addr, int64_t V) {
+  constexpr int64_t kN = Vec<S>::kN;
+  if (addr % sizeof(S) != 0) return RowSplit{V, 0, V};
+  int64_t head = static_cast<int64_t>(((16 - addr % 16) % 16) / sizeof(S));
+  if (head > V) head = V;
+  const int64_t nvec = (V - head) / kN;
+  return RowSplit{head, nvec, head + nvec * kN};
+}
+
+}  // namespace fastdpo::cuda

@@ -1,0 +1,115 @@
+// CUDA backward of the log-prob row contract: one block per row, each thread reads its 16-byte
+// vectors of logits and writes their gradient (possibly into the logits: every element is read by
+// the thread that writes it, before it writes it). One exp per element, no reduction.
+#include <cstdint>
+
+#include "fastdpo/logps_grad.h"
+#include "kernel_utils.cuh"
+#include "logps_cuda.h"
+
+namespace fastdpo::cuda {
+namespace {
+
+constexpr int kUnroll = 4;
+
+template <class S, bool kEntropy, int kBlock>
+__global__ void __launch_bounds__(kBlock) logps_bwd_kernel(const LogpsBwdParams p) {
+  using A = typename AccOf<S>::type;
+  constexpr int kN = Vec<S>::kN;
+  const int64_t rows = p.rows.B * p.rows.T;
+  const int64_t V = p.rows.V, T = p.rows.T;
+  const A inv_temp = static_cast<A>(p.inv_temp);
+  const S* logits = static_cast<const S*>(p.logits);
+  S* grad = static_cast<S*>(p.grad_logits);
+
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t b = row / T, t = row - b * T;
+    S* out = grad + b * p.grad_stride_b + t * p.grad_stride_t;
+    const LabelInfo lab = classify_label(p.labels.at(b, t), p.rule, V);
+    const RowSplit so = split_row<S>(reinterpret_cast<uintptr_t>(out), V);
+    if (lab.kind == LabelKind::kIgnored) {
+      for (int64_t i = threadIdx.x; i < so.head; i += kBlock) out[i] = store_value<S>(A(0));
+      for (int64_t i = so.tail_begin + threadIdx.x; i < V; i += kBlock) out[i] = store_value<S>(A(0));
+      Vec<S> zero;
+#pragma unroll
+      for (int j = 0; j < kN; ++j) zero.v[j] = store_value<S>(A(0));
+      Vec<S>* ov = reinterpret_cast<Vec<S>*>(out + so.head);
+      for (int64_t v = threadIdx.x; v < so.nvec; v += kBlock) ov[v] = zero;
+      continue;
+    }
+    const S* x = logits + p.rows.offset(b, t);
+    const A g = p.grad_logp.at(b, t);
+    const GradCoeffs<A> c =
+        kEntropy ? grad_coeffs<A>(g, p.grad_entropy.at(b, t), p.lse.at(b, t),
+                                  p.entropy.at(b, t), inv_temp)
+                 : grad_coeffs<A>(g, A(0), p.lse.at(b, t), A(0), inv_temp);
+    const int64_t label = lab.kind == LabelKind::kLocal ? lab.local : -1;
+    const A label_g = label_grad(g, inv_temp);
+    auto value = [&](A xv, int64_t i) {
+      A d = grad_element<kEntropy>(xv, inv_temp, c);
+      return i == label ? d + label_g : d;
+    };
+    // Vectors need logits and gradient rows equally misaligned (always so in place).
+    const RowSplit sx = split_row<S>(reinterpret_cast<uintptr_t>(x), V);
+    const bool vec = sx.head == so.head && sx.nvec == so.nvec;
+    const int64_t head = vec ? sx.head : V, nvec = vec ? sx.nvec : 0;
+    const int64_t tail = vec ? sx.tail_begin : V;
+    for (int64_t i = threadIdx.x; i < head; i += kBlock) out[i] = store_value<S>(value(to_acc(x[i]), i));
+    for (int64_t i = tail + threadIdx.x; i < V; i += kBlock) {
+      out[i] = store_value<S>(value(to_acc(x[i]), i));
+    }
+    const Vec<S>* xv = reinterpret_cast<const Vec<S>*>(x + head);
+    Vec<S>* ov = reinterpret_cast<Vec<S>*>(out + head);
+    for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += int64_t{kBlock} * kUnroll) {
+      Vec<S> w[kUnroll];
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) {
+        const int64_t v = v0 + int64_t{k} * kBlock;
+        if (v < nvec) w[k] = xv[v];
+      }
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) {
+        const int64_t v = v0 + int64_t{k} * kBlock;
+        if (v < nvec) {
+#pragma unroll
+          for (int j = 0; j < kN; ++j) {
+            w[k].v[j] = store_value<S>(value(to_acc(w[k].v[j]), head + v * kN + j));
+          }
+          ov[v] = w[k];
+        }
+      }
+    }
+  }
+}
+
+template <class S, bool kEntropy>
+cudaError_t launch_typed(const LogpsBwdParams& p, cudaStream_t stream) {
+  const int64_t rows = p.rows.B * p.rows.T;
+  const unsigned grid = static_cast<unsigned>(rows < (int64_t{1} << 30) ? rows : (int64_t{1} << 30));
+  if (p.rows.V * static_cast<int64_t>(sizeof(S)) <= 8192) {
+    logps_bwd_kernel<S, kEntropy, 128><<<grid, 128, 0, stream>>>(p);
+  } else {
+    logps_bwd_kernel<S, kEntropy, 512><<<grid, 512, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <class S>
+cudaError_t launch_dtype(const LogpsBwdParams& p, cudaStream_t stream) {
+  return p.grad_entropy.data ? launch_typed<S, true>(p, stream) : launch_typed<S, false>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_logps_bwd(const LogpsBwdParams& p, cudaStream_t stream) {
+  if (p.rows.B * p.rows.T == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_dtype<float>(p, stream);
+    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return launch_dtype<__half>(p, stream);
+    case DType::kFloat64: return launch_dtype<double>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fastdpo::cuda
