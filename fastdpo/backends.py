@@ -71,6 +71,7 @@ def device_reason(name: str, device: torch.device) -> str:
     return ""
 
 
+@torch.compiler.assume_constant_result  # depends only on the process; traced graphs need no import
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend for ``backend`` (maybe ``"auto"``) on ``device`` for ``dtype``."""
     if backend not in CHOICES:

@@ -109,7 +109,7 @@ def _fake_linear_bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, lse,
                      need_hidden_grad, need_weight_grad, need_bias_grad, deterministic):
     d_h = torch.empty_like(hidden) if need_hidden_grad else hidden.new_empty((0,))
     d_w = torch.empty_like(weight) if need_weight_grad else weight.new_empty((0,))
-    d_b = (weight.new_empty((weight.shape[0],)) if (need_bias_grad and bias is not None)
+    d_b = (torch.empty_like(bias) if (need_bias_grad and bias is not None)
            else weight.new_empty((0,)))
     return d_h, d_w, d_b
 

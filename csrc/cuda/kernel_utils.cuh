@@ -33,6 +33,15 @@ __device__ __forceinline__ S store_value(A v) {
   else return from_acc<S>(v);
 }
 
+// (b, t) of a row. The glue checks B * T < 2^31, so 32-bit division (inline, where 64-bit division
+// is a called subroutine that costs registers) is exact.
+__device__ __forceinline__ void split_index(int64_t row, int64_t T, int64_t& b, int64_t& t) {
+  const uint32_t r = static_cast<uint32_t>(row), tt = static_cast<uint32_t>(T);
+  const uint32_t q = r / tt;
+  b = q;
+  t = r - q * tt;
+}
+
 // 16 bytes of S: one 128-bit load or store.
 template <class S>
 struct alignas(16) Vec {

@@ -23,7 +23,8 @@ __global__ void __launch_bounds__(kBlock) logps_bwd_kernel(const LogpsBwdParams 
   S* grad = static_cast<S*>(p.grad_logits);
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t b = row / T, t = row - b * T;
+    int64_t b, t;
+    split_index(row, T, b, t);
     S* out = grad + b * p.grad_stride_b + t * p.grad_stride_t;
     const LabelInfo lab = classify_label(p.labels.at(b, t), p.rule, V);
     const RowSplit so = split_row<S>(reinterpret_cast<uintptr_t>(out), V);

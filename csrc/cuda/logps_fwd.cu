@@ -32,7 +32,8 @@ __global__ void __launch_bounds__(kBlock) logps_fwd_kernel(const LogpsFwdParams 
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     // Uniform across the block, so every thread reaches (or skips) the reduction together.
-    const int64_t b = row / p.rows.T, t = row - b * p.rows.T;
+    int64_t b, t;
+    split_index(row, p.rows.T, b, t);
     const LabelInfo lab = classify_label(p.labels.at(b, t), p.rule, V);
     if (lab.kind == LabelKind::kIgnored) {
       if (threadIdx.x == 0) {
