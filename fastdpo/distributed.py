@@ -122,7 +122,8 @@ def combine_shards(logp_r, lse_r, ent_r, labels, *, ignore_index, vocab_start, v
     ent = None
     if with_entropy:
         w = torch.exp(lse_all - lse)
-        # a shard with every logit -inf has weight 0 and an undefined mean: drop it, not NaN it
+        # a shard whose logits are all -inf (lse_r = -inf, as the native backend reports it) has
+        # weight 0 and an undefined mean: drop it rather than turn the entropy into NaN
         ent = lse - torch.where(w > 0, w * g[:, 2], 0.0).sum(0)
         ent = torch.where(active, ent, 0.0)
     return torch.where(active, logp, 0.0), torch.where(active, lse, 0.0), ent

@@ -42,6 +42,10 @@ __device__ __forceinline__ void split_index(int64_t row, int64_t T, int64_t& b, 
   t = r - q * tt;
 }
 
+// 16-byte vectors in flight per thread (one for fp64, whose exp is long and register-hungry).
+template <class S>
+constexpr int kUnrollOf = sizeof(S) == 8 ? 1 : 4;
+
 // 16 bytes of S: one 128-bit load or store.
 template <class S>
 struct alignas(16) Vec {

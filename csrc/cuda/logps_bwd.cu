@@ -10,12 +10,11 @@
 namespace fastdpo::cuda {
 namespace {
 
-constexpr int kUnroll = 4;
-
 template <class S, bool kEntropy, int kBlock>
-__global__ void __launch_bounds__(kBlock) logps_bwd_kernel(const LogpsBwdParams p) {
+__global__ void __launch_bounds__(kBlock, 1) logps_bwd_kernel(const LogpsBwdParams p) {
   using A = typename AccOf<S>::type;
   constexpr int kN = Vec<S>::kN;
+  constexpr int kUnroll = kUnrollOf<S>;
   const int64_t rows = p.rows.B * p.rows.T;
   const int64_t V = p.rows.V, T = p.rows.T;
   const A inv_temp = static_cast<A>(p.inv_temp);

@@ -12,12 +12,9 @@
 namespace fastdpo::cuda {
 namespace {
 
-// 16-byte vectors in flight per thread (fewer for fp64, whose exp is long and register-hungry).
-template <class S>
-constexpr int kUnrollOf = sizeof(S) == 8 ? 1 : 4;
 
 template <class S, bool kEntropy, int kBlock>
-__global__ void __launch_bounds__(kBlock) logps_fwd_kernel(const LogpsFwdParams p) {
+__global__ void __launch_bounds__(kBlock, 1) logps_fwd_kernel(const LogpsFwdParams p) {
   using A = typename AccOf<S>::type;
   using State = SoftmaxState<A>;
   using Reduce = cub::BlockReduce<State, kBlock>;

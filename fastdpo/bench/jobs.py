@@ -52,7 +52,9 @@ def memory_job(preset_name, device, out: Path, *, impls=None, budget_gib=None, s
     impl_list = _impls(impls) if impls else [i for i in by_name() if i.kinds != ("linear_dpo",)]
     log(f"memory profile ({preset_name}, {device}): {len(p.memory_cases)} cases")
     t0 = time.perf_counter()
-    rows = list(extra_rows) + mem.profile(p.memory_cases, impl_list, device, log=log)
+    rows = list(extra_rows) + mem.profile(
+        p.memory_cases, impl_list, device, log=log,
+        skip=lambda i, c: bool(p.skip_reason(i, c, "memory")))
     fits = mem.fit_scaling(rows)
     budgets = mem.budget(fits, budget_gib, seq_len) if budget_gib else []
     log("\n" + mem.table(rows))
@@ -98,7 +100,7 @@ def bench_job(preset_name, device, out: Path, *, impls=None, workloads=None, wit
     target_mem = []
     if with_memory and (not workloads or NATIVE_TARGET.workload in workloads):
         log("\nnative target: peak memory per implementation (isolated processes)")
-        target_mem = native_target_memory(impl_list, device, log=log)
+        target_mem = native_target_memory(impl_list, device, p, log=log)
     summary = native_target_summary(rows, target_mem, device)
     print_native_target(summary, log)
     tag, ts = machine_tag(machine), report.stamp(machine)

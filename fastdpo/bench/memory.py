@@ -163,14 +163,15 @@ def run_isolated(case: Case, impl_name: str, device, *, timeout: float = 900,
 
 
 def profile(cases, impls: list[Impl], device, *, isolated: bool | None = None, saved=True,
-            log=print) -> list[dict]:
-    """Rows of peak memory for every (case, implementation) that can run here."""
+            log=print, skip=None) -> list[dict]:
+    """Rows of peak memory for every (case, implementation) that can run here; ``skip(impl,
+    case)`` true leaves a pair out (a preset saving time)."""
     device = torch.device(device)
     isolated = device.type == "cpu" if isolated is None else isolated
     rows = []
     for case in cases:
         for impl in impls:
-            if not supports(impl, case):
+            if not supports(impl, case) or (skip and skip(impl, case)):
                 continue
             row = {**case.to_dict(), "device": device.type, "impl": impl.name,
                    "family": impl.family, "logits_bytes": case.logits_bytes()}

@@ -16,7 +16,7 @@ import torch
 from . import memory as mem
 from .impls import Impl
 from .timing import measure
-from .workloads import (NATIVE_TARGET, NATIVE_TARGET_GOALS, NATIVE_TARGET_IMPLS, Case, Preset,
+from .workloads import (NATIVE_TARGET, NATIVE_TARGET_GOALS, Case, Preset,
                         build_step, supports, unavailable)
 
 
@@ -75,15 +75,12 @@ def run_preset(p: Preset, impls: list[Impl], device, *, log=print, workloads=Non
         for impl in impls:
             if not supports(impl, case):
                 continue
-            if impl.name in ("torch.compile", "cce[torch_compile]") and \
-                    case.vocab not in p.compile_vocabs and case != NATIVE_TARGET:
-                rows.append({**case.to_dict(), "device": torch.device(device).type,
-                             "impl": impl.name, "family": impl.family, "status": "skipped",
-                             "reason": f"preset {p.name!r} compiles only at V in "
-                                       f"{list(p.compile_vocabs)} (compile time)"})
-                continue
-            if case == NATIVE_TARGET and impl.name not in NATIVE_TARGET_IMPLS and \
-                    impl.family != "fastdpo":
+            skip = p.skip_reason(impl, case, "time")
+            if skip:
+                if case != NATIVE_TARGET:
+                    rows.append({**case.to_dict(), "device": torch.device(device).type,
+                                 "impl": impl.name, "family": impl.family, "status": "skipped",
+                                 "reason": skip})
                 continue
             row = time_case(case, impl, device, warmup=p.warmup, repeats=p.repeats,
                             max_seconds=p.max_seconds)
@@ -132,6 +129,6 @@ def native_target_summary(rows: list[dict], mem_rows: list[dict], device) -> dic
     return out
 
 
-def native_target_memory(impls: list[Impl], device, log=print) -> list[dict]:
-    chosen = [i for i in impls if i.name in NATIVE_TARGET_IMPLS]
+def native_target_memory(impls: list[Impl], device, p: Preset, log=print) -> list[dict]:
+    chosen = [i for i in impls if not p.skip_reason(i, NATIVE_TARGET, "memory")]
     return mem.profile([NATIVE_TARGET], chosen, device, log=log)

@@ -4,6 +4,7 @@ one workload's sweep, and the pytest-benchmark glue (``benchmark.pedantic`` with
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from . import report
 from .impls import by_name
 from .machine import machine_info, machine_tag
 from .runner import add_ratios, run_preset
-from .workloads import NATIVE_TARGET, NATIVE_TARGET_IMPLS, Preset, build_step, preset, supports
+from .workloads import NATIVE_TARGET, NATIVE_TARGET_IMPLS, build_step, preset, supports
 from .workloads import unavailable as why_not
 
 
@@ -42,10 +43,7 @@ def main(name: str, workloads, argv=None, native_target=False, script=None) -> i
     device = _device(args.device)
     p, cases = cases_for(workloads, args.preset, device, native_target)
     impls = by_name(args.impl.split(",")) if args.impl else by_name()
-    if native_target:
-        impls = [i for i in impls if i.name in NATIVE_TARGET_IMPLS or i.family == "fastdpo"]
-    sub = Preset(p.name, tuple(cases), p.warmup, p.repeats, p.max_seconds, (),
-                 p.compile_vocabs + ((NATIVE_TARGET.vocab,) if native_target else ()))
+    sub = replace(p, cases=tuple(cases), memory_cases=(), target_impls=NATIVE_TARGET_IMPLS)
     info = machine_info()
     print(f"{name} --{args.preset} on {report.machine_line(info)}")
     rows = run_preset(sub, impls, device)

@@ -227,6 +227,9 @@ NATIVE_TARGET_GOALS = {"speedup_vs": {"eager": 8.0, "torch.compile": 5.0,
                        "peak_x_logits_max": 1.1}
 
 
+COMPILING = ("torch.compile", "cce[torch_compile]")
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -235,7 +238,27 @@ class Preset:
     repeats: int
     max_seconds: float  # per (case, impl): stop adding repeats after this much timed work
     memory_cases: tuple  # Case for the memory profiler
-    compile_vocabs: tuple = VOCABS  # torch.compile only at these vocabularies (compile time)
+    compile_vocabs: tuple | None = None  # logits workloads: torch.compile only at these V
+    memory_peer_vocabs: tuple | None = None  # memory: peers but eager only at these V (None: all)
+    target_impls: tuple = NATIVE_TARGET_IMPLS
+
+    def skip_reason(self, impl: Impl, case: Case, purpose: str = "time") -> str:
+        """Why this preset leaves (impl, case) out to save time; empty when it runs it."""
+        if case == NATIVE_TARGET:
+            if impl.name in self.target_impls or (purpose == "time" and impl.family == "fastdpo"
+                                                  and impl.name != "fastdpo[torch]"):
+                return ""
+            return f"preset {self.name!r} runs the native target for {list(self.target_impls)}"
+        if self.compile_vocabs is not None and impl.name in COMPILING and \
+                case.kind == "logits" and case.vocab not in self.compile_vocabs:
+            return (f"preset {self.name!r} compiles only at V in {list(self.compile_vocabs)} "
+                    "(compile time)")
+        if purpose == "memory" and self.memory_peer_vocabs is not None and \
+                impl.family == "peer" and impl.name != "eager" and \
+                case.vocab not in self.memory_peer_vocabs:
+            return (f"preset {self.name!r} profiles peers other than eager only at V in "
+                    f"{list(self.memory_peer_vocabs)}")
+        return ""
 
 
 def _sweep(workloads, vocabs, tokens, dtypes, batch=1, hidden=0):
@@ -244,28 +267,33 @@ def _sweep(workloads, vocabs, tokens, dtypes, batch=1, hidden=0):
 
 
 def preset(name: str, device) -> Preset:
-    """``quick``: a few minutes on 2 CPU cores. ``full``: every vocabulary, more tokens and dtypes."""
+    """``quick``: a few minutes on 2 CPU cores. ``full``: every vocabulary, more tokens and dtypes.
+
+    Both start with the native CPU target (:data:`NATIVE_TARGET`)."""
     cuda = torch.device(device).type == "cuda"
     if name == "quick":
         if cuda:
-            cases = (_sweep(("logps_fwd", "logps_fwd_bwd", "logps_ref"), VOCABS, (8192,),
-                            ("bfloat16",))
+            cases = (_sweep(("logps_fwd_bwd", "logps_ref"), VOCABS, (8192,), ("bfloat16",))
+                     + _sweep(("logps_fwd",), (128256,), (8192,), ("bfloat16",))
                      + _sweep(("dpo_step",), VOCABS, (8192,), ("bfloat16",), batch=4)
                      + _sweep(("linear_fwd_bwd",), (128256,), (8192,), ("bfloat16",), hidden=4096)
                      + _sweep(("linear_dpo_step",), (128256,), (4096,), ("bfloat16",), batch=4,
                               hidden=4096))
             mem = (_sweep(("logps_fwd_bwd",), VOCABS, (8192,), ("bfloat16",))
-                   + _sweep(("logps_fwd_bwd",), (128256,), (2048, 4096, 16384), ("bfloat16",)))
+                   + _sweep(("logps_fwd_bwd",), (128256,), (2048, 16384), ("bfloat16",)))
             return Preset("quick", (NATIVE_TARGET,) + cases, 3, 20, 5.0, mem)
-        cases = (_sweep(("logps_fwd_bwd", "logps_fwd", "logps_ref"), VOCABS, (256,), ("float32",))
+        cases = (_sweep(("logps_fwd_bwd", "logps_ref"), VOCABS, (256,), ("float32",))
+                 + _sweep(("logps_fwd",), (128256,), (256,), ("float32",))
                  + _sweep(("dpo_step",), (32000, 128256), (256,), ("float32",), batch=2)
                  + _sweep(("linear_fwd_bwd",), (32000,), (256,), ("float32",), hidden=256)
                  + _sweep(("linear_dpo_step",), (32000,), (256,), ("float32",), batch=2,
                           hidden=256))
         mem = (_sweep(("logps_fwd_bwd",), VOCABS, (256,), ("float32",))
-               + _sweep(("logps_fwd_bwd",), (128256,), (128, 512), ("float32",)))
-        return Preset("quick", (NATIVE_TARGET,) + cases, 1, 5, 3.0, mem,
-                      compile_vocabs=(128256,))
+               + _sweep(("logps_fwd_bwd",), (128256,), (512,), ("float32",)))
+        return Preset("quick", (NATIVE_TARGET,) + cases, 1, 3, 2.0, mem,
+                      compile_vocabs=(128256,),
+                      memory_peer_vocabs=(128256,),
+                      target_impls=tuple(i for i in NATIVE_TARGET_IMPLS if i != "fastdpo[torch]"))
     if name == "full":
         if cuda:
             toks, dts, H = (4096, 16384), ("bfloat16", "float32"), 4096
@@ -281,7 +309,3 @@ def preset(name: str, device) -> Preset:
         return Preset("full", (NATIVE_TARGET,) + cases, 2 if not cuda else 5,
                       10 if not cuda else 50, 20.0, mem)
     raise ValueError(f"unknown preset {name!r}")
-
-
-def with_device_defaults(case: Case, **kw) -> Case:
-    return replace(case, **kw)

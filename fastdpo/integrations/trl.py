@@ -125,7 +125,7 @@ class _HeadPass:
     entropy: torch.Tensor | None         # (B, T-1) detached
     mean_logits: torch.Tensor | None     # (B, T-1) detached
     is_top1: torch.Tensor | None         # (B, T-1) bool
-    outputs: object
+    aux_loss: torch.Tensor | None        # MoE router loss of the forward, when it computed one
 
 
 class FastDPOTrainer(DPOTrainer):
@@ -250,8 +250,9 @@ class FastDPOTrainer(DPOTrainer):
             m, t1 = _logit_stats(rows.detach(), weight.detach(), lab,
                                  None if bias is None else bias.detach(), softcap, logit_scale)
             mean_logits, is_top1 = scatter(m), scatter(t1, torch.bool)
+        # keep only the aux loss of the outputs: not the tuple of every layer's hidden states
         return _HeadPass(per_token, None if ent is None else scatter(ent.detach()), mean_logits,
-                         is_top1, outputs)
+                         is_top1, getattr(outputs, "aux_loss", None))
 
     def _sequence_logps(self, per_token, shift_completion_mask):
         """Sum over the completion, or TRL's LD-DPO weighting of the tokens past the shorter
@@ -357,7 +358,7 @@ class FastDPOTrainer(DPOTrainer):
             f_alpha_divergence_coef=self.f_alpha_divergence_coef)
 
         if self.aux_loss_enabled:
-            aux_loss = pol.outputs.aux_loss
+            aux_loss = pol.aux_loss
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(aux_loss).mean().item())

@@ -5,14 +5,19 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import os
 import pathlib
+import socket
 import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          PreTrainedTokenizerFast)
 from trl import DPOConfig, DPOTrainer
 
 import fastdpo
@@ -58,6 +63,17 @@ def tiny_llama(tokenizer, seed=0):
     return LlamaForCausalLM(cfg)
 
 
+def tiny_moe(tokenizer, seed=0):
+    """Mixtral-style: the router's load-balancing loss is added to the DPO loss (aux_loss)."""
+    cfg = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32,
+                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                        num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                        router_aux_loss_coef=0.02, max_position_embeddings=128, pad_token_id=0,
+                        eos_token_id=1, bos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(cfg)
+
+
 def dataset(rewards="scalar"):
     prompts = ["what is up?", "say hi.", "count:", "the sky is"] * 2
     data = {"prompt": prompts,
@@ -77,11 +93,13 @@ def dataset(rewards="scalar"):
     return Dataset.from_dict(data)
 
 
-def make_trainer(cls, tokenizer, data, *, seed=0, steps=3, config_cls=None, batch=2, **cfg):
-    model = tiny_llama(tokenizer, seed)
+def make_trainer(cls, tokenizer, data, *, seed=0, steps=3, config_cls=None, batch=2,
+                 model_fn=tiny_llama, **cfg):
+    model = model_fn(tokenizer, seed)
     ref = copy.deepcopy(model)
     config_cls = config_cls or (FastDPOConfig if cls is FastDPOTrainer else DPOConfig)
-    args = config_cls(output_dir="/tmp/fastdpo-test-trl", max_steps=steps,
+    cfg.setdefault("output_dir", "/tmp/fastdpo-test-trl")
+    args = config_cls(max_steps=steps,
                       per_device_train_batch_size=batch, logging_steps=1, report_to=[], use_cpu=True,
                       save_strategy="no", disable_tqdm=True, learning_rate=1e-2, seed=0,
                       bf16=False, **cfg)  # fp32: the comparison is about our math, not bf16's
@@ -108,12 +126,14 @@ def assert_logs_close(ours, theirs, names=TRL_METRICS, rtol=1e-4, atol=1e-6):
     {"loss_type": ["sigmoid_norm", "sft"], "loss_weights": [1.0, 0.5]},  # lengths, multi-loss
     {"loss_type": ["robust"], "label_smoothing": 0.1, "ld_alpha": 0.5,
      "precompute_ref_log_probs": True},  # LD-DPO weighting, precomputed reference
-], ids=["sigmoid", "sigmoid_norm+sft", "robust-ld-precompute"])
+    {"model_fn": tiny_moe, "f_divergence_type": "js_divergence"},  # MoE aux loss, f-DPO
+], ids=["sigmoid", "sigmoid_norm+sft", "robust-ld-precompute", "moe-js"])
 def test_matches_trl_dpo_trainer(tokenizer, cfg):
     data = dataset("none")
     trl_trainer = make_trainer(DPOTrainer, tokenizer, data, **cfg)
     fast_trainer = make_trainer(FastDPOTrainer, tokenizer, data, **cfg)
-    assert_logs_close(train_log(fast_trainer), train_log(trl_trainer))
+    names = TRL_METRICS + (("aux_loss",) if "model_fn" in cfg else ())
+    assert_logs_close(train_log(fast_trainer), train_log(trl_trainer), names)
     # evaluation (no grad, eval_ prefix) after training, on the trained policies
     ev = [t.evaluate(eval_dataset=dataset("none")) for t in (fast_trainer, trl_trainer)]
     names = ["eval_" + k for k in TRL_METRICS if k not in ("loss", "grad_norm", "num_tokens")]
@@ -214,3 +234,30 @@ def test_soft_label_example_runs(capsys):
               "--output-dir", "/tmp/fastdpo-test-example"])
     out = capsys.readouterr().out
     assert "targets/probs" in out and "rewards/accuracies" in out
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    tok = tokenizer.__wrapped__()
+    tr = make_trainer(FastDPOTrainer, tok, dataset("none"), steps=2, ddp_backend="gloo",
+                      output_dir=out_dir)
+    assert tr.args.world_size == world
+    log = train_log(tr)
+    assert isinstance(tr.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+    assert all(math.isfinite(h["loss"]) for h in log)
+    p = torch.cat([x.detach().flatten() for x in tr.model.parameters()])
+    ps = [torch.empty_like(p) for _ in range(world)]
+    dist.all_gather(ps, p)
+    # the ranks saw different pairs: equal weights after two steps mean the gradients were
+    # all-reduced, i.e. the policy forward went through DDP's own forward
+    torch.testing.assert_close(ps[0], ps[1], rtol=0, atol=0)
+    assert not torch.equal(p, torch.cat([x.flatten() for x in tiny_llama(tok).parameters()]))
+
+
+def test_ddp_gradients_are_synchronised(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)

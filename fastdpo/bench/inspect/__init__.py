@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -79,11 +80,19 @@ def traffic_table(rows) -> str:
     return "\n".join(lines)
 
 
+def short_kernel(name: str) -> str:
+    """``logps_fwd_kernel<float, false, 512>`` from a demangled C++ signature."""
+    name = re.sub(r"^void\s+", "", name)
+    name = re.sub(r"\((?!anonymous).*$", "", name)
+    return name.replace("fastdpo::cuda::", "").replace("(anonymous namespace)::", "")
+
+
 def static_table(rows) -> str:
-    lines = [f"{'impl':24s} {'kernel':30s} {'op/dtype':16s} {'arch':6s} {'regs':>4s} "
+    lines = [f"{'impl':24s} {'kernel':36s} {'op/dtype':16s} {'arch':6s} {'regs':>4s} "
              f"{'spill':>7s} {'smem':>6s} {'warps':>5s} {'loop ld bits':>12s} {'loop st bits':>12s}"]
     for r in rows:
-        what = f"{r.get('op') or ''}/{r.get('dtype') or ''}"
+        what = (f"{r.get('op') or ''}/{r.get('dtype') or ''}" if r.get("op") else
+                str(r.get("source", "")).rsplit("/", 1)[-1])
         if r.get("with_entropy"):
             what += "+H"
         if "error" in r:
@@ -96,7 +105,11 @@ def static_table(rows) -> str:
             if s.get("loop_loads") else "-"
         st = f"{s.get('narrowest_loop_store')}-{s.get('widest_loop_store')}" \
             if s.get("loop_stores") else "-"
-        lines.append(f"{r['impl']:24s} {r['kernel'][:30]:30s} {what:16s} {r['arch']:6s} "
+        kname = short_kernel(r["kernel"])
+        if len(kname) > 36:  # CUDA template instances: the kernel line carries the variant
+            lines.append(f"{r['impl']:24s} {kname}")
+            kname = ""
+        lines.append(f"{r['impl']:24s} {kname:36s} {what:16s} {r['arch']:6s} "
                      f"{r['registers']!s:>4s} {spill:7d} {r['shared_bytes']:6d} "
                      f"{r.get('num_warps', '-')!s:>5s} {ld:>12s} {st:>12s}")
     return "\n".join(lines)

@@ -71,6 +71,7 @@ class KernelSass:
     local_ops: int = 0  # LDL/STL: spills (or local arrays)
     streaming_loops: int = 0  # loops that touch global memory
     scope: str = "loops"  # where loop_* were taken: "loops", or "whole kernel (no loop)"
+    loop_detail: list = field(default_factory=list)  # per loop: range, innermost, widths
     widest_loop_load: int | None = None
     narrowest_loop_load: int | None = None
     widest_loop_store: int | None = None
@@ -127,6 +128,13 @@ def analyse(name: str, instrs: list[Instr]) -> KernelSass:
                 touching.update(i for i, (s, e) in enumerate(loops) if s <= ins.addr <= e)
         elif ins.base in ("LDL", "STL"):
             k.local_ops += 1
+    for i, (s0, e0) in enumerate(loops):
+        inner = not any(j != i and s0 <= s1 and e1 <= e0 for j, (s1, e1) in enumerate(loops))
+        lw = Counter(x.width_bits for x in instrs if s0 <= x.addr <= e0 and x.base in GLOBAL_LOADS)
+        sw = Counter(x.width_bits for x in instrs
+                     if s0 <= x.addr <= e0 and x.base in GLOBAL_STORES)
+        k.loop_detail.append({"start": s0, "end": e0, "innermost": inner, "loads": dict(lw),
+                              "stores": dict(sw)})
     k.global_loads, k.global_stores = dict(gl), dict(gs)
     if not touching:  # one tile per program (no loop): the whole kernel is the streaming part
         ll, ls, k.scope = gl, gs, "whole kernel (no loop)"
