@@ -1,4 +1,4 @@
-"""Soft-label DPO with a reward-model ensemble, end to end on a laptop CPU (about a minute).
+"""Soft-label DPO with a reward-model ensemble, end to end on a laptop CPU (under a minute).
 
 1. A hidden "true" preference: completions with more friendly words and fewer rude ones are better.
 2. Three tiny reward models (random-init Llama sequence classifiers) are fitted with the
@@ -10,8 +10,8 @@
    ensemble's P(chosen beats rejected) (``fastdpo.preference_probs``, ``mean_prob``), so pairs the
    reward models doubt, or reverse, push the policy less, or the other way.
 
-Run: ``python examples/soft_label_dpo.py [--steps 30] [--rm-steps 40]``. Everything is built from
-configs in this file: no downloads.
+Run: ``python examples/soft_label_dpo.py [--steps 20] [--rm-steps 40] [--members 3]``.
+Everything is built from configs in this file: no downloads.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ with_entropy) -> (logp, lse, entropy)``
     ``(B, T)`` int32/int64 with any strides. Outputs are contiguous fp32 ``(B, T)``; ``entropy`` is
     an empty tensor unless ``with_entropy``. ``lse`` is the log-sum-exp of ``logits / temperature``.
     Ignored rows give 0 in every output and are skipped. A label outside ``[0, vocab_total)`` gives
-    NaN. ``vocab_start`` is the global id of column 0 (vocabulary-parallel shards): a valid label
+    NaN. A NaN or +inf logit makes its row NaN; -inf logits are masked entries (a row of only -inf
+    has ``lse = -inf``). ``vocab_start`` is the global id of column 0 (vocabulary-parallel shards): a valid label
     outside ``[vocab_start, vocab_start + V)`` contributes a label logit of 0, so ``logp = -lse``.
 
 ``<backend>_logps_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index,

@@ -32,10 +32,12 @@ def label_parts(labels, ignore_index: int, vocab_start: int, vocab_total: int, V
 
 
 def row_lse(z):
-    """log-sum-exp that, like the kernels, turns a +inf or NaN anywhere in a row into NaN
-    (``torch.logsumexp`` returns +inf for a +inf entry, which would give a finite-looking -inf)."""
+    """log-sum-exp with the kernels' conventions: a +inf or NaN anywhere in a row gives NaN
+    (``torch.logsumexp`` returns +inf for a +inf entry, which would give a finite-looking -inf);
+    an all -inf row (a fully masked vocabulary shard) gives -inf, so shards combine exactly."""
     m = z.amax(dim=-1, keepdim=True)
-    return (m + torch.log(torch.exp(z - m).sum(dim=-1, keepdim=True))).squeeze(-1)
+    m_safe = torch.where(m == float("-inf"), 0.0, m)
+    return (m_safe + torch.log(torch.exp(z - m_safe).sum(dim=-1, keepdim=True))).squeeze(-1)
 
 
 def logps_fwd(logits, labels, ignore_index, temperature, vocab_start, vocab_total, with_entropy):
@@ -58,6 +60,7 @@ def logps_fwd(logits, labels, ignore_index, temperature, vocab_start, vocab_tota
         if with_entropy:
             p = torch.exp(z - lse[:, None])
             ent = lse - torch.where(p > 0, p * z, 0.0).sum(-1)  # masked (-inf) entries add 0
+            ent = torch.where(lse == float("-inf"), float("nan"), ent)  # no distribution at all
             ent_out[b, t0:t1] = torch.where(active, ent, 0.0)
     return logp, lse_out, ent_out
 

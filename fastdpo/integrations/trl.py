@@ -343,6 +343,8 @@ class FastDPOTrainer(DPOTrainer):
         target_probs, reward_margins = self._targets(inputs)
         types = tuple(self.loss_types)
         if any(t in NORM_TYPES for t in types):  # TRL divides by the completion_mask count
+            # (with 'sft' too, TRL's sft divides by the shifted count: the two differ only when
+            # a prompt is empty, i.e. the completion starts at position 0)
             lengths = completion_mask.sum(dim=1)
         else:  # 'sft': mean over the scored (shifted) completion tokens
             lengths = shift_completion_mask.sum(dim=1)
