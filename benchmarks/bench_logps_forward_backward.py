@@ -2,7 +2,7 @@
 
 Run directly (writes JSON/CSV/PNG to benchmarks/results/)::
 
-    python benchmarks/bench_logps_forward_backward.py [--quick|--full] [--impl fastdpo[native],eager]
+    python benchmarks/bench_logps_forward_backward.py [--quick|--full] [--impl eager,...]
 
 or with pytest-benchmark::
 

@@ -33,9 +33,20 @@ SoftmaxState<A> fwd_row(const S* x, int64_t V, A inv_temp) {
     for (int64_t i = c0; i < c1; ++i) m = Math<A>::max(A(to_acc(x[i])), m);
     rescale<kEntropy>(st, Math<A>::max(m * inv_temp, st.m));
     const A neg_ref = A(0) - ref_point(st.m);
-    for (int64_t i = c0; i < c1; ++i) {
-      accumulate<kEntropy>(st.s, st.t, Math<A>::fma(A(to_acc(x[i])), inv_temp, neg_ref));
+    // Four fresh partial sums per chunk: short summation chains keep fp32 sums of 10^5 terms
+    // accurate (one running sum loses ~sqrt(V) ulps).
+    A s[4] = {0, 0, 0, 0}, t[4] = {0, 0, 0, 0};
+    int64_t i = c0;
+    for (; i + 4 <= c1; i += 4) {
+      for (int k = 0; k < 4; ++k) {
+        accumulate<kEntropy>(s[k], t[k], Math<A>::fma(A(to_acc(x[i + k])), inv_temp, neg_ref));
+      }
     }
+    for (; i < c1; ++i) {
+      accumulate<kEntropy>(s[0], t[0], Math<A>::fma(A(to_acc(x[i])), inv_temp, neg_ref));
+    }
+    st.s = st.s + ((s[0] + s[1]) + (s[2] + s[3]));
+    if constexpr (kEntropy) st.t = st.t + ((t[0] + t[1]) + (t[2] + t[3]));
   }
   return st;
 }

@@ -32,7 +32,7 @@ def _missing(module: str) -> str:
 
 
 def _compiler_reason(device: torch.device) -> str:
-    if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("cc")):
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "cc")):
         return "torch.compile on CPU needs a C++ compiler (none found)"
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
         return "torch.compile on CUDA needs triton"
@@ -50,7 +50,7 @@ class Impl:
     note: str = ""
 
     def unavailable(self, device, dtype=torch.float32, kind=None) -> str:
-        """Why this can't run on ``device`` for ``dtype`` (and workload ``kind``); empty if it can."""
+        """Why this can't run on ``device`` for ``dtype`` and workload ``kind`` ("" if it can)."""
         try:
             return self.reason_fn(torch.device(device), dtype, kind or self.kinds[0])
         except Exception as exc:  # noqa: BLE001 - a broken peer is reported, not fatal

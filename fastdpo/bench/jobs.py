@@ -65,7 +65,8 @@ def memory_job(preset_name, device, out: Path, *, impls=None, budget_gib=None, s
                 f"a={f['a_bytes'] / 2**20:9.1f} MiB  b={f['b_bytes_per_token'] / 2**10:9.1f} "
                 f"KiB/token  ({f['points']} points)")
     if budgets:
-        log(f"\nlargest batch of {seq_len}-token sequences in {budget_gib:g} GiB (from the fit):")
+        log(f"\nlargest batch of {seq_len}-token sequences in {budget_gib:g} GiB for the log-prob "
+            "step alone (its logits + the step's peak; the model is not counted), from the fit:")
         for b in budgets:
             log(f"  {b['workload']} V={b['vocab']} {b['dtype']} {b['impl']:28s} "
                 f"{b['max_batch']} sequences ({b['max_tokens']} tokens)")
@@ -80,9 +81,9 @@ def memory_job(preset_name, device, out: Path, *, impls=None, budget_gib=None, s
     files = report.write_json(obj, out, "memory", tag, ts)
     files += report.write_csv(rows, machine, out, "memory", tag, ts)
     files += report.write_plot(rows, "peak_extra_bytes", "extra peak memory (GiB)",
-                               f"peak memory of the step beyond its inputs - "
-                               f"{report.machine_line(machine)}", out, "memory", tag, ts,
-                               scale=1 / GiB)
+                               "peak memory of the step beyond its inputs\n"
+                               f"{report.machine_line(machine, sep=chr(10))}", out, "memory",
+                               tag, ts, scale=1 / GiB, log=False)
     log("\nwrote " + ", ".join(str(f) for f in files))
     return obj
 
@@ -112,7 +113,7 @@ def bench_job(preset_name, device, out: Path, *, impls=None, workloads=None, wit
     files = report.write_json(obj, out, "bench", tag, ts)
     files += report.write_csv(rows, machine, out, "bench", tag, ts)
     files += report.write_plot(rows, "median_s", "median time per step (ms)",
-                               f"time per step - {report.machine_line(machine)}", out, "bench",
+                               f"time per step\n{report.machine_line(machine)}", out, "bench",
                                tag, ts, scale=1e3)
     log("\nwrote " + ", ".join(str(f) for f in files))
     if with_memory:

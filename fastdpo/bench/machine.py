@@ -35,7 +35,8 @@ def cpu_flags() -> list[str]:
         return []
     m = re.search(r"^flags\s*:(.*)$", text, re.M)
     have = set(m.group(1).split()) if m else set()
-    return [x for x in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16") if x in have]
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16")
+    return [x for x in wanted if x in have]
 
 
 def memory_total_bytes() -> int | None:

@@ -16,8 +16,8 @@ Saved for backward: bytes of the unique storages packed by autograd during the f
 logits costs nothing extra; saving a softmax-sized tensor does). Device independent.
 
 Budget: per implementation, a least-squares line ``total(tokens) = a + b * tokens`` through the
-measured totals (extra peak + inputs) at fixed vocabulary, solved for the largest batch of ``T``-token
-sequences under ``X`` GiB.
+measured totals (extra peak + inputs) at fixed vocabulary, solved for the largest batch of
+``T``-token sequences under ``X`` GiB.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def profile(cases, impls: list[Impl], device, *, isolated: bool | None = None, s
                 row["peak_total_bytes"] = row["peak_extra_bytes"] + row["inputs_bytes"]
                 row["peak_total_x_logits"] = row["peak_total_bytes"] / lb
             rows.append(row)
-            if log:
+            if log and row.get("status") != "unavailable":
                 extra = (f"extra {row['peak_extra_bytes'] / GiB:.3f} GiB = "
                          f"{row['peak_extra_x_logits']:.2f}x logits"
                          if row.get("status") == "ok" else row.get("reason", ""))
@@ -250,8 +250,12 @@ def budget(fits, gib: float, seq_len: int) -> list[dict]:
 def table(rows) -> str:
     lines = [f"{'case':48s} {'impl':30s} {'extra peak':>12s} {'x logits':>9s} "
              f"{'total x':>8s} {'saved extra':>12s}"]
+    missing: dict[str, str] = {}
     for r in rows:
         case = f"{r['workload']} V={r['vocab']} N={r['tokens']} {r['dtype']}"
+        if r.get("status") == "unavailable":
+            missing.setdefault(r["impl"], r.get("reason", ""))
+            continue
         if r.get("status") != "ok":
             lines.append(f"{case:48s} {r['impl']:30s} {r.get('status')}: {r.get('reason', '')}")
             continue
@@ -260,4 +264,5 @@ def table(rows) -> str:
         lines.append(f"{case:48s} {r['impl']:30s} {r['peak_extra_bytes'] / GiB:10.3f}Gi "
                      f"{r['peak_extra_x_logits']:9.2f} {r['peak_total_x_logits']:8.2f} "
                      f"{saved_s:>12s}")
+    lines += [f"not profiled: {k}: {v}" for k, v in missing.items()]
     return "\n".join(lines)

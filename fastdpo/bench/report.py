@@ -59,7 +59,7 @@ def write_csv(rows: list[dict], machine: dict, out_dir: Path, kind: str, tag: st
 
 
 def _groups(rows, value_key):
-    """{(workload, dtype, tokens, batch, hidden): {impl: [(vocab, value)]}} for rows with a value."""
+    """{(workload, dtype, tokens, batch, hidden): {impl: [(vocab, value)]}} of rows with values."""
     g: dict[tuple, dict] = {}
     for r in rows:
         if r.get("status") != "ok" or r.get(value_key) is None:
@@ -69,7 +69,8 @@ def _groups(rows, value_key):
     return {k: v for k, v in g.items() if any(len(p) > 1 for p in v.values())}
 
 
-def plot_vs_vocab(rows, value_key, ylabel, title, path: Path, scale=1.0) -> Path | None:
+def plot_vs_vocab(rows, value_key, ylabel, title, path: Path, scale=1.0,
+                  log=True) -> Path | None:
     """One panel per (workload, dtype, tokens), one line per implementation."""
     groups = _groups(rows, value_key)
     if not groups:
@@ -92,12 +93,15 @@ def plot_vs_vocab(rows, value_key, ylabel, title, path: Path, scale=1.0) -> Path
         ax.set_title(f"{wl} {dt} N={toks}{hs}", fontsize=9)
         ax.set_xlabel("vocabulary size V")
         ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=8 if cols == 1 else 10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -106,12 +110,13 @@ def plot_vs_vocab(rows, value_key, ylabel, title, path: Path, scale=1.0) -> Path
 
 
 def write_plot(rows, value_key, ylabel, title, out_dir: Path, kind: str, tag: str, ts: str,
-               scale=1.0) -> list[Path]:
-    p = plot_vs_vocab(rows, value_key, ylabel, title, out_dir / f"{kind}-{tag}-{ts}.png", scale)
+               scale=1.0, log=True) -> list[Path]:
+    p = plot_vs_vocab(rows, value_key, ylabel, title, out_dir / f"{kind}-{tag}-{ts}.png", scale,
+                      log)
     return [p, _latest(p, kind)] if p else []
 
 
-def machine_line(m: dict) -> str:
+def machine_line(m: dict, sep: str = ", ") -> str:
     gpu = (m.get("gpu") or {}).get("name") or "no GPU"
     return (f"{m['cpu_model']} ({m['cpu_count']} CPUs, torch threads {m['torch_threads']}), "
-            f"{gpu}, torch {m['versions']['torch']}, measured {m['timestamp']}")
+            f"{gpu}{sep}torch {m['versions']['torch']}, measured {m['timestamp']}")

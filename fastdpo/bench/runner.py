@@ -69,6 +69,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def run_preset(p: Preset, impls: list[Impl], device, *, log=print, workloads=None) -> list[dict]:
     rows = []
+    told = set()  # implementations whose unavailability was already printed
     for case in p.cases:
         if workloads and case.workload not in workloads:
             continue
@@ -85,7 +86,9 @@ def run_preset(p: Preset, impls: list[Impl], device, *, log=print, workloads=Non
             row = time_case(case, impl, device, warmup=p.warmup, repeats=p.repeats,
                             max_seconds=p.max_seconds)
             rows.append(row)
-            if log:
+            if log and not (row["status"] == "unavailable" and impl.name in told):
+                if row["status"] == "unavailable":
+                    told.add(impl.name)
                 if row["status"] == "ok":
                     msg = (f"{row['median_s'] * 1e3:10.2f} ms  (IQR {row['iqr_rel'] * 100:4.1f}%,"
                            f" n={row['repeats']})")

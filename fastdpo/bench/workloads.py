@@ -1,8 +1,8 @@
 """Workloads (what one timed step does), their inputs, and the ``--quick`` / ``--full`` presets.
 
 A :class:`Case` fixes shapes and dtype; :func:`build_step` turns (case, implementation) into a
-:class:`Step`: ``setup()`` makes the step's inputs (fresh ones when the implementation destroys them)
-and ``run(state)`` is the timed or memory-profiled work.
+:class:`Step`: ``setup()`` makes the step's inputs (fresh ones when the implementation destroys
+them) and ``run(state)`` is the timed or memory-profiled work.
 
 Workloads:
 
@@ -16,7 +16,7 @@ Workloads:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -132,14 +132,16 @@ def _grads(loss, inputs, names):
     return torch.autograd.grad(loss, [inputs[n] for n in names])
 
 
-def build_step(case: Case, impl: Impl, device, *, fresh_inputs_every_call: bool | None = None) -> Step:
+def build_step(case: Case, impl: Impl, device, *,
+               fresh_inputs_every_call: bool | None = None) -> Step:
     """The step of ``case`` run by ``impl``. Gradients are returned (not accumulated into ``.grad``)
     so repeats don't pile up buffers and in-place backward hands back the logits' own storage."""
     device = torch.device(device)
     kind = case.kind
     wl = case.workload
     grad = wl != "logps_ref"
-    fresh = impl.destroys_input and grad if fresh_inputs_every_call is None else fresh_inputs_every_call
+    fresh = (impl.destroys_input and grad if fresh_inputs_every_call is None
+             else fresh_inputs_every_call)
 
     if kind == "linear_dpo" and "linear_dpo" not in impl.kinds:
         fn = impl.build("linear", case)  # compose: fused linear logps + a DPO loss

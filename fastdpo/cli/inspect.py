@@ -47,6 +47,7 @@ def run(args) -> int:
     print(ins.static_table(res["static"]))
     print()
     print(ins.roofline_table(res["roofline"]))
+    print("\nnot counted: " + "; ".join(f"{k} ({v})" for k, v in res["not_counted"].items()))
     files = ins.write(res, args.out, machine_info())
     print("\nwrote " + ", ".join(str(f) for f in files))
     return 0

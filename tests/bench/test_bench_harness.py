@@ -137,3 +137,19 @@ def test_presets_hold_the_native_target():
     assert (t.workload, t.dtype, t.tokens, t.vocab) == ("logps_fwd_bwd", "float32", 2048, 128256)
     full = workloads.preset("full", "cpu")
     assert {c.vocab for c in full.cases} == set(workloads.VOCABS)
+
+
+def test_native_target_summary_judges_the_goals():
+    t = workloads.NATIVE_TARGET
+    base = {**t.to_dict(), "device": "cpu", "status": "ok"}
+    rows = [{**base, "impl": n, "median_s": s} for n, s in
+            (("fastdpo[native]", 1.0), ("eager", 9.0), ("torch.compile", 4.0),
+             ("trl.selective_log_softmax", 3.5))]
+    runner.add_ratios(rows)
+    mem = [{**base, "impl": "fastdpo[native]", "peak_total_x_logits": 1.02,
+            "peak_extra_x_logits": 0.02}]
+    s = runner.native_target_summary(rows, mem, "cpu")
+    assert s["status"] == "measured" and s["speedups"]["eager"] == 9.0
+    assert s["met"] == {"speedup_vs_eager>=8.0": True, "speedup_vs_torch.compile>=5.0": False,
+                        "speedup_vs_trl.selective_log_softmax>=3.0": True,
+                        "peak_total_x_logits<=1.1": True}

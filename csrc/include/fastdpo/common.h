@@ -25,7 +25,7 @@ namespace fastdpo {
 constexpr float kLowestExpArg = -1.0e4f;
 
 template <class T>
-struct Math;  // max, is_neg_inf, is_pos_inf (scalars), select, fma, exp, log
+struct Math;  // max, is_neg_inf, select, fma, exp, log
 
 template <class T>
 struct ScalarMath {
@@ -34,7 +34,6 @@ struct ScalarMath {
   // surviving max: a NaN logit still reaches the sum through exp(NaN - max).
   static FASTDPO_HOST_DEVICE FASTDPO_INLINE T max(T a, T b) { return a > b ? a : b; }
   static FASTDPO_HOST_DEVICE FASTDPO_INLINE bool is_neg_inf(T x) { return x == -T(INFINITY); }
-  static FASTDPO_HOST_DEVICE FASTDPO_INLINE bool is_pos_inf(T x) { return x == T(INFINITY); }
   static FASTDPO_HOST_DEVICE FASTDPO_INLINE T select(bool mask, T a, T b) { return mask ? a : b; }
 };
 

@@ -78,13 +78,13 @@ struct MergeOp {
   }
 };
 
-// lse = ref(m) + log s; entropy = log s - t / s. As with softmax itself, an all -inf row gives
-// lse = -inf and entropy NaN, and a +inf logit gives lse = +inf (so logp is -inf, or NaN for the
-// +inf label) and entropy NaN. Scalar T only.
+// lse = ref(m) + log s; entropy = log s - t / s. Like log_softmax in PyTorch, an all -inf row
+// gives lse = -inf and entropy NaN, and a row holding +inf or NaN gives NaN (+inf - +inf reaches
+// the sum). Scalar T only.
 template <class T>
 FASTDPO_HOST_DEVICE FASTDPO_INLINE void finalize(const SoftmaxState<T>& st, T& lse, T& entropy) {
   T log_s = Math<T>::log(st.s);
-  lse = Math<T>::is_pos_inf(st.m) ? st.m : ref_point(st.m) + log_s;
+  lse = ref_point(st.m) + log_s;
   entropy = log_s - st.t / st.s;
 }
 

@@ -16,6 +16,16 @@ from pathlib import Path
 from . import roofline, static, traffic
 
 VOCABS = (32000, 128256, 152064, 256000)
+# Peer kernels whose traffic is not counted here, and why.
+NOT_COUNTED = {
+    "trl.chunked_logprob": "TRL dispatches its fused-LM-head Triton kernels only for CUDA/XPU "
+                           "tensors; on CPU it folds tiles with torch ops",
+    "liger.fused_linear_cross_entropy": "the same cross-entropy kernel as liger.cross_entropy, "
+                                        "run per token chunk after a matmul",
+    "cce": "not attempted: Cut Cross-Entropy's kernels fuse the LM-head matmul (tl.dot tiles), "
+           "so their traffic has no logits-sized minimum to compare with",
+    "flash_attn.cross_entropy": "flash-attn is not installed",
+}
 
 
 def launch_jobs(traffic_rows) -> list[dict]:
@@ -59,7 +69,7 @@ def run(quick: bool = True, archs=static.ARCHS, cuda_root: str | None = None, lo
     est = roofline.estimate(trows, 8192, VOCABS, ("bfloat16", "float32"))
     for r in trows:
         r.pop("_launches", None)
-    return {"traffic": trows, "static": srows, "roofline": est,
+    return {"traffic": trows, "static": srows, "roofline": est, "not_counted": NOT_COUNTED,
             "elapsed_s": time.perf_counter() - t0}
 
 
@@ -89,7 +99,8 @@ def short_kernel(name: str) -> str:
 
 def static_table(rows) -> str:
     lines = [f"{'impl':24s} {'kernel':36s} {'op/dtype':16s} {'arch':6s} {'regs':>4s} "
-             f"{'spill':>7s} {'smem':>6s} {'warps':>5s} {'loop ld bits':>12s} {'loop st bits':>12s}"]
+             f"{'spill':>7s} {'smem':>6s} {'warps':>5s} {'loop ld bits':>12s} "
+             f"{'loop st bits':>12s}"]
     for r in rows:
         what = (f"{r.get('op') or ''}/{r.get('dtype') or ''}" if r.get("op") else
                 str(r.get("source", "")).rsplit("/", 1)[-1])

@@ -148,7 +148,8 @@ def analyse(name: str, instrs: list[Instr]) -> KernelSass:
 
 
 def sass_of_cubin(cubin: Path) -> dict[str, KernelSass]:
-    """Per-function SASS analysis of ``cubin`` (``cuobjdump -sass``: branch targets as addresses)."""
+    """Per-function SASS analysis of ``cubin`` (``cuobjdump -sass`` gives branch targets as
+    addresses)."""
     exe = tool("cuobjdump")
     if exe is None:
         raise RuntimeError("cuobjdump not found (it ships with triton's NVIDIA backend)")
@@ -162,7 +163,7 @@ def sass_of_cubin(cubin: Path) -> dict[str, KernelSass]:
 
 
 def resource_usage(cubin: Path) -> dict[str, dict]:
-    """``cuobjdump --dump-resource-usage``: registers, stack, shared and local bytes per function."""
+    """``cuobjdump --dump-resource-usage``: registers, stack, shared, local bytes per function."""
     exe = tool("cuobjdump")
     text = subprocess.run([exe, "--dump-resource-usage", str(cubin)], capture_output=True,
                           text=True, check=True).stdout

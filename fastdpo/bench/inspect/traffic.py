@@ -1,12 +1,12 @@
 """Global-memory traffic of Triton kernels, counted under ``TRITON_INTERPRET=1`` (no GPU).
 
-The interpreter executes every ``tl.load`` / ``tl.store`` (plain, masked, descriptor, atomic) through
-``create_masked_load`` / ``create_masked_store`` of one ``InterpreterBuilder`` instance with numpy
-arrays of addresses and masks. :class:`TrafficCounter` wraps those two methods on that instance
-for the duration of a ``with`` block (nothing is patched at import), counts the bytes of the
-masked-in elements, and keeps the addresses so the traffic can be split by tensor afterwards. It
-also records each kernel launch (function, arguments, meta-parameters) for ahead-of-time
-compilation of the same specialisations (:mod:`.static`).
+The interpreter executes every ``tl.load`` / ``tl.store`` (plain, masked, descriptor, atomic)
+through ``create_masked_load`` / ``create_masked_store`` of one ``InterpreterBuilder`` instance,
+with numpy arrays of addresses and masks. :class:`TrafficCounter` wraps those two methods (and
+``create_atomic_rmw``) on that instance for the duration of a ``with`` block (nothing is patched
+at import), counts the bytes of the masked-in elements, and keeps the addresses so the traffic
+can be split by tensor afterwards. It also records each kernel launch (function, arguments,
+meta-parameters) for ahead-of-time compilation of the same specialisations (:mod:`.static`).
 
 The minimum a log-prob kernel must move: forward reads each non-ignored row of logits once and the
 per-token tensors (labels, outputs) once; backward also writes the gradient once (every row: ignored
@@ -428,7 +428,9 @@ def run_isolated(cases, ignored_rows: int = 0, timeout: float = 600) -> list[dic
 
 
 def measure(cases, ignored_rows: int = 0) -> list[dict]:
-    return run_cases(cases, ignored_rows) if interpreted_here() else run_isolated(cases, ignored_rows)
+    if interpreted_here():
+        return run_cases(cases, ignored_rows)
+    return run_isolated(cases, ignored_rows)
 
 
 def main(argv) -> int:
