@@ -35,7 +35,8 @@ def _flag(name: str) -> bool:
 
 
 def _cuda_arch_flags() -> list:
-    archs = [a.strip() for a in os.environ.get("FASTDPO_CUDA_ARCHS", "80;90").split(";") if a.strip()]
+    archs = os.environ.get("FASTDPO_CUDA_ARCHS", "80;90").split(";")
+    archs = [a.strip() for a in archs if a.strip()]
     flags = []
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
@@ -50,8 +51,9 @@ def _want_cuda(torch, cuda_home) -> bool:
     if _flag("FASTDPO_FORCE_CUDA") and not ok:
         raise RuntimeError(
             "FASTDPO_FORCE_CUDA=1 but the CUDA kernels cannot be built: "
-            f"torch {torch.__version__} is {'a CUDA' if torch.version.cuda else 'a CPU-only'} build "
-            f"and the CUDA toolkit is {'at ' + cuda_home if cuda_home else 'not found (CUDA_HOME)'}")
+            f"torch {torch.__version__} is {'a CUDA' if torch.version.cuda else 'a CPU-only'} "
+            "build and the CUDA toolkit is "
+            f"{'at ' + cuda_home if cuda_home else 'not found (CUDA_HOME)'}")
     return ok
 
 

@@ -34,7 +34,8 @@ DType dtype_of(const at::Tensor& t, const char* op) {
   }
 }
 
-void check_rows_tensor(const at::Tensor& t, const char* op, const char* name, const at::Tensor& logits) {
+void check_rows_tensor(const at::Tensor& t, const char* op, const char* name,
+                       const at::Tensor& logits) {
   TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on the logits' device ",
               logits.device(), ", got ", t.device());
   TORCH_CHECK(t.dim() == 2 && t.size(0) == logits.size(0) && t.size(1) == logits.size(1), op, ": ",
@@ -58,7 +59,8 @@ void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, dou
   TORCH_CHECK(vocab_total >= 0, op, ": vocab_total must be >= 0, got ", vocab_total);
 }
 
-void check_f32_rows(const at::Tensor& t, const char* op, const char* name, const at::Tensor& logits) {
+void check_f32_rows(const at::Tensor& t, const char* op, const char* name,
+                    const at::Tensor& logits) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
               t.scalar_type());
@@ -96,7 +98,9 @@ RowScalars scalars_of(const at::Tensor& t) {
 std::pair<uintptr_t, uintptr_t> byte_extent(const at::Tensor& t) {
   uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr());
   uintptr_t span = 1;
-  for (int64_t d = 0; d < t.dim(); ++d) span += static_cast<uintptr_t>((t.size(d) - 1) * t.stride(d));
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    span += static_cast<uintptr_t>((t.size(d) - 1) * t.stride(d));
+  }
   return {lo, lo + span * t.element_size() - 1};
 }
 
@@ -141,9 +145,14 @@ std::atomic<bool> g_force_generic{[] {
   return env != nullptr && std::strcmp(env, "generic") == 0;
 }()};
 
-bool use_avx2() { return !g_force_generic.load(std::memory_order_relaxed) && cpu::avx2_supported(); }
+bool use_avx2() {
+  return !g_force_generic.load(std::memory_order_relaxed) && cpu::avx2_supported();
+}
 
-int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1)); }
+// Rows per task: about 32k elements, so short rows are not split one per task.
+int64_t grain_rows(int64_t V) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1));
+}
 
 }  // namespace
 
@@ -192,8 +201,9 @@ LogpsBwdParams prepare_bwd(const at::Tensor& grad_logp,
   TORCH_CHECK(grad_logits.device() == logits.device(), op,
               ": grad_logits must be on the logits' device ", logits.device(), ", got ",
               grad_logits.device());
-  TORCH_CHECK(grad_logits.sizes() == logits.sizes(), op, ": grad_logits must have the logits' shape ",
-              logits.sizes(), ", got ", grad_logits.sizes());
+  TORCH_CHECK(grad_logits.sizes() == logits.sizes(), op,
+              ": grad_logits must have the logits' shape ", logits.sizes(), ", got ",
+              grad_logits.sizes());
   TORCH_CHECK(grad_logits.scalar_type() == logits.scalar_type(), op,
               ": grad_logits must have the logits' dtype ", logits.scalar_type(), ", got ",
               grad_logits.scalar_type());

@@ -97,10 +97,23 @@ FASTDPO_INLINE F8 load8(const FP16* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-FASTDPO_INLINE void store8(float* p, F8 v) { _mm256_storeu_ps(p, v.v); }
-FASTDPO_INLINE void store8(FP16* p, F8 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
+// kStream: a non-temporal store (p aligned to 8 elements), for gradients written to memory that
+// is not read back soon; skips reading each destination line before overwriting it.
+template <bool kStream = false>
+FASTDPO_INLINE void store8(float* p, F8 v) {
+  if constexpr (kStream) _mm256_stream_ps(p, v.v);
+  else _mm256_storeu_ps(p, v.v);
 }
+template <bool kStream = false>
+FASTDPO_INLINE void store_half8(void* p, __m128i v) {
+  if constexpr (kStream) _mm_stream_si128(reinterpret_cast<__m128i*>(p), v);
+  else _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v);
+}
+template <bool kStream = false>
+FASTDPO_INLINE void store8(FP16* p, F8 v) {
+  store_half8<kStream>(p, _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
+}
+template <bool kStream = false>
 FASTDPO_INLINE void store8(BF16* p, F8 v) {
   const __m256i u = _mm256_castps_si256(v.v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -112,11 +125,11 @@ FASTDPO_INLINE void store8(BF16* p, F8 v) {
   r = _mm256_srli_epi32(r, 16);
   // packus works per 128-bit half: [r0..3 r0..3 | r4..7 r4..7]; gather the two useful quarters.
   r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(r));
+  store_half8<kStream>(p, _mm256_castsi256_si128(r));
 }
 
 constexpr int64_t kVec = 8;
-constexpr int kSets = 2;                 // independent lane sets per step (few, to stay in registers)
+constexpr int kSets = 2;                 // independent lane sets per step (few: all in registers)
 constexpr int64_t kUnit = kSets * kVec;  // elements per step
 constexpr int64_t kChunk = 2048;         // elements per two-sweep chunk (L1-resident)
 constexpr int64_t kLine = 64;            // bytes per cache line
@@ -214,11 +227,25 @@ void fwd_rows(const LogpsFwdParams& p, int64_t r0, int64_t r1) {
   }
 }
 
-template <bool kEntropy, class S>
+template <bool kEntropy, bool kStream = false, class S>
 FASTDPO_INLINE void bwd_unit(const S* x, S* out, F8 inv_temp, const GradCoeffs<F8>& c) {
   F8 v[kSets];
   for (int k = 0; k < kSets; ++k) v[k] = grad_element<kEntropy>(load8(x + k * kVec), inv_temp, c);
-  for (int k = 0; k < kSets; ++k) store8(out + k * kVec, v[k]);  // after all loads: out may be x
+  // Stores after all loads: out may be x.
+  for (int k = 0; k < kSets; ++k) store8<kStream>(out + k * kVec, v[k]);
+}
+
+template <bool kEntropy, bool kStream, class S>
+FASTDPO_INLINE void bwd_body(const S* x, S* out, int64_t full, int64_t V, F8 vt,
+                             const GradCoeffs<F8>& cv) {
+  constexpr int64_t kAhead = 4096 / static_cast<int64_t>(sizeof(S));  // elements prefetched ahead
+  constexpr int64_t kPerLine = kLine / static_cast<int64_t>(sizeof(S));
+  for (int64_t i = 0; i < full; i += kUnit) {
+    if (i % kPerLine < kUnit && i + kAhead < V) {
+      _mm_prefetch(reinterpret_cast<const char*>(x + i + kAhead), _MM_HINT_T0);
+    }
+    bwd_unit<kEntropy, kStream>(x + i, out + i, vt, cv);
+  }
 }
 
 template <bool kEntropy, class S>
@@ -233,11 +260,14 @@ void bwd_row(const S* x, S* out, int64_t V, float inv_temp, const GradCoeffs<flo
   const GradCoeffs<F8> cv{F8(c.neg_lse), F8(c.a), F8(c.b)};
   const F8 vt(inv_temp);
   const int64_t full = V / kUnit * kUnit;
-  constexpr int64_t kAhead = 4096 / static_cast<int64_t>(sizeof(S));  // elements prefetched ahead
-  constexpr int64_t kPerLine = kLine / static_cast<int64_t>(sizeof(S));
-  for (int64_t i = 0; i < full; i += kUnit) {
-    if (i % kPerLine < kUnit && i + kAhead < V) _mm_prefetch(reinterpret_cast<const char*>(x + i + kAhead), _MM_HINT_T0);
-    bwd_unit<kEntropy>(x + i, out + i, vt, cv);
+  // Out of place, the gradient goes straight to memory (non-temporal stores) when aligned: it is
+  // not read again by this op, and a fresh buffer would otherwise be read in before each write.
+  const bool stream = out != x && reinterpret_cast<uintptr_t>(out) % (kVec * sizeof(S)) == 0;
+  if (stream) {
+    bwd_body<kEntropy, true>(x, out, full, V, vt, cv);
+    _mm_sfence();  // order the streamed lines before the ordinary stores below (label, tail)
+  } else {
+    bwd_body<kEntropy, false>(x, out, full, V, vt, cv);
   }
   if (full < V) {
     const Tail<S> tail(x + full, V - full);

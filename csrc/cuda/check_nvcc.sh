@@ -23,8 +23,10 @@ if [[ -z "${CUOBJDUMP:-}" ]]; then
   fi
 fi
 
-# The same device flags as setup.py's CUDA build.
-flags=(-std=c++20 -O3 -lineinfo
+# The device flags of setup.py's CUDA build, with those torch's BuildExtension adds to every .cu.
+flags=(-std=c++20 -O3 -lineinfo -Xcompiler -fPIC --expt-relaxed-constexpr
+       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ -DFASTDPO_WITH_CUDA
        -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
        -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror
        -I"$csrc/include" -I"$csrc" -Xptxas -v ${NVCC_EXTRA:-})

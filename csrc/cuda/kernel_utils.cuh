@@ -24,7 +24,9 @@ template <> __device__ __forceinline__ float from_acc<float>(float v) { return v
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
 __device__ __forceinline__ double from_acc_d(double v) { return v; }
 
 template <class S, class A>
@@ -32,6 +34,9 @@ __device__ __forceinline__ S store_value(A v) {
   if constexpr (sizeof(S) == 8) return v;
   else return from_acc<S>(v);
 }
+
+// Blocks per launch; kernels loop over rows beyond it.
+constexpr int64_t kMaxGrid = int64_t{1} << 30;
 
 // (b, t) of a row. The glue checks B * T < 2^31, so 32-bit division (inline, where 64-bit division
 // is a called subroutine that costs registers) is exact.

@@ -29,7 +29,9 @@ __global__ void __launch_bounds__(kBlock, 1) logps_bwd_kernel(const LogpsBwdPara
     const RowSplit so = split_row<S>(reinterpret_cast<uintptr_t>(out), V);
     if (lab.kind == LabelKind::kIgnored) {
       for (int64_t i = threadIdx.x; i < so.head; i += kBlock) out[i] = store_value<S>(A(0));
-      for (int64_t i = so.tail_begin + threadIdx.x; i < V; i += kBlock) out[i] = store_value<S>(A(0));
+      for (int64_t i = so.tail_begin + threadIdx.x; i < V; i += kBlock) {
+        out[i] = store_value<S>(A(0));
+      }
       Vec<S> zero;
 #pragma unroll
       for (int j = 0; j < kN; ++j) zero.v[j] = store_value<S>(A(0));
@@ -54,7 +56,9 @@ __global__ void __launch_bounds__(kBlock, 1) logps_bwd_kernel(const LogpsBwdPara
     const bool vec = sx.head == so.head && sx.nvec == so.nvec;
     const int64_t head = vec ? sx.head : V, nvec = vec ? sx.nvec : 0;
     const int64_t tail = vec ? sx.tail_begin : V;
-    for (int64_t i = threadIdx.x; i < head; i += kBlock) out[i] = store_value<S>(value(to_acc(x[i]), i));
+    for (int64_t i = threadIdx.x; i < head; i += kBlock) {
+      out[i] = store_value<S>(value(to_acc(x[i]), i));
+    }
     for (int64_t i = tail + threadIdx.x; i < V; i += kBlock) {
       out[i] = store_value<S>(value(to_acc(x[i]), i));
     }
@@ -85,7 +89,7 @@ __global__ void __launch_bounds__(kBlock, 1) logps_bwd_kernel(const LogpsBwdPara
 template <class S, bool kEntropy>
 cudaError_t launch_typed(const LogpsBwdParams& p, cudaStream_t stream) {
   const int64_t rows = p.rows.B * p.rows.T;
-  const unsigned grid = static_cast<unsigned>(rows < (int64_t{1} << 30) ? rows : (int64_t{1} << 30));
+  const unsigned grid = static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid);
   if (p.rows.V * static_cast<int64_t>(sizeof(S)) <= 8192) {
     logps_bwd_kernel<S, kEntropy, 128><<<grid, 128, 0, stream>>>(p);
   } else {

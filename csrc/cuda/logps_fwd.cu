@@ -43,7 +43,9 @@ __global__ void __launch_bounds__(kBlock, 1) logps_fwd_kernel(const LogpsFwdPara
     const S* x = logits + p.rows.offset(b, t);
     const RowSplit sp = split_row<S>(reinterpret_cast<uintptr_t>(x), V);
     State st = state_init<A>();
-    for (int64_t i = threadIdx.x; i < sp.head; i += kBlock) update<kEntropy>(st, to_acc(x[i]) * inv_temp);
+    for (int64_t i = threadIdx.x; i < sp.head; i += kBlock) {
+      update<kEntropy>(st, to_acc(x[i]) * inv_temp);
+    }
     for (int64_t i = sp.tail_begin + threadIdx.x; i < V; i += kBlock) {
       update<kEntropy>(st, to_acc(x[i]) * inv_temp);
     }
@@ -96,7 +98,7 @@ __global__ void __launch_bounds__(kBlock, 1) logps_fwd_kernel(const LogpsFwdPara
 template <class S, bool kEntropy>
 cudaError_t launch_typed(const LogpsFwdParams& p, cudaStream_t stream) {
   const int64_t rows = p.rows.B * p.rows.T;
-  const unsigned grid = static_cast<unsigned>(rows < (int64_t{1} << 30) ? rows : (int64_t{1} << 30));
+  const unsigned grid = static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid);
   // Short rows: a small block keeps most threads busy.
   if (p.rows.V * static_cast<int64_t>(sizeof(S)) <= 8192) {
     logps_fwd_kernel<S, kEntropy, 128><<<grid, 128, 0, stream>>>(p);

@@ -140,8 +140,8 @@ def build_step(case: Case, impl: Impl, device, *,
     kind = case.kind
     wl = case.workload
     grad = wl != "logps_ref"
-    fresh = (impl.destroys_input and grad if fresh_inputs_every_call is None
-             else fresh_inputs_every_call)
+    overwrites = impl.destroys_input and kind == "logits" and wl in ("logps_fwd_bwd", "dpo_step")
+    fresh = overwrites if fresh_inputs_every_call is None else fresh_inputs_every_call
 
     if kind == "linear_dpo" and "linear_dpo" not in impl.kinds:
         fn = impl.build("linear", case)  # compose: fused linear logps + a DPO loss

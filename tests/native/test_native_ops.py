@@ -120,8 +120,8 @@ def test_matches_float64(kernel, dtype, V):
         g, ge = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
         for gent in (None, ge):
             grad = torch.full_like(x, 5.0)
-            bwd(g, gent, x, labels, lse, entropy if gent is not None else None, -100, temperature, 0,
-                V, grad)
+            ent_in = entropy if gent is not None else None
+            bwd(g, gent, x, labels, lse, ent_in, -100, temperature, 0, V, grad)
             want = ref_bwd(g, gent, x, labels, lse, entropy, -100, temperature, 0)
             err = ((grad.double() - want).abs() / (want.abs() + g.abs().max() + 1)).max().item()
             assert err <= bwd_tol, err
@@ -323,7 +323,8 @@ def test_backward_argument_messages(C):
                 *with_(grad_logits=torch.empty(2, 11, 3).transpose(1, 2)))
     storage = torch.randn(2 * 3 * 11 + 5)
     check_error("grad_logits partially overlaps logits", bwd,
-                *with_(logits=storage[:66].view(2, 3, 11), grad_logits=storage[5:71].view(2, 3, 11)))
+                *with_(logits=storage[:66].view(2, 3, 11),
+                       grad_logits=storage[5:71].view(2, 3, 11)))
     check_error("different strides", bwd,
                 *with_(logits=storage[:66].view(2, 3, 11),
                        grad_logits=storage[:66].view(3, 2, 11).transpose(0, 1)))
