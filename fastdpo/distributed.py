@@ -44,14 +44,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dataclasses import dataclass
+
 from . import _validate as V
-from . import backends, ops
-from .autograd.linear import flat_rows
-from .autograd.linear import forward_rows as linear_forward_rows
-from .autograd.logps import backward_into, forward_rows, rows_view
 
 __all__ = ["vocab_parallel_token_logps", "vocab_parallel_linear_token_logps", "shard_range",
-           "combine_shards", "check_same_labels"]
+           "combine_shards", "check_same_labels", "Shards"]
 
 
 def _world(group) -> tuple[int, int]:
@@ -129,53 +127,37 @@ def combine_shards(logp_r, lse_r, ent_r, labels, *, ignore_index, vocab_start, v
     return torch.where(active, logp, 0.0), torch.where(active, lse, 0.0), ent
 
 
-# ----------------------------------------------------------------------------- logits path
+@dataclass(frozen=True)
+class Shards:
+    """What the single-device autograd Functions need to run on a vocabulary shard: combine the
+    shards' row statistics in forward, and sum ``d hidden`` over the group (fused LM head)."""
+
+    group: object
+    ignore_index: int
+    vocab_start: int
+    with_entropy: bool
+
+    def combine(self, logp_r, lse_r, ent_r, labels, vocab_local):
+        logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, labels,
+                                        ignore_index=self.ignore_index,
+                                        vocab_start=self.vocab_start, vocab_local=vocab_local,
+                                        group=self.group, with_entropy=self.with_entropy)
+        return logp, lse, (ent_r if ent is None else ent)  # ent_r: the op's empty placeholder
+
+    def reduce_hidden_grad(self, d_hidden) -> None:
+        dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=self.group)
 
 
-class VocabParallelTokenLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, group, backend, ignore_index, temperature, shift,
-                with_entropy, inplace_backward, vocab_start, vocab_total):
-        x3, l3 = rows_view(logits, labels, shift)
-        logp_r, lse_r, ent_r = forward_rows(backend, x3, l3, ignore_index, temperature,
-                                            vocab_start, vocab_total, with_entropy)
-        logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, l3, ignore_index=ignore_index,
-                                        vocab_start=vocab_start, vocab_local=x3.shape[-1],
-                                        group=group, with_entropy=with_entropy)
-        if ent is None:
-            ent = ent_r  # the op's empty placeholder
-        ctx.save_for_backward(logits, labels, lse, ent if with_entropy else None)
-        ctx.opts = (backend, ignore_index, temperature, shift, inplace_backward, vocab_start,
-                    vocab_total)
-        ctx.set_materialize_grads(False)
-        if not with_entropy:
-            ctx.mark_non_differentiable(ent)
-        return logp, ent
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, grad_entropy):
-        logits, labels, lse, ent = ctx.saved_tensors
-        backend, ignore_index, temperature, shift, inplace, vocab_start, vocab_total = ctx.opts
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 11
-        grad_logp, grad_entropy = _row_grads(grad_logp, grad_entropy, lse, ent)
-        grad_full = logits if inplace else torch.empty_like(logits)
-        # global lse / entropy: the op then yields this shard's slice of the full-softmax gradient
-        backward_into(backend, grad_full, shift, grad_logp, grad_entropy, logits, labels, lse, ent,
-                      ignore_index, temperature, vocab_start, vocab_total)
-        return (grad_full,) + (None,) * 10
-
-
-def _row_grads(grad_logp, grad_entropy, lse, ent):
-    shape = lse.shape
-    grad_logp = (lse.new_zeros(shape) if grad_logp is None
-                 else grad_logp.reshape(shape).to(lse.dtype).contiguous())
-    if ent is None:
-        grad_entropy = None
-    elif grad_entropy is not None:
-        grad_entropy = grad_entropy.reshape(shape).to(lse.dtype).contiguous()
-    return grad_logp, grad_entropy
+def _shard_setup(labels, process_group, vocab_local, ignore_index, validate, device,
+                 with_entropy):
+    """Shard range, the cross-rank label check, and the :class:`Shards` of this call."""
+    _, world = _world(process_group)
+    vocab_total = vocab_local * world
+    vocab_start, _ = shard_range(vocab_total, process_group)
+    if V.checked_mode(validate, device):
+        # the collective first: a rank must not raise alone and leave the others waiting
+        check_same_labels(labels, process_group)
+    return vocab_start, vocab_total, Shards(process_group, ignore_index, vocab_start, with_entropy)
 
 
 def vocab_parallel_token_logps(logits, labels, process_group, *, ignore_index=-100, temperature=1.0,
@@ -188,81 +170,16 @@ def vocab_parallel_token_logps(logits, labels, process_group, *, ignore_index=-1
     log-probs (and entropy), identical on every rank. Backward assumes the loss, hence the incoming
     gradient, is the same on every rank of the group (see the module docstring).
     """
+    from .logps import _token_logps
+
     V.check_logits_labels(logits, labels, shift=shift)
-    V.check_temperature(temperature)
-    _, world = _world(process_group)
-    vocab_local = logits.shape[-1]
-    vocab_total = vocab_local * world
-    vocab_start, _ = shard_range(vocab_total, process_group)
-    if V.checked_mode(validate, logits.device):
-        # the collective first: a rank must not raise alone and leave the others waiting
-        check_same_labels(labels, process_group)
-        V.check_label_values(labels, ignore_index, vocab_total)
-    be = backends.resolve(backend, logits.device, logits.dtype)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        logp, ent = VocabParallelTokenLogps.apply(
-            logits, labels, process_group, be, ignore_index, temperature, shift, return_entropy,
-            inplace_backward, vocab_start, vocab_total)
-    else:  # reference pass: no graph, nothing saved
-        x3, l3 = rows_view(logits, labels, shift)
-        logp_r, lse_r, ent_r = forward_rows(be, x3, l3, ignore_index, temperature, vocab_start,
-                                            vocab_total, return_entropy)
-        logp, _, ent = combine_shards(logp_r, lse_r, ent_r, l3, ignore_index=ignore_index,
-                                      vocab_start=vocab_start, vocab_local=vocab_local,
-                                      group=process_group, with_entropy=return_entropy)
-    if logits.dim() == 2:
-        logp = logp.squeeze(0)
-        ent = ent.squeeze(0) if return_entropy else ent
-    return (logp, ent) if return_entropy else logp
-
-
-# ----------------------------------------------------------------------------- fused LM head
-
-
-class VocabParallelLinearLogps(torch.autograd.Function):
-    """Outputs ``(logp, entropy)`` over ``(N,)`` rows (``flat_rows`` layout: the caller reshapes)."""
-
-    @staticmethod
-    def forward(ctx, h2, weight, bias, lab, group, backend, ignore_index, temperature,
-                logit_scale, softcap, vocab_start, vocab_total, with_entropy, deterministic):
-        logp_r, lse_r, ent_r = linear_forward_rows(
-            backend, h2, weight, bias, lab, ignore_index, temperature, logit_scale, softcap,
-            vocab_start, vocab_total, with_entropy)
-        logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, lab, ignore_index=ignore_index,
-                                        vocab_start=vocab_start, vocab_local=weight.shape[0],
-                                        group=group, with_entropy=with_entropy)
-        if ent is None:
-            ent = ent_r
-        ctx.save_for_backward(h2, weight, bias, lab, lse, ent if with_entropy else None)
-        ctx.opts = (group, backend, ignore_index, temperature, logit_scale, softcap, vocab_start,
-                    vocab_total, deterministic)
-        ctx.set_materialize_grads(False)
-        if not with_entropy:
-            ctx.mark_non_differentiable(ent)
-        return logp, ent
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, grad_entropy):
-        h2, weight, bias, lab, lse, ent = ctx.saved_tensors
-        (group, backend, ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total,
-         deterministic) = ctx.opts
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = bool(need_b and bias is not None)
-        if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
-            return (None,) * 14
-        grad_logp, grad_entropy = _row_grads(grad_logp, grad_entropy, lse, ent)
-        # global lse / entropy: this shard's tiles of the full-softmax gradient
-        d_h, d_w, d_b = ops.get_op(backend, "linear_logps_bwd")(
-            grad_logp, grad_entropy, h2, weight, bias, lab, lse, ent, ignore_index,
-            float(temperature), float(logit_scale), float(softcap), vocab_start, vocab_total,
-            need_h, need_w, need_b, deterministic)
-        if need_h:
-            # d hidden = sum over the whole vocabulary of dz_v * w_v: each shard holds a part.
-            # d weight / d bias belong to this shard's rows only and stay local.
-            dist.all_reduce(d_h, op=dist.ReduceOp.SUM, group=group)
-        return ((d_h if need_h else None), (d_w if need_w else None),
-                (d_b if need_b else None)) + (None,) * 11
+    vocab_start, vocab_total, shards = _shard_setup(
+        labels, process_group, logits.shape[-1], ignore_index, validate, logits.device,
+        return_entropy)
+    return _token_logps(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                        shift=shift, return_entropy=return_entropy,
+                        inplace_backward=inplace_backward, backend=backend, validate=validate,
+                        vocab_start=vocab_start, vocab_total=vocab_total, shards=shards)
 
 
 def vocab_parallel_linear_token_logps(hidden, weight_shard, labels, process_group, *, bias=None,
@@ -278,39 +195,14 @@ def vocab_parallel_linear_token_logps(hidden, weight_shard, labels, process_grou
     the group (one all-reduce) and keeps ``d weight`` / ``d bias`` local; like the logits path it
     assumes the incoming gradient is the same on every rank.
     """
-    from .linear import _check, ensure_impls
+    from .linear import _check, _linear_token_logps
 
     _check(hidden, weight_shard, labels, bias, shift, temperature, logit_scale, softcap)
-    _, world = _world(process_group)
-    vocab_local = weight_shard.shape[0]
-    vocab_total = vocab_local * world
-    vocab_start, _ = shard_range(vocab_total, process_group)
-    if V.checked_mode(validate, hidden.device):
-        # the collective first: a rank must not raise alone and leave the others waiting
-        check_same_labels(labels, process_group)
-        V.check_label_values(labels, ignore_index, vocab_total)
-    dev = hidden.device
-    if torch.is_autocast_enabled(dev.type):  # like F.linear, as the single-device path does
-        hidden = hidden.to(torch.get_autocast_dtype(dev.type))
-    be = backends.resolve(backend, dev, hidden.dtype)
-    ensure_impls(be)
-    softcap = float(softcap) if softcap else 0.0
-    h2, lab = flat_rows(hidden, labels, shift, ignore_index)
-    if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (hidden, weight_shard, bias)):
-        logp, ent = VocabParallelLinearLogps.apply(
-            h2, weight_shard, bias, lab, process_group, be, ignore_index, temperature,
-            logit_scale, softcap, vocab_start, vocab_total, return_entropy, deterministic)
-    else:  # reference pass: no graph, nothing saved
-        logp_r, lse_r, ent_r = linear_forward_rows(
-            be, h2, weight_shard, bias, lab, ignore_index, temperature, logit_scale, softcap,
-            vocab_start, vocab_total, return_entropy)
-        logp, _, ent = combine_shards(logp_r, lse_r, ent_r, lab, ignore_index=ignore_index,
-                                      vocab_start=vocab_start, vocab_local=vocab_local,
-                                      group=process_group, with_entropy=return_entropy)
-    logp = logp.view(labels.shape)
-    ent = ent.view(labels.shape) if return_entropy else ent
-    if shift:  # the last position predicts nothing
-        logp = logp[..., :-1]
-        ent = ent[..., :-1] if return_entropy else ent
-    return (logp, ent) if return_entropy else logp
+    vocab_start, vocab_total, shards = _shard_setup(
+        labels, process_group, weight_shard.shape[0], ignore_index, validate, hidden.device,
+        return_entropy)
+    return _linear_token_logps(hidden, weight_shard, labels, bias=bias, ignore_index=ignore_index,
+                               temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                               shift=shift, return_entropy=return_entropy, backend=backend,
+                               validate=validate, deterministic=deterministic,
+                               vocab_start=vocab_start, vocab_total=vocab_total, shards=shards)

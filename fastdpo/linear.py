@@ -66,7 +66,7 @@ def _check(hidden, weight, labels, bias, shift, temperature, logit_scale, softca
 def _linear_token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0,
                         logit_scale=1.0, softcap=None, shift=False, return_entropy=False,
                         backend="auto", validate=None, deterministic=False, vocab_start=0,
-                        vocab_total=None):
+                        vocab_total=None, shards=None):
     """:func:`linear_token_logps` on one vocabulary shard (``weight`` holds rows
     ``[vocab_start, vocab_start + V)`` of ``vocab_total``); the output follows the row contract of
     :mod:`fastdpo.ops` for shards (a label elsewhere counts a logit of 0)."""
@@ -85,11 +85,15 @@ def _linear_token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100,
     if needs_grad:
         logp, ent = LinearTokenLogps.apply(hidden, weight, bias, labels, be, ignore_index,
                                            temperature, logit_scale, softcap, shift,
-                                           return_entropy, deterministic, vocab_start, vocab_total)
+                                           return_entropy, deterministic, vocab_start, vocab_total,
+                                           shards)
     else:  # reference pass: no graph, nothing saved
         h2, lab = flat_rows(hidden, labels, shift, ignore_index)
-        logp, _, ent = forward_rows(be, h2, weight, bias, lab, ignore_index, temperature,
-                                    logit_scale, softcap, vocab_start, vocab_total, return_entropy)
+        logp, lse, ent = forward_rows(be, h2, weight, bias, lab, ignore_index, temperature,
+                                      logit_scale, softcap, vocab_start, vocab_total,
+                                      return_entropy)
+        if shards is not None:
+            logp, _, ent = shards.combine(logp, lse, ent, lab, weight.shape[0])
         logp = logp.view(labels.shape)
         ent = ent.view(labels.shape) if return_entropy else ent
     if shift:  # the last position predicts nothing

@@ -10,7 +10,10 @@ from .autograd.logps import TokenLogps, forward_rows, rows_view
 
 
 def _token_logps(logits, labels, *, ignore_index, temperature, shift, return_entropy,
-                 inplace_backward, backend, validate, vocab_start=0, vocab_total=None):
+                 inplace_backward, backend, validate, vocab_start=0, vocab_total=None,
+                 shards=None):
+    """:func:`token_logps` on one vocabulary shard ``[vocab_start, vocab_start + V)`` of
+    ``vocab_total``; ``shards`` (vocabulary-parallel) combines the shards' row statistics."""
     V.check_logits_labels(logits, labels, shift=shift)
     V.check_temperature(temperature)
     vocab_total = logits.shape[-1] if vocab_total is None else vocab_total
@@ -19,11 +22,14 @@ def _token_logps(logits, labels, *, ignore_index, temperature, shift, return_ent
     be = backends.resolve(backend, logits.device, logits.dtype)
     if torch.is_grad_enabled() and logits.requires_grad:
         logp, ent = TokenLogps.apply(logits, labels, be, ignore_index, temperature, shift,
-                                     return_entropy, inplace_backward, vocab_start, vocab_total)
+                                     return_entropy, inplace_backward, vocab_start, vocab_total,
+                                     shards)
     else:  # reference pass: no graph, nothing saved
         x3, l3 = rows_view(logits, labels, shift)
-        logp, _, ent = forward_rows(be, x3, l3, ignore_index, temperature, vocab_start,
-                                    vocab_total, return_entropy)
+        logp, lse, ent = forward_rows(be, x3, l3, ignore_index, temperature, vocab_start,
+                                      vocab_total, return_entropy)
+        if shards is not None:
+            logp, _, ent = shards.combine(logp, lse, ent, l3, x3.shape[-1])
     if logits.dim() == 2:  # (N, V) input: drop the batch dimension rows_view added
         logp = logp.squeeze(0)
         ent = ent.squeeze(0) if return_entropy else ent

@@ -40,13 +40,29 @@ def backward_into(backend, grad_full, shift, grad_logp, grad_entropy, logits, la
     return grad_full
 
 
+def row_grads(grad_logp, grad_entropy, lse, ent):
+    """Incoming per-row gradients in the ops' layout (``None`` for a missing entropy gradient)."""
+    shape = lse.shape
+    grad_logp = (lse.new_zeros(shape) if grad_logp is None
+                 else grad_logp.reshape(shape).to(lse.dtype).contiguous())
+    if ent is None or grad_entropy is None:
+        return grad_logp, None
+    return grad_logp, grad_entropy.reshape(shape).to(lse.dtype).contiguous()
+
+
 class TokenLogps(torch.autograd.Function):
+    """``shards`` (see :class:`fastdpo.distributed.Shards`) combines per-shard row statistics into
+    global ones for vocabulary-parallel logits; backward then needs no collective, because the op
+    given the global lse / entropy yields this shard's slice of the full-softmax gradient."""
+
     @staticmethod
     def forward(ctx, logits, labels, backend, ignore_index, temperature, shift, with_entropy,
-                inplace_backward, vocab_start, vocab_total):
+                inplace_backward, vocab_start, vocab_total, shards=None):
         x3, l3 = rows_view(logits, labels, shift)
         logp, lse, ent = forward_rows(backend, x3, l3, ignore_index, temperature, vocab_start,
                                       vocab_total, with_entropy)
+        if shards is not None:
+            logp, lse, ent = shards.combine(logp, lse, ent, l3, x3.shape[-1])
         ctx.save_for_backward(logits, labels, lse, ent if with_entropy else None)
         ctx.opts = (backend, ignore_index, temperature, shift, inplace_backward, vocab_start,
                     vocab_total)
@@ -61,15 +77,9 @@ class TokenLogps(torch.autograd.Function):
         logits, labels, lse, ent = ctx.saved_tensors
         backend, ignore_index, temperature, shift, inplace, vocab_start, vocab_total = ctx.opts
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 10
-        shape = lse.shape
-        grad_logp = (lse.new_zeros(shape) if grad_logp is None
-                     else grad_logp.reshape(shape).to(lse.dtype).contiguous())
-        if ent is None:
-            grad_entropy = None
-        elif grad_entropy is not None:
-            grad_entropy = grad_entropy.reshape(shape).to(lse.dtype).contiguous()
+            return (None,) * 11
+        grad_logp, grad_entropy = row_grads(grad_logp, grad_entropy, lse, ent)
         grad_full = logits if inplace else torch.empty_like(logits)
         backward_into(backend, grad_full, shift, grad_logp, grad_entropy, logits, labels, lse,
                       ent, ignore_index, temperature, vocab_start, vocab_total)
-        return (grad_full,) + (None,) * 9
+        return (grad_full,) + (None,) * 10

@@ -282,7 +282,9 @@ def preset(name: str, device) -> Preset:
                      + _sweep(("linear_dpo_step",), (128256,), (4096,), ("bfloat16",), batch=4,
                               hidden=4096))
             mem = (_sweep(("logps_fwd_bwd",), VOCABS, (8192,), ("bfloat16",))
-                   + _sweep(("logps_fwd_bwd",), (128256,), (2048, 16384), ("bfloat16",)))
+                   + _sweep(("logps_fwd_bwd",), (128256,), (2048, 16384), ("bfloat16",))
+                   + _sweep(("linear_fwd_bwd",), (32000, 128256, 256000), (8192,),
+                            ("bfloat16",), hidden=4096))
             return Preset("quick", (NATIVE_TARGET,) + cases, 3, 20, 5.0, mem)
         cases = (_sweep(("logps_fwd_bwd", "logps_ref"), VOCABS, (256,), ("float32",))
                  + _sweep(("logps_fwd",), (128256,), (256,), ("float32",))
@@ -290,8 +292,11 @@ def preset(name: str, device) -> Preset:
                  + _sweep(("linear_fwd_bwd",), (32000,), (256,), ("float32",), hidden=256)
                  + _sweep(("linear_dpo_step",), (32000,), (256,), ("float32",), batch=2,
                           hidden=256))
+        # the fused LM head at 32k / 128k / 256k against materialising the logits (issue 5)
         mem = (_sweep(("logps_fwd_bwd",), VOCABS, (256,), ("float32",))
-               + _sweep(("logps_fwd_bwd",), (128256,), (512,), ("float32",)))
+               + _sweep(("logps_fwd_bwd",), (128256,), (512,), ("float32",))
+               + _sweep(("linear_fwd_bwd",), (32000, 128256, 256000), (1024,), ("float32",),
+                        hidden=256))
         return Preset("quick", (NATIVE_TARGET,) + cases, 1, 3, 2.0, mem,
                       compile_vocabs=(128256,),
                       memory_peer_vocabs=(128256,),
@@ -307,7 +312,8 @@ def preset(name: str, device) -> Preset:
                  + _sweep(("linear_dpo_step",), VOCABS, toks[:1], dts[:1], batch=4, hidden=H))
         mem = (_sweep(("logps_fwd_bwd", "logps_fwd", "logps_ref"), VOCABS, toks[:1], dts)
                + _sweep(("logps_fwd_bwd",), (128256,), (toks[0] // 2,) + toks, dts[:1])
-               + _sweep(("dpo_step",), VOCABS, toks[:1], dts[:1], batch=4))
+               + _sweep(("dpo_step",), VOCABS, toks[:1], dts[:1], batch=4)
+               + _sweep(("linear_fwd_bwd",), VOCABS, toks[:1], dts[:1], hidden=H))
         return Preset("full", (NATIVE_TARGET,) + cases, 2 if not cuda else 5,
                       10 if not cuda else 50, 20.0, mem)
     raise ValueError(f"unknown preset {name!r}")
