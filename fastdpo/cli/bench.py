@@ -9,15 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def add_preset_arguments(parser) -> None:
+def add_preset_arguments(parser, *, quick_help="a few minutes on 2 CPU cores (default)",
+                         full_help="every vocabulary, more token counts and dtypes",
+                         outputs="JSON/CSV/PNG") -> None:
+    """``--quick`` / ``--full`` and ``--out``, shared by ``bench``, ``memory`` and ``inspect``."""
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                   help="a few minutes on 2 CPU cores (default)")
-    g.add_argument("--full", dest="preset", action="store_const", const="full",
-                   help="every vocabulary, more token counts and dtypes")
+    g.add_argument("--quick", dest="preset", action="store_const", const="quick", help=quick_help)
+    g.add_argument("--full", dest="preset", action="store_const", const="full", help=full_help)
     parser.set_defaults(preset="quick")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                        help="directory for JSON/CSV/PNG (default: benchmarks/results)")
+                        help=f"directory for {outputs} (default: benchmarks/results)")
+
+
+def add_measure_arguments(parser) -> None:
+    """Device, implementations and the memory budget question of ``bench`` and ``memory``."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--impl", default=None,
@@ -30,6 +35,7 @@ def add_preset_arguments(parser) -> None:
 
 def add_arguments(parser) -> None:
     add_preset_arguments(parser)
+    add_measure_arguments(parser)
     parser.add_argument("--workload", default=None,
                         help="comma list of workloads to time (default: all in the preset)")
     parser.add_argument("--no-memory", action="store_true",

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .bench import add_preset_arguments
+
 
 def add_arguments(parser) -> None:
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                   help="two vocabularies, fp32/bf16 (default)")
-    g.add_argument("--full", dest="preset", action="store_const", const="full",
-                   help="every vocabulary and fp16 too")
-    parser.set_defaults(preset="quick")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                        help="directory for JSON/CSV (default: benchmarks/results)")
+    add_preset_arguments(parser, quick_help="two vocabularies, fp32/bf16 (default)",
+                         full_help="every vocabulary and fp16 too", outputs="JSON/CSV")
     parser.add_argument("--arch", default="80,90", help="compute capabilities (default: 80,90)")
     parser.add_argument("--no-cuda-sources", action="store_true",
                         help="skip nvcc builds of csrc/cuda/*.cu")
