@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 
 import torch
 
@@ -13,16 +12,9 @@ def add_arguments(parser) -> None:
 
 
 def collect() -> dict:
-    import fastdpo
     from fastdpo import backends
+    from fastdpo.bench import machine
 
-    versions = {"fastdpo": fastdpo.__version__, "torch": torch.__version__,
-                "python": platform.python_version()}
-    for mod in ("triton", "transformers", "trl", "liger_kernel", "cut_cross_entropy"):
-        try:
-            versions[mod] = getattr(__import__(mod), "__version__", "installed")
-        except Exception:  # noqa: BLE001 - absent or broken peers are just reported
-            versions[mod] = None
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))
@@ -33,8 +25,8 @@ def collect() -> dict:
             table[f"{name}@{dev.type}"] = "available" if not why else f"unavailable: {why}"
         table[f"auto@{dev.type}"] = backends.resolve("auto", dev, torch.float32)
     return {
-        "versions": versions,
-        "cpu": platform.processor() or platform.machine(),
+        "versions": machine.versions(),
+        "cpu": machine.cpu_model(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "backends": table,
