@@ -13,9 +13,22 @@ Environment switches:
     MAX_JOBS               parallel compile jobs (ninja)
 """
 
+import importlib.util
 import os
 
 from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_flags():
+    """fastdpo/native/build_flags.py, by path: the package is not importable while it is built."""
+    path = os.path.join(ROOT, "fastdpo", "native", "build_flags.py")
+    spec = importlib.util.spec_from_file_location("_fastdpo_build_flags", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 CPU_SOURCES = [
     "csrc/registration.cpp",
@@ -32,16 +45,6 @@ CUDA_SOURCES = [
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0")
-
-
-def _cuda_arch_flags() -> list:
-    archs = os.environ.get("FASTDPO_CUDA_ARCHS", "80;90").split(";")
-    archs = [a.strip() for a in archs if a.strip()]
-    flags = []
-    for a in archs:
-        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
-    return flags
 
 
 def _want_cuda(torch, cuda_home) -> bool:
@@ -70,12 +73,13 @@ def native_build():
             "cannot import. Install torch first, then `pip install --no-build-isolation -e .` "
             "(or set FASTDPO_NO_NATIVE=1 to install without the native backend).") from exc
 
-    root = os.path.dirname(os.path.abspath(__file__))
-    include_dirs = [os.path.join(root, "csrc", "include"), os.path.join(root, "csrc")]
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     kwargs = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp"])
     if _want_cuda(torch, CUDA_HOME):
-        nvcc = ["-O3", "-lineinfo", "-DFASTDPO_WITH_CUDA"] + _cuda_arch_flags()
+        # The one definition of the nvcc flags (also used by csrc/cuda/check_nvcc.sh and
+        # `fastdpo inspect`); it names the architectures, so BuildExtension adds none of its own.
+        nvcc = _build_flags().nvcc_flags()
         ext = CUDAExtension(
             "fastdpo.native._C", CPU_SOURCES + CUDA_SOURCES,
             extra_compile_args={"cxx": cxx + ["-DFASTDPO_WITH_CUDA"], "nvcc": nvcc}, **kwargs)

@@ -22,16 +22,28 @@
 namespace fastdpo {
 namespace {
 
+// The kernels accumulate in fp32 and keep no fp64 path: fp64 logits go to the torch backend.
 DType dtype_of(const at::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kHalf: return DType::kFloat16;
-    case at::kDouble: return DType::kFloat64;
     default:
-      TORCH_CHECK(false, op, ": logits must be float32, bfloat16, float16 or float64, got ",
-                  t.scalar_type());
+      TORCH_CHECK(false, op, ": the native backend takes fp32/bf16/fp16 logits, got ",
+                  t.scalar_type(), t.scalar_type() == at::kDouble
+                                       ? " (use the torch backend for float64)" : "");
   }
+}
+
+// c = 1 / temperature as the kernels use it: finite and positive in fp32, or refused.
+float inv_temperature(double temperature, const char* op) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
+              ": temperature must be a finite positive number, got ", temperature);
+  const float c = static_cast<float>(1.0 / temperature);
+  TORCH_CHECK(std::isfinite(c) && c > 0.0f, op, ": temperature ", temperature,
+              " is outside the range fp32 kernels can scale by (1 / temperature must be a finite "
+              "positive fp32 number)");
+  return c;
 }
 
 void check_rows_tensor(const at::Tensor& t, const char* op, const char* name,
@@ -53,8 +65,7 @@ void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, dou
   TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
               ": labels must be int64 or int32, got ", labels.scalar_type());
   check_rows_tensor(labels, op, "labels", logits);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
-              ": temperature must be a finite positive number, got ", temperature);
+  inv_temperature(temperature, op);
   TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", vocab_start);
   TORCH_CHECK(vocab_total >= 0, op, ": vocab_total must be >= 0, got ", vocab_total);
 }
@@ -166,30 +177,33 @@ LogpsFwdParams prepare_fwd(const at::Tensor& logits, const at::Tensor& labels,
   p.rows = rows_of(logits);
   const auto opts = logits.options().dtype(at::kFloat);
   out.logp = at::empty({p.rows.B, p.rows.T}, opts);
-  out.lse = at::empty({p.rows.B, p.rows.T}, opts);
+  out.row_max = at::empty({p.rows.B, p.rows.T}, opts);
+  out.log_sum = at::empty({p.rows.B, p.rows.T}, opts);
   out.entropy = with_entropy ? at::empty({p.rows.B, p.rows.T}, opts) : at::empty({0}, opts);
   p.logits = logits.data_ptr();
   p.labels = labels_of(labels);
   p.rule = LabelRule{ignore_index, vocab_start, vocab_total};
-  p.inv_temp = 1.0 / temperature;
+  p.inv_temp = inv_temperature(temperature, op);
   p.logp = out.logp.data_ptr<float>();
-  p.lse = out.lse.data_ptr<float>();
+  p.row_max = out.row_max.data_ptr<float>();
+  p.log_sum = out.log_sum.data_ptr<float>();
   p.entropy = with_entropy ? out.entropy.data_ptr<float>() : nullptr;
   return p;
 }
 
 LogpsBwdParams prepare_bwd(const at::Tensor& grad_logp,
                            const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
-                           const at::Tensor& labels, const at::Tensor& lse,
-                           const std::optional<at::Tensor>& entropy, int64_t ignore_index,
-                           double temperature, int64_t vocab_start, int64_t vocab_total,
-                           const at::Tensor& grad_logits) {
+                           const at::Tensor& labels, const at::Tensor& row_max,
+                           const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                           int64_t ignore_index, double temperature, int64_t vocab_start,
+                           int64_t vocab_total, const at::Tensor& grad_logits) {
   const char* op = "native_logps_bwd";
   check_logits_labels(logits, labels, temperature, vocab_start, vocab_total, op);
   LogpsBwdParams p;
   p.dtype = dtype_of(logits, op);
   check_f32_rows(grad_logp, op, "grad_logp", logits);
-  check_f32_rows(lse, op, "lse", logits);
+  check_f32_rows(row_max, op, "row_max", logits);
+  check_f32_rows(log_sum, op, "log_sum", logits);
   const bool with_entropy = grad_entropy.has_value() && grad_entropy->defined();
   if (with_entropy) {
     check_f32_rows(*grad_entropy, op, "grad_entropy", logits);
@@ -218,9 +232,10 @@ LogpsBwdParams prepare_bwd(const at::Tensor& grad_logp,
   p.grad_stride_t = grad_logits.stride(1);
   p.labels = labels_of(labels);
   p.rule = LabelRule{ignore_index, vocab_start, vocab_total};
-  p.inv_temp = 1.0 / temperature;
+  p.inv_temp = inv_temperature(temperature, op);
   p.grad_logp = scalars_of(grad_logp);
-  p.lse = scalars_of(lse);
+  p.row_max = scalars_of(row_max);
+  p.log_sum = scalars_of(log_sum);
   if (with_entropy) {
     p.grad_entropy = scalars_of(*grad_entropy);
     p.entropy = scalars_of(*entropy);
@@ -228,9 +243,9 @@ LogpsBwdParams prepare_bwd(const at::Tensor& grad_logp,
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logps_fwd_cpu(
-    const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, double temperature,
-    int64_t vocab_start, int64_t vocab_total, bool with_entropy) {
+FwdResult logps_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+                        double temperature, int64_t vocab_start, int64_t vocab_total,
+                        bool with_entropy) {
   FwdOutputs out;
   const LogpsFwdParams p = prepare_fwd(logits, labels, ignore_index, temperature, vocab_start,
                                        vocab_total, with_entropy, out);
@@ -240,17 +255,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logps_fwd_cpu(
     if (avx2) cpu::logps_fwd_rows_avx2(p, r0, r1);
     else cpu::logps_fwd_rows_generic(p, r0, r1);
   });
-  return {out.logp, out.lse, out.entropy};
+  return {out.logp, out.row_max, out.log_sum, out.entropy};
 }
 
 void logps_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                   const std::optional<at::Tensor>& entropy, int64_t ignore_index,
-                   double temperature, int64_t vocab_start, int64_t vocab_total,
-                   const at::Tensor& grad_logits) {
+                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
+                   const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                   int64_t ignore_index, double temperature, int64_t vocab_start,
+                   int64_t vocab_total, const at::Tensor& grad_logits) {
   const LogpsBwdParams p =
-      prepare_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index,
-                  temperature, vocab_start, vocab_total, grad_logits);
+      prepare_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
+                  ignore_index, temperature, vocab_start, vocab_total, grad_logits);
   const int64_t rows = p.rows.B * p.rows.T;
   if (grad_logits.data_ptr() != logits.data_ptr()) advise_huge_pages(grad_logits);
   const bool avx2 = use_avx2();

@@ -13,8 +13,10 @@
 namespace fastdpo {
 
 struct FwdOutputs {
-  at::Tensor logp, lse, entropy;
+  at::Tensor logp, row_max, log_sum, entropy;
 };
+
+using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Checks the forward's arguments, allocates its outputs on the logits' device, fills the params.
 LogpsFwdParams prepare_fwd(const at::Tensor& logits, const at::Tensor& labels,
@@ -23,31 +25,31 @@ LogpsFwdParams prepare_fwd(const at::Tensor& logits, const at::Tensor& labels,
 
 LogpsBwdParams prepare_bwd(const at::Tensor& grad_logp,
                            const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
-                           const at::Tensor& labels, const at::Tensor& lse,
-                           const std::optional<at::Tensor>& entropy, int64_t ignore_index,
-                           double temperature, int64_t vocab_start, int64_t vocab_total,
-                           const at::Tensor& grad_logits);
+                           const at::Tensor& labels, const at::Tensor& row_max,
+                           const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                           int64_t ignore_index, double temperature, int64_t vocab_start,
+                           int64_t vocab_total, const at::Tensor& grad_logits);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logps_fwd_cpu(
-    const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, double temperature,
-    int64_t vocab_start, int64_t vocab_total, bool with_entropy);
+FwdResult logps_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+                        double temperature, int64_t vocab_start, int64_t vocab_total,
+                        bool with_entropy);
 
 void logps_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                   const std::optional<at::Tensor>& entropy, int64_t ignore_index,
-                   double temperature, int64_t vocab_start, int64_t vocab_total,
-                   const at::Tensor& grad_logits);
+                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
+                   const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                   int64_t ignore_index, double temperature, int64_t vocab_start,
+                   int64_t vocab_total, const at::Tensor& grad_logits);
 
 #ifdef FASTDPO_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logps_fwd_cuda(
-    const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, double temperature,
-    int64_t vocab_start, int64_t vocab_total, bool with_entropy);
+FwdResult logps_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+                          double temperature, int64_t vocab_start, int64_t vocab_total,
+                          bool with_entropy);
 
 void logps_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                    const std::optional<at::Tensor>& entropy, int64_t ignore_index,
-                    double temperature, int64_t vocab_start, int64_t vocab_total,
-                    const at::Tensor& grad_logits);
+                    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
+                    const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                    int64_t ignore_index, double temperature, int64_t vocab_start,
+                    int64_t vocab_total, const at::Tensor& grad_logits);
 #endif
 
 // Which CPU kernels run: "avx2" (when the CPU has it) or "generic"; tests pin each in turn.

@@ -40,16 +40,17 @@ State3 to_tuple(const fastdpo::SoftmaxState<A>& s) {
   return {static_cast<double>(s.m), static_cast<double>(s.s), static_cast<double>(s.t)};
 }
 
-// The state of `values` fed one element at a time (block <= 1, `update`) or, as the CPU kernels
-// do, in blocks: rescale to the block's max, then accumulate each element.
+// The state of `values` (raw logits, scale c) fed one element at a time (block <= 1, `update`)
+// or, as the CPU kernels do, in blocks: rescale to the block's max, then accumulate each element.
 template <class A>
-State3 state_of(const std::vector<double>& values, int64_t block, bool entropy) {
+State3 state_of(const std::vector<double>& values, int64_t block, bool entropy, double c_in) {
   auto st = fastdpo::state_init<A>();
+  const A c = static_cast<A>(c_in);
   const int64_t n = static_cast<int64_t>(values.size());
   if (block <= 1) {
     for (double v : values) {
-      if (entropy) fastdpo::update<true>(st, static_cast<A>(v));
-      else fastdpo::update<false>(st, static_cast<A>(v));
+      if (entropy) fastdpo::update<true>(st, static_cast<A>(v), c);
+      else fastdpo::update<false>(st, static_cast<A>(v), c);
     }
     return to_tuple(st);
   }
@@ -58,37 +59,40 @@ State3 state_of(const std::vector<double>& values, int64_t block, bool entropy) 
     A m = A(-INFINITY);
     for (int64_t i = b; i < e; ++i) m = fastdpo::Math<A>::max(static_cast<A>(values[i]), m);
     m = fastdpo::Math<A>::max(m, st.m);
-    if (entropy) fastdpo::rescale<true>(st, m);
-    else fastdpo::rescale<false>(st, m);
+    if (entropy) fastdpo::rescale<true>(st, m, c);
+    else fastdpo::rescale<false>(st, m, c);
     const A ref = fastdpo::ref_point(st.m);
     for (int64_t i = b; i < e; ++i) {
-      if (entropy) fastdpo::accumulate<true>(st.s, st.t, static_cast<A>(values[i]) - ref);
-      else fastdpo::accumulate<false>(st.s, st.t, static_cast<A>(values[i]) - ref);
+      const A d = fastdpo::scaled_diff(static_cast<A>(values[i]), ref, c, A(0));
+      if (entropy) fastdpo::accumulate<true>(st.s, st.t, d);
+      else fastdpo::accumulate<false>(st.s, st.t, d);
     }
   }
   return to_tuple(st);
 }
 
 template <class A>
-State3 merge_of(const State3& a, const State3& b, bool entropy) {
-  return entropy ? to_tuple(fastdpo::merge<true>(from_tuple<A>(a), from_tuple<A>(b)))
-                 : to_tuple(fastdpo::merge<false>(from_tuple<A>(a), from_tuple<A>(b)));
+State3 merge_of(const State3& a, const State3& b, bool entropy, double c) {
+  const auto sa = from_tuple<A>(a), sb = from_tuple<A>(b);
+  return entropy ? to_tuple(fastdpo::merge<true>(sa, sb, static_cast<A>(c)))
+                 : to_tuple(fastdpo::merge<false>(sa, sb, static_cast<A>(c)));
+}
+
+// (row_max, log_sum, entropy)
+template <class A>
+State3 finalize_of(const State3& s) {
+  const auto r = fastdpo::finalize(from_tuple<A>(s));
+  return {static_cast<double>(r.row_max), static_cast<double>(r.log_sum),
+          static_cast<double>(r.entropy)};
 }
 
 template <class A>
-std::tuple<double, double> finalize_of(const State3& s) {
-  A lse, ent;
-  fastdpo::finalize(from_tuple<A>(s), lse, ent);
-  return {static_cast<double>(lse), static_cast<double>(ent)};
-}
-
-template <class A>
-double grad_of(double x, double inv_temp, double g, double g_ent, double lse, double ent,
-               bool is_label) {
-  const auto c = fastdpo::grad_coeffs<A>(A(g), A(g_ent), A(lse), A(ent), A(inv_temp));
-  A v = g_ent != 0.0 ? fastdpo::grad_element<true>(A(x), A(inv_temp), c)
-                     : fastdpo::grad_element<false>(A(x), A(inv_temp), c);
-  if (is_label) v = v + fastdpo::label_grad(A(g), A(inv_temp));
+double grad_of(double x, double c, double g, double g_ent, double row_max, double log_sum,
+               double ent, bool is_label) {
+  const auto k = fastdpo::grad_coeffs<A>(A(g), A(g_ent), A(row_max), A(log_sum), A(ent), A(c));
+  A v = g_ent != 0.0 ? fastdpo::grad_element<true>(A(x), A(c), k)
+                     : fastdpo::grad_element<false>(A(x), A(c), k);
+  if (is_label) v = v + fastdpo::label_grad(A(g), A(c));
   return static_cast<double>(v);
 }
 
@@ -127,7 +131,8 @@ std::vector<float> round_trip(const std::vector<float>& x, const std::string& dt
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastdpo native kernels: importing registers native_logps_fwd/bwd (CPU, CUDA if built)";
+  m.doc() =
+      "fastdpo native kernels: importing registers native_logps_fwd/bwd (CPU, CUDA if built)";
   m.def("has_cuda", [] {
 #ifdef FASTDPO_WITH_CUDA
     return true;
@@ -140,25 +145,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_kernel", &fastdpo::set_cpu_kernel, py::arg("name"),
         "'generic' pins the scalar kernels (tests), 'auto' picks by CPU features.");
 
-  // Header math (csrc/include/fastdpo), for tests against float64.
+  // Header math (csrc/include/fastdpo), for tests against float64 ("float64" instantiates the same
+  // templates in double; no kernel runs in fp64).
   m.def("state_of", [](const std::vector<double>& values, int64_t block, bool entropy,
-                       const std::string& dtype) {
-    return is_f64(dtype) ? state_of<double>(values, block, entropy)
-                         : state_of<float>(values, block, entropy);
+                       const std::string& dtype, double inv_temp) {
+    return is_f64(dtype) ? state_of<double>(values, block, entropy, inv_temp)
+                         : state_of<float>(values, block, entropy, inv_temp);
   }, py::arg("values"), py::arg("block") = 1, py::arg("entropy") = true,
-        py::arg("dtype") = "float32");
-  m.def("merge", [](const State3& a, const State3& b, bool entropy, const std::string& dtype) {
-    return is_f64(dtype) ? merge_of<double>(a, b, entropy) : merge_of<float>(a, b, entropy);
-  }, py::arg("a"), py::arg("b"), py::arg("entropy") = true, py::arg("dtype") = "float32");
+        py::arg("dtype") = "float32", py::arg("inv_temp") = 1.0);
+  m.def("merge", [](const State3& a, const State3& b, bool entropy, const std::string& dtype,
+                    double inv_temp) {
+    return is_f64(dtype) ? merge_of<double>(a, b, entropy, inv_temp)
+                         : merge_of<float>(a, b, entropy, inv_temp);
+  }, py::arg("a"), py::arg("b"), py::arg("entropy") = true, py::arg("dtype") = "float32",
+        py::arg("inv_temp") = 1.0);
   m.def("finalize", [](const State3& s, const std::string& dtype) {
     return is_f64(dtype) ? finalize_of<double>(s) : finalize_of<float>(s);
-  }, py::arg("state"), py::arg("dtype") = "float32");
-  m.def("grad_element", [](double x, double inv_temp, double g, double g_ent, double lse,
-                           double ent, bool is_label, const std::string& dtype) {
-    return is_f64(dtype) ? grad_of<double>(x, inv_temp, g, g_ent, lse, ent, is_label)
-                         : grad_of<float>(x, inv_temp, g, g_ent, lse, ent, is_label);
-  }, py::arg("x"), py::arg("inv_temp"), py::arg("g"), py::arg("g_ent"), py::arg("lse"),
-        py::arg("entropy"), py::arg("is_label"), py::arg("dtype") = "float32");
+  }, py::arg("state"), py::arg("dtype") = "float32",
+        "(row_max, log_sum, entropy) of a state (m, s, t).");
+  m.def("grad_element", [](double x, double inv_temp, double g, double g_ent, double row_max,
+                           double log_sum, double ent, bool is_label, const std::string& dtype) {
+    return is_f64(dtype) ? grad_of<double>(x, inv_temp, g, g_ent, row_max, log_sum, ent, is_label)
+                         : grad_of<float>(x, inv_temp, g, g_ent, row_max, log_sum, ent, is_label);
+  }, py::arg("x"), py::arg("inv_temp"), py::arg("g"), py::arg("g_ent"), py::arg("row_max"),
+        py::arg("log_sum"), py::arg("entropy"), py::arg("is_label"), py::arg("dtype") = "float32");
   m.def("exp_avx2", &exp_avx2, py::arg("x"));
   m.def("round_trip", &round_trip, py::arg("x"), py::arg("dtype"), py::arg("kernel"));
 }

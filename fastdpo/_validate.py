@@ -1,28 +1,149 @@
-"""Argument checks shared by the public functions. Messages name the argument at fault.
+"""Argument checks shared by the public functions and the losses. Messages name the argument.
 
-Checks that need the values of a tensor (label range, ``cu_seqlens`` order) read device memory, so
-they run only in checked mode: on by default for CPU tensors, off for CUDA tensors, where they
-would synchronise the host. ``FASTDPO_CHECK=1`` or ``validate=True`` turns them on everywhere.
+Scalar arguments are checked strictly before any dispatch, the same for every backend: a flag
+must be a ``bool`` (``shift=2`` is not a shift by two), a number a real number (``True`` is not a
+temperature), and so on.
+
+Checks that need the values of a tensor (label range, ``cu_seqlens`` order) read device memory,
+so they run only in checked mode: on by default for CPU tensors, off for CUDA tensors, where
+they would synchronise the host. ``FASTDPO_CHECK=1`` or ``validate=True`` turns them on
+everywhere, also inside ``torch.compile`` (where the default is off): there :func:`require`
+puts an assertion into the graph instead of reading the value while tracing.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from numbers import Integral, Real
 
 import torch
 
+from .ops import BACKENDS
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+BACKEND_CHOICES = ("auto",) + BACKENDS
+_FP32_MAX = torch.finfo(torch.float32).max
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+# ------------------------------------------------------------------------- value checks
 
 
 def checked_mode(validate: bool | None, device: torch.device) -> bool:
-    if torch.compiler.is_compiling():  # value checks would break the graph; eager runs check
-        return False
+    """Whether value checks run: ``validate`` when given, else ``FASTDPO_CHECK``, else CPU only
+    (and never by default while torch.compile traces)."""
     if validate is not None:
         return bool(validate)
     if os.environ.get("FASTDPO_CHECK", "") not in ("", "0"):
         return True
+    if torch.compiler.is_compiling():
+        return False
     return device.type == "cpu"
+
+
+def require(cond: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the one-element bool tensor ``cond`` is true.
+
+    While torch.compile traces, the check becomes part of the graph (``torch._assert_async``):
+    the compiled code raises ``RuntimeError(message)`` when it runs (on CUDA, a device-side
+    assert). Call it only in checked mode: eagerly it reads ``cond`` (a sync on CUDA).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(cond, message)
+    elif not bool(cond):
+        raise ValueError(message)
+
+
+# ------------------------------------------------------------------------ scalar checks
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def check_finite(name: str, v) -> float:
+    """``v`` as a float; TypeError unless a real number (not a bool), ValueError unless finite."""
+    if not _is_real(v):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def check_positive_finite(name: str, v) -> float:
+    """``v`` as a float; as :func:`check_finite`, and ValueError unless ``v > 0``."""
+    v = check_finite(name, v)
+    if v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    return v
+
+
+def check_int(name: str, v, *, minimum: int | None = None) -> int:
+    """``v`` as an int; TypeError unless an integer (not a bool), ValueError below ``minimum``
+    or outside int64."""
+    if not isinstance(v, Integral) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+    v = int(v)
+    lo = _INT64[0] if minimum is None else minimum
+    if not lo <= v <= _INT64[1]:
+        raise ValueError(f"{name} must be an integer in [{lo}, {_INT64[1]}], got {v}")
+    return v
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool) or (type(v).__module__ == "numpy"
+                                   and type(v).__name__ in ("bool", "bool_"))
+
+
+def check_bool(name: str, v) -> bool:
+    """``v`` as a bool; TypeError for anything else (an int, a tensor)."""
+    if not _is_bool(v):
+        raise TypeError(f"{name} must be True or False, got {v!r} ({type(v).__name__})")
+    return bool(v)
+
+
+def check_optional_bool(name: str, v) -> bool | None:
+    return None if v is None else check_bool(name, v)
+
+
+def check_choice(name: str, v, choices: tuple) -> str:
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {v!r}")
+    return v
+
+
+def check_temperature(temperature) -> float:
+    """A finite temperature > 0 whose reciprocal is finite in fp32 (the kernels scale by it)."""
+    t = check_positive_finite("temperature", temperature)
+    if 1.0 / t > _FP32_MAX:
+        raise ValueError(f"temperature must be at least {1.0 / _FP32_MAX:.3g} (its reciprocal "
+                         f"must be finite in fp32), got {t}")
+    return t
+
+
+def check_logit_transform(logit_scale, softcap) -> None:
+    """The fused head's ``logit_scale`` (finite, non-zero) and ``softcap`` (None or > 0)."""
+    if check_finite("logit_scale", logit_scale) == 0:
+        raise ValueError("logit_scale must be non-zero")
+    if softcap is not None:
+        check_positive_finite("softcap", softcap)
+
+
+def check_options(*, ignore_index, temperature, backend, validate, **flags) -> float:
+    """The scalar arguments of every public log-prob function; ``flags`` are bool arguments by
+    name. Returns the temperature as a float."""
+    check_int("ignore_index", ignore_index)
+    check_choice("backend", backend, BACKEND_CHOICES)
+    check_optional_bool("validate", validate)
+    for name, v in flags.items():
+        check_bool(name, v)
+    return check_temperature(temperature)
+
+
+# ------------------------------------------------------------------------ tensor checks
 
 
 def check_float(name: str, t) -> None:
@@ -65,17 +186,29 @@ def check_logits_labels(logits, labels, *, shift: bool) -> None:
         raise ValueError("shift=True needs at least one position")
 
 
-def check_temperature(temperature) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+def check_no_overlap(name: str, t) -> None:
+    """``inplace_backward`` writes one gradient per element: elements must not share memory."""
+    extent = 0  # elements spanned by the faster dims; a slower stride must step past them
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= extent:
+            break
+        extent += stride * (size - 1)
+    else:
+        return
+    if t.numel() > 1:
+        raise ValueError(f"inplace_backward=True needs {name} whose elements do not overlap in "
+                         "memory (not an expand()ed or otherwise self-overlapping view); pass "
+                         f"contiguous {name} or inplace_backward=False")
 
 
 def check_label_values(labels, ignore_index: int, vocab_total: int) -> None:
+    """Checked mode: every label is ``ignore_index`` or in ``[0, vocab_total)``."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_total))
-    if bool(bad.any()):
-        first = labels[bad].flatten()[0].item()
-        raise ValueError(f"labels must lie in [0, {vocab_total}) or equal ignore_index="
-                         f"{ignore_index}; found {first}")
+    msg = f"labels must lie in [0, {vocab_total}) or equal ignore_index={ignore_index}"
+    if torch.compiler.is_compiling():
+        require(~bad.any(), msg)
+    elif bool(bad.any()):
+        raise ValueError(f"{msg}; found {labels[bad].flatten()[0].item()}")
 
 
 def check_token_weights(token_weights, labels) -> None:
@@ -86,13 +219,25 @@ def check_token_weights(token_weights, labels) -> None:
                          f"got {tuple(token_weights.shape)}")
 
 
-def check_cu_seqlens(cu_seqlens, total: int, checked: bool) -> None:
+def check_cu_seqlens(cu_seqlens, labels, checked: bool) -> None:
+    """Packed-batch offsets ``[0, ..., total]`` for ``labels`` ``(total,)`` or ``(1, total)``."""
     check_index("cu_seqlens", cu_seqlens)
+    check_same_device(labels=labels, cu_seqlens=cu_seqlens)
+    if labels.dim() == 2 and labels.shape[0] != 1:
+        raise ValueError("cu_seqlens needs a packed batch: logits (1, total, V) or (total, V)")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be 1-D with at least two entries (0, ..., total)")
-    if checked:
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
-            raise ValueError(f"cu_seqlens must start at 0 and end at the total token count {total}, "
-                             f"got {int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}")
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
+    if not checked:
+        return
+    total = labels.shape[-1]
+    ends = f"cu_seqlens must start at 0 and end at the total token count {total}"
+    order = "cu_seqlens must be non-decreasing"
+    if torch.compiler.is_compiling():
+        require((cu_seqlens[0] == 0) & (cu_seqlens[-1] == total), ends)
+        require((cu_seqlens[1:] >= cu_seqlens[:-1]).all(), order)
+        return
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0 or last != total:
+        raise ValueError(f"{ends}, got {first} .. {last}")
+    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(order)

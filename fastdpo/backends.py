@@ -21,14 +21,6 @@ _MODULES = {
     "triton": "fastdpo.triton.register",
     "native": "fastdpo.native.register",
 }
-# dtypes each backend's kernels take (float64 exists for gradcheck and the oracle's twin).
-_DTYPES = {
-    "torch": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-    "triton": (torch.float32, torch.bfloat16, torch.float16),
-    "native": (torch.float32, torch.bfloat16, torch.float16),
-}
-
-
 @dataclass(frozen=True)
 class Status:
     name: str
@@ -80,11 +72,11 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
         why = device_reason(backend, device)
         if why:
             raise RuntimeError(f"backend {backend!r} is not available on {device}: {why}")
-        if dtype not in _DTYPES[backend]:
+        if dtype not in ops.DTYPES[backend]:
             raise TypeError(f"backend {backend!r} does not take logits of dtype {dtype}")
         return backend
     order = ("triton", "native", "torch") if device.type == "cuda" else ("native", "torch")
     for name in order:
-        if dtype in _DTYPES[name] and not device_reason(name, device):
+        if dtype in ops.DTYPES[name] and not device_reason(name, device):
             return name
     return "torch"

@@ -4,105 +4,113 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as V
-from . import backends
-from .autograd.logps import TokenLogps, forward_rows, rows_view
+from . import _validate, backends
+from .autograd.logps import LabelSetLogps, TokenLogps, forward_rows, rows_view
+from .autograd.options import RowOptions
+from .distributed import shard_setup
+from .sequences import check_reduction, mask_sequence_starts, reduce_sequences
 
 
-def _token_logps(logits, labels, *, ignore_index, temperature, shift, return_entropy,
-                 inplace_backward, backend, validate, vocab_start=0, vocab_total=None,
-                 shards=None):
-    """:func:`token_logps` on one vocabulary shard ``[vocab_start, vocab_start + V)`` of
-    ``vocab_total``; ``shards`` (vocabulary-parallel) combines the shards' row statistics."""
-    V.check_logits_labels(logits, labels, shift=shift)
-    V.check_temperature(temperature)
-    vocab_total = logits.shape[-1] if vocab_total is None else vocab_total
-    if V.checked_mode(validate, logits.device):
-        V.check_label_values(labels, ignore_index, vocab_total)
-    be = backends.resolve(backend, logits.device, logits.dtype)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        logp, ent = TokenLogps.apply(logits, labels, be, ignore_index, temperature, shift,
-                                     return_entropy, inplace_backward, vocab_start, vocab_total,
-                                     shards)
-    else:  # reference pass: no graph, nothing saved
-        x3, l3 = rows_view(logits, labels, shift)
-        logp, lse, ent = forward_rows(be, x3, l3, ignore_index, temperature, vocab_start,
-                                      vocab_total, return_entropy)
-        if shards is not None:
-            logp, _, ent = shards.combine(logp, lse, ent, l3, x3.shape[-1])
-    if logits.dim() == 2:  # (N, V) input: drop the batch dimension rows_view added
-        logp = logp.squeeze(0)
-        ent = ent.squeeze(0) if return_entropy else ent
-    return (logp, ent) if return_entropy else logp
+def _as_rows(logits, labels):
+    """``(B, T, V)`` logits and ``(B, T)`` / ``(B, T, k)`` labels viewing inputs of any leading
+    shape ``(..., V)``, and whether the labels carry ``k`` ids a position. Never copies."""
+    _validate.check_float("logits", logits)
+    _validate.check_index("labels", labels)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be (..., V) with at least one leading dimension, got "
+                         f"shape {tuple(logits.shape)}")
+    lead = tuple(logits.shape[:-1])
+    multi = labels.dim() == logits.dim() and tuple(labels.shape[:-1]) == lead
+    if not multi and tuple(labels.shape) != lead:
+        raise ValueError(f"labels must have shape {lead} (or {lead + ('k',)} for k ids a "
+                         f"position) to match logits {tuple(logits.shape)}, got "
+                         f"{tuple(labels.shape)}")
+    if logits.dim() <= 3:
+        return logits, labels, multi
+    rows_ = (-1, lead[-1])
+    try:
+        x = logits.view(rows_ + logits.shape[-1:])
+    except RuntimeError as exc:
+        raise ValueError(f"logits of shape {tuple(logits.shape)} and strides "
+                         f"{tuple(logits.stride())} cannot be viewed as (B, T, V) rows; pass a "
+                         "contiguous tensor") from exc
+    return x, labels.reshape(rows_ + labels.shape[len(lead):]), multi
 
 
 def token_logps(logits, labels, *, ignore_index=-100, temperature=1.0, shift=False,
-                return_entropy=False, inplace_backward=False, backend="auto", validate=None,
-                process_group=None):
+                return_entropy=False, return_lse=False, inplace_backward=False, backend="auto",
+                validate=None, process_group=None):
     """Per-token log-probabilities ``log softmax(logits / temperature)[label]``.
 
     Args:
-        logits: ``(B, T, V)`` or ``(N, V)``, fp32/bf16/fp16, unit stride along the vocabulary.
-        labels: ``(B, T)`` or ``(N,)`` int32/int64 token ids; ``ignore_index`` marks skipped tokens.
+        logits: ``(..., V)`` (typically ``(B, T, V)`` or ``(N, V)``), fp32/bf16/fp16 (fp64 on the
+            torch backend), unit stride along the vocabulary.
+        labels: int32/int64 token ids shaped like ``logits.shape[:-1]``, or with one more
+            dimension ``k`` for several ids a position (log-probs ``(..., k)``, as for
+            distillation); ``ignore_index`` marks skipped tokens.
         shift: pair logits at position ``t`` with the label at ``t + 1`` (causal LM), no copy.
         return_entropy: also return each token's softmax entropy (same pass).
+        return_lse: also return each token's log-sum-exp of ``logits / temperature``
+            (differentiable, e.g. for a z-loss).
         inplace_backward: write the gradient into the logits' own storage. The logits are
-            destroyed by backward; do not reuse them (or anything viewing them) afterwards.
+            destroyed by backward; do not reuse them (or anything viewing them) afterwards:
+            autograd sees the write, so a second backward through them raises.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
         validate: check label values (and ``cu_seqlens``). Default: on for CPU tensors, off for
             CUDA ones (it would synchronise the host). Unchecked out-of-range labels give NaN.
-        process_group: vocabulary-parallel group; the logits hold this rank's vocabulary shard.
+        process_group: vocabulary-parallel group; the logits hold this rank's vocabulary shard
+            (contiguous, in rank order, any sizes).
 
     Returns:
-        fp32 log-probs shaped like ``labels`` (like ``labels[..., 1:]`` with ``shift``), 0 where
-        ignored; with ``return_entropy`` a pair ``(logps, entropy)``.
+        log-probs shaped like ``labels`` (like ``labels[..., 1:]`` with ``shift``), 0 where
+        ignored, fp32 (fp64 for fp64 logits); with ``return_entropy`` / ``return_lse`` a tuple
+        ``(logps, entropy, lse)`` of the ones asked for.
     """
+    temperature = _validate.check_options(
+        ignore_index=ignore_index, temperature=temperature, backend=backend, validate=validate,
+        shift=shift, return_entropy=return_entropy, return_lse=return_lse,
+        inplace_backward=inplace_backward)
+    out_shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else None
+    logits, labels, multi = _as_rows(logits, labels)
+    _validate.check_logits_labels(logits, labels[..., 0] if multi else labels, shift=shift)
+    if inplace_backward:
+        _validate.check_no_overlap("logits", logits)
+    extras = multi or return_lse
+    if extras and process_group is not None:
+        raise ValueError("several labels a position and return_lse are not supported with "
+                         "process_group")
+    checked = _validate.checked_mode(validate, logits.device)
+    shards = None
+    vocab_start, vocab_total = 0, logits.shape[-1]
     if process_group is not None:
-        from .distributed import vocab_parallel_token_logps
-
-        return vocab_parallel_token_logps(
-            logits, labels, process_group, ignore_index=ignore_index, temperature=temperature,
-            shift=shift, return_entropy=return_entropy, inplace_backward=inplace_backward,
-            backend=backend, validate=validate)
-    return _token_logps(logits, labels, ignore_index=ignore_index, temperature=temperature,
-                        shift=shift, return_entropy=return_entropy,
-                        inplace_backward=inplace_backward, backend=backend, validate=validate)
-
-
-def reduce_sequences(tok, labels, *, ignore_index, token_weights, average, shift, cu_seqlens,
-                     validate):
-    """Sum (or weighted mean) of per-token values into one value per sequence.
-
-    ``tok`` comes from :func:`token_logps` with the same ``labels``/``shift``; shared with the
-    fused-linear path so both reduce identically.
-    """
-    mask_labels = labels[..., 1:] if shift else labels
-    w = (mask_labels != ignore_index).to(tok.dtype)
-    if token_weights is not None:
-        V.check_token_weights(token_weights, labels)
-        tw = token_weights[..., 1:] if shift else token_weights
-        w = w * tw.detach().to(tok.dtype)
-    num = tok * w
-    if cu_seqlens is not None:
-        if labels.dim() == 2 and labels.shape[0] != 1:
-            raise ValueError("cu_seqlens needs a packed batch: logits (1, total, V) or (total, V)")
-        total = labels.shape[-1]
-        V.check_cu_seqlens(cu_seqlens, total, V.checked_mode(validate, labels.device))
-        num, w = num.reshape(-1), w.reshape(-1)
-        if shift:  # output j belongs to label j + 1: put it back on the label axis
-            num, w = torch.nn.functional.pad(num, (1, 0)), torch.nn.functional.pad(w, (1, 0))
-        seg = torch.searchsorted(cu_seqlens.to(torch.int64)[1:],
-                                 torch.arange(total, device=num.device), right=True)
-        nseq = cu_seqlens.numel() - 1
-        s = num.new_zeros(nseq).index_add(0, seg, num)
-        d = w.new_zeros(nseq).index_add(0, seg, w)
-    elif labels.dim() == 1:
-        s, d = num.sum(), w.sum()
-    else:
-        s, d = num.sum(-1), w.sum(-1)
-    if average:
-        s = s / torch.where(d > 0, d, torch.ones_like(d))
-    return s
+        shards = shard_setup(labels, process_group, logits.shape[-1], ignore_index, checked,
+                             logits.device)
+        vocab_start, vocab_total = shards.vocab_start, shards.vocab_total
+    if checked:
+        _validate.check_label_values(labels, ignore_index, vocab_total)
+    opts = RowOptions(backend=backends.resolve(backend, logits.device, logits.dtype),
+                      ignore_index=ignore_index, temperature=float(temperature),
+                      vocab_start=vocab_start, vocab_total=vocab_total,
+                      with_entropy=return_entropy, shift=shift,
+                      inplace_backward=inplace_backward, shards=shards)
+    if multi or return_lse:
+        lab = labels if multi else labels[..., None]
+        logp, ent, lse = LabelSetLogps.apply(logits, lab, opts)
+        logp = logp if multi else logp.squeeze(-1)
+    elif torch.is_grad_enabled() and logits.requires_grad:
+        logp, ent = TokenLogps.apply(logits, labels, opts)
+    else:  # reference pass: no graph, nothing saved
+        x3, l3 = rows_view(logits, labels, shift)
+        logp, _, _, ent = forward_rows(opts, x3, l3)
+    lead = out_shape[:-1] if multi else out_shape
+    if shift:
+        lead = lead[:-1] + (lead[-1] - 1,)
+    outs = [logp.reshape(lead + out_shape[-1:] if multi else lead)]
+    if return_entropy:
+        outs.append(ent.reshape(lead))
+    if return_lse:
+        outs.append(lse.reshape(lead))
+    return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def sequence_logps(logits, labels, *, ignore_index=-100, token_weights=None, average=False,
@@ -117,6 +125,11 @@ def sequence_logps(logits, labels, *, ignore_index=-100, token_weights=None, ave
     has none). With ``shift`` and ``cu_seqlens`` the first label of each sequence is ignored: its
     logits belong to the previous sequence. Other arguments as in :func:`token_logps`.
     """
+    _validate.check_options(ignore_index=ignore_index, temperature=temperature, backend=backend,
+                            validate=validate, shift=shift, inplace_backward=inplace_backward)
+    _validate.check_logits_labels(logits, labels, shift=shift)
+    check_reduction(labels, token_weights=token_weights, average=average, cu_seqlens=cu_seqlens,
+                    validate=validate)
     if cu_seqlens is not None and shift:
         labels = mask_sequence_starts(labels, cu_seqlens, ignore_index)
     tok = token_logps(logits, labels, ignore_index=ignore_index, temperature=temperature,
@@ -124,11 +137,3 @@ def sequence_logps(logits, labels, *, ignore_index=-100, token_weights=None, ave
                       validate=validate, process_group=process_group)
     return reduce_sequences(tok, labels, ignore_index=ignore_index, token_weights=token_weights,
                             average=average, shift=shift, cu_seqlens=cu_seqlens, validate=validate)
-
-
-def mask_sequence_starts(labels, cu_seqlens, ignore_index):
-    V.check_index("cu_seqlens", cu_seqlens)
-    flat = labels.reshape(-1)
-    start = torch.zeros(flat.numel() + 1, dtype=torch.bool, device=flat.device)
-    start[cu_seqlens[:-1].to(torch.int64)] = True  # an empty last sequence lands on the spare slot
-    return torch.where(start[:-1], ignore_index, flat).view(labels.shape)

@@ -186,9 +186,49 @@ def _check_linear_path(rank, world, pg):
         _close(seq, seq1, f"linear case {i} sequence no-grad")
 
 
+def _check_uneven_shards(rank, world, pg):
+    """Shards of unequal sizes (the split 127/127/127/126 of V=507 that Cut Cross-Entropy uses,
+    scaled down) and logits offset by 1e4: the offsets come from the gathered sizes."""
+    from fastdpo.linear import linear_token_logps
+
+    V = 4 * world - 1  # the last rank holds one column fewer
+    sizes = [4] * (world - 1) + [3]
+    start = sum(sizes[:rank])
+    sl = slice(start, start + sizes[rank])
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 5, V, generator=g) * 3 + 1e4
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    labels[0, 0], labels[1, 1], labels[1, 2] = V - 1, -100, 0  # last and first shard's ranges
+    g_logp = torch.randn(2, 5, generator=g)
+    full = logits.clone().requires_grad_(True)
+    lp1, en1 = fastdpo.token_logps(full, labels, return_entropy=True, backend="torch")
+    (lp1 * g_logp).sum().backward()
+    x = logits[..., sl].clone().requires_grad_(True)
+    lp, en = fastdpo.token_logps(x, labels, return_entropy=True, process_group=pg,
+                                 backend="torch")
+    (lp * g_logp).sum().backward()
+    ref, ref_en = fastdpo.reference.token_logps(logits, labels, return_entropy=True)
+    _close(lp.double(), ref, "uneven logp vs oracle", tol=1e-5)
+    _close(en.double(), ref_en, "uneven entropy vs oracle", tol=1e-5)
+    _close(x.grad, full.grad[..., sl], "uneven grad")
+    # the fused head with unevenly sharded weight rows
+    hidden = torch.randn(2, 5, 6, generator=g)
+    weight = torch.randn(V, 6, generator=g)
+    with torch.no_grad():
+        lpl = linear_token_logps(hidden, weight[sl], labels, process_group=pg, backend="torch")
+    z = hidden.double() @ weight.double().T
+    _close(lpl.double(), fastdpo.reference.token_logps(z, labels), "uneven linear", tol=1e-5)
+    # a label past the global vocabulary is refused on every rank alike (no rank waits alone)
+    bad = labels.clone()
+    bad[0, 3] = V
+    with pytest.raises(ValueError, match="labels must lie"):
+        fastdpo.token_logps(logits[..., sl], bad, process_group=pg, backend="torch")
+
+
 def _check_vocab_parallel(rank, world, pg):
     _check_logits_path(rank, world, pg)
     _check_linear_path(rank, world, pg)
+    _check_uneven_shards(rank, world, pg)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -197,7 +197,7 @@ def test_deterministic_weight_grad(backend):
     grads = []
     for _ in range(2):
         h1, w1, b1 = leaves(h, w, b)
-        linear_sequence_logps(h1, w1, y, bias=b1, deterministic=True, softcap=3.0,
+        linear_sequence_logps(h1, w1, y, bias=b1, softcap=3.0,
                               backend=backend).sum().backward()
         grads.append((h1.grad, w1.grad, b1.grad))
     for a, c in zip(*grads):
@@ -233,18 +233,6 @@ def test_validation_errors():
         linear_token_logps(h, w, torch.full_like(y, 30))
     bad = torch.full_like(y, 30)
     assert torch.isnan(linear_token_logps(h, w, bad, validate=False, backend="torch")).all()
-
-
-def test_opcheck_torch_linear_ops():
-    from fastdpo import ops
-
-    h, w, b, y = make((6,), 8, 21, torch.float32, bias=True)
-    fwd = ops.get_op("torch", "linear_logps_fwd")
-    torch.library.opcheck(fwd, (h, w, b, y, -100, 0.9, 1.0, 2.0, 0, 21, True))
-    lp, lse, ent = fwd(h, w, b, y, -100, 0.9, 1.0, 2.0, 0, 21, True)
-    args = (torch.randn(6), torch.randn(6), h, w, b, y, lse, ent, -100, 0.9, 1.0, 2.0, 0, 21,
-            True, True, True, False)
-    torch.library.opcheck(ops.get_op("torch", "linear_logps_bwd"), args)
 
 
 # ------------------------------------------------------------------------------------- memory
@@ -290,13 +278,13 @@ def test_chunk_loop_extra_memory_within_budget(monkeypatch, dtype):
     h, w, b, y = make((N,), H, V, dtype, bias=True)
     logits_bytes = N * V * h.element_size()
     with LiveBytes() as m:
-        lp, lse, ent = L.forward_loop("torch", h, w, b, y, -100, 1.0, 1.0, 3.0, 0, V, True)
+        lp, m_, s_, ent = L.forward_loop("torch", h, w, b, y, -100, 1.0, 1.0, 3.0, 0, V, True)
         fwd_peak = m.peak
     slack = 64 * N  # O(tokens) statistics
-    assert fwd_peak - 3 * 4 * N <= 0.05 * logits_bytes + slack, fwd_peak
+    assert fwd_peak - 4 * 4 * N <= 0.05 * logits_bytes + slack, fwd_peak
     g = torch.randn(N)
     with LiveBytes() as m:
-        grads = L.backward_loop(L.RowKernelTiles("torch"), g, g, h, w, b, y, lse, ent, -100,
+        grads = L.backward_loop(L.RowKernelTiles("torch"), g, g, h, w, b, y, m_, s_, ent, -100,
                                 1.0, 1.0, 3.0, 0, V, True, True, True)
         grad_bytes = sum(t.numel() * t.element_size() for t in grads)
         extra = m.peak - grad_bytes

@@ -186,18 +186,21 @@ def test_all_ignored_rows_zero(backend):
 
 
 def test_vocab_shard_semantics(backend):
-    """A shard at vocab_start returns z_label - lse_local, or -lse_local when the label is elsewhere."""
-    from fastdpo.logps import _token_logps
+    """The row op on a shard at vocab_start: (x_label - row_max) c - log_sum for a local label,
+    -lse for a label elsewhere, NaN outside [0, vocab_total); row_max / log_sum of the shard."""
+    from fastdpo import ops
 
     logits, labels = make(1, 5, 12, torch.float32, ignore_frac=0.0)
-    labels[0] = torch.tensor([0, 11, 12, 20, 23])
-    lp = _token_logps(logits, labels, ignore_index=-100, temperature=1.0, shift=False,
-                      return_entropy=False, inplace_backward=False, backend=backend,
-                      validate=False, vocab_start=12, vocab_total=24)
-    lse = torch.logsumexp(logits[0].double(), -1)
+    labels[0] = torch.tensor([0, 11, 12, 20, 24])
+    lp, m, s, _ = ops.get_op(backend, "logps_fwd")(logits, labels, -100, 0.5, 12, 24, False)
+    x = logits[0].double() / 0.5
+    lse = torch.logsumexp(x, -1)
+    torch.testing.assert_close(m[0].double(), logits[0].double().amax(-1))
+    torch.testing.assert_close(m[0].double() / 0.5 + s[0].double(), lse, rtol=1e-6, atol=1e-5)
     local = (labels[0] >= 12) & (labels[0] < 24)
-    zl = torch.where(local, logits[0].double().gather(-1, (labels[0] - 12).clamp(0, 11)[:, None])[:, 0], 0.0)
-    torch.testing.assert_close(lp[0].double(), zl - lse, rtol=1e-6, atol=1e-5)
+    zl = torch.where(local, x.gather(-1, (labels[0] - 12).clamp(0, 11)[:, None])[:, 0], 0.0)
+    want = torch.where(labels[0] < 24, zl - lse, float("nan"))
+    torch.testing.assert_close(lp[0].double(), want, rtol=1e-6, atol=1e-5, equal_nan=True)
 
 
 def test_gradcheck_float64():

@@ -6,9 +6,10 @@
 //
 // Forward, per row: the row is walked in L1-sized chunks; a first sweep takes the per-lane max of
 // the chunk, the state is rescaled once to it, a second sweep over the (now cached) chunk adds
-// exp(x / T - max). That is one exp per element instead of the two of an element-wise online
+// exp((x - max) / T). That is one exp per element instead of the two of an element-wise online
 // update. Backward: one sweep, one exp per element, reading each logit before writing its gradient
-// (the gradient may be written into the logits themselves).
+// (the gradient may be written into the logits themselves). The row loop around these sweeps is
+// row_driver.h, shared with the scalar kernels.
 #include <immintrin.h>
 
 #include <cmath>
@@ -29,6 +30,7 @@
 
 #include "fastdpo/logps_grad.h"
 #include "fastdpo/online_softmax.h"
+#include "row_driver.h"
 
 namespace fastdpo::cpu::avx2_impl {
 
@@ -147,164 +149,106 @@ struct Tail {
 // One chunk of n (a multiple of kUnit) elements. The second sweep reads from L1 and meanwhile asks
 // for the next chunk [x + n, x + n + prefetch_n), so its first sweep does not wait on memory.
 template <bool kEntropy, class S>
-FASTDPO_INLINE void fwd_chunk(const S* x, int64_t n, int64_t prefetch_n, F8 inv_temp,
+FASTDPO_INLINE void fwd_chunk(const S* x, int64_t n, int64_t prefetch_n, F8 c,
                               State8 (&st)[kSets]) {
   F8 m[kSets];
   for (int k = 0; k < kSets; ++k) m[k] = F8(-INFINITY);
   for (int64_t i = 0; i < n; i += kUnit) {
     for (int k = 0; k < kSets; ++k) m[k] = Math<F8>::max(load8(x + i + k * kVec), m[k]);
   }
-  F8 neg_ref[kSets];
+  F8 ref[kSets];
   for (int k = 0; k < kSets; ++k) {
-    // inv_temp > 0, so the max of x / T is (max x) / T.
-    rescale<kEntropy>(st[k], Math<F8>::max(m[k] * inv_temp, st[k].m));
-    neg_ref[k] = F8(0.0f) - ref_point(st[k].m);
+    rescale<kEntropy>(st[k], Math<F8>::max(m[k], st[k].m), c);
+    ref[k] = ref_point(st[k].m);
   }
   const char* next = reinterpret_cast<const char*>(x + n);
   const int64_t next_bytes = prefetch_n * static_cast<int64_t>(sizeof(S));
   constexpr int64_t kUnitBytes = kUnit * static_cast<int64_t>(sizeof(S));
+  const F8 zero(0.0f);
   for (int64_t i = 0; i < n; i += kUnit) {
     const int64_t pb = i * static_cast<int64_t>(sizeof(S));
     if (pb % kLine < kUnitBytes && pb < next_bytes) _mm_prefetch(next + pb, _MM_HINT_T0);
     for (int k = 0; k < kSets; ++k) {
-      const F8 d = Math<F8>::fma(load8(x + i + k * kVec), inv_temp, neg_ref[k]);
-      accumulate<kEntropy>(st[k].s, st[k].t, d);
+      accumulate<kEntropy>(st[k].s, st[k].t, scaled_diff(load8(x + i + k * kVec), ref[k], c, zero));
     }
-  }
-}
-
-template <bool kEntropy, class S>
-SoftmaxState<float> fwd_row(const S* x, int64_t V, float inv_temp) {
-  State8 st[kSets];
-  for (auto& s : st) s = state_init<F8>();
-  const F8 vt(inv_temp);
-  const int64_t full = V / kUnit * kUnit;
-  for (int64_t c = 0; c < full; c += kChunk) {
-    const int64_t n = (full - c < kChunk) ? full - c : kChunk;
-    const int64_t rest = full - c - n;
-    fwd_chunk<kEntropy>(x + c, n, rest < kChunk ? rest : kChunk, vt, st);
-  }
-  if (full < V) {
-    const Tail<S> tail(x + full, V - full);
-    fwd_chunk<kEntropy>(tail.buf, kUnit, 0, vt, st);
-  }
-  State8 a = st[0];
-  for (int k = 1; k < kSets; ++k) a = merge<kEntropy>(a, st[k]);
-  alignas(32) float m[8], s[8], t[8];
-  _mm256_store_ps(m, a.m.v);
-  _mm256_store_ps(s, a.s.v);
-  _mm256_store_ps(t, a.t.v);
-  SoftmaxState<float> out{m[0], s[0], t[0]};
-  for (int l = 1; l < 8; ++l) out = merge<kEntropy>(out, SoftmaxState<float>{m[l], s[l], t[l]});
-  return out;
-}
-
-template <class S>
-void fwd_rows(const LogpsFwdParams& p, int64_t r0, int64_t r1) {
-  const S* logits = static_cast<const S*>(p.logits);
-  const int64_t V = p.rows.V;
-  const float inv_temp = static_cast<float>(p.inv_temp);
-  for (int64_t row = r0; row < r1; ++row) {
-    const int64_t b = row / p.rows.T, t = row - b * p.rows.T;
-    const LabelInfo lab = classify_label(p.labels.at(b, t), p.rule, V);
-    if (lab.kind == LabelKind::kIgnored) {
-      p.logp[row] = 0.0f;
-      p.lse[row] = 0.0f;
-      if (p.entropy) p.entropy[row] = 0.0f;
-      continue;
-    }
-    const S* x = logits + p.rows.offset(b, t);
-    float lse, ent;
-    if (p.entropy) {
-      finalize(fwd_row<true>(x, V, inv_temp), lse, ent);
-      p.entropy[row] = ent;
-    } else {
-      finalize(fwd_row<false>(x, V, inv_temp), lse, ent);
-    }
-    p.lse[row] = lse;
-    const float z_label = lab.kind == LabelKind::kLocal ? to_acc(x[lab.local]) * inv_temp : 0.0f;
-    p.logp[row] = lab.kind == LabelKind::kInvalid ? NAN : z_label - lse;
   }
 }
 
 template <bool kEntropy, bool kStream = false, class S>
-FASTDPO_INLINE void bwd_unit(const S* x, S* out, F8 inv_temp, const GradCoeffs<F8>& c) {
+FASTDPO_INLINE void bwd_unit(const S* x, S* out, F8 c, const GradCoeffs<F8>& k) {
   F8 v[kSets];
-  for (int k = 0; k < kSets; ++k) v[k] = grad_element<kEntropy>(load8(x + k * kVec), inv_temp, c);
+  for (int j = 0; j < kSets; ++j) v[j] = grad_element<kEntropy>(load8(x + j * kVec), c, k);
   // Stores after all loads: out may be x.
-  for (int k = 0; k < kSets; ++k) store8<kStream>(out + k * kVec, v[k]);
+  for (int j = 0; j < kSets; ++j) store8<kStream>(out + j * kVec, v[j]);
 }
 
 template <bool kEntropy, bool kStream, class S>
-FASTDPO_INLINE void bwd_body(const S* x, S* out, int64_t full, int64_t V, F8 vt,
-                             const GradCoeffs<F8>& cv) {
+FASTDPO_INLINE void bwd_body(const S* x, S* out, int64_t full, int64_t V, F8 c,
+                             const GradCoeffs<F8>& k) {
   constexpr int64_t kAhead = 4096 / static_cast<int64_t>(sizeof(S));  // elements prefetched ahead
   constexpr int64_t kPerLine = kLine / static_cast<int64_t>(sizeof(S));
   for (int64_t i = 0; i < full; i += kUnit) {
     if (i % kPerLine < kUnit && i + kAhead < V) {
       _mm_prefetch(reinterpret_cast<const char*>(x + i + kAhead), _MM_HINT_T0);
     }
-    bwd_unit<kEntropy, kStream>(x + i, out + i, vt, cv);
+    bwd_unit<kEntropy, kStream>(x + i, out + i, c, k);
   }
 }
 
-template <bool kEntropy, class S>
-void bwd_row(const S* x, S* out, int64_t V, float inv_temp, const GradCoeffs<float>& c,
-             const LabelInfo& lab, float g) {
-  // The label's gradient is computed first: its logit may be overwritten below.
-  float label_value = 0.0f;
-  if (lab.kind == LabelKind::kLocal) {
-    label_value =
-        grad_element<kEntropy>(to_acc(x[lab.local]), inv_temp, c) + label_grad(g, inv_temp);
-  }
-  const GradCoeffs<F8> cv{F8(c.neg_lse), F8(c.a), F8(c.b)};
-  const F8 vt(inv_temp);
-  const int64_t full = V / kUnit * kUnit;
-  // Out of place, the gradient goes straight to memory (non-temporal stores) when aligned: it is
-  // not read again by this op, and a fresh buffer would otherwise be read in before each write.
-  const bool stream = out != x && reinterpret_cast<uintptr_t>(out) % (kVec * sizeof(S)) == 0;
-  if (stream) {
-    bwd_body<kEntropy, true>(x, out, full, V, vt, cv);
-    _mm_sfence();  // order the streamed lines before the ordinary stores below (label, tail)
-  } else {
-    bwd_body<kEntropy, false>(x, out, full, V, vt, cv);
-  }
-  if (full < V) {
-    const Tail<S> tail(x + full, V - full);
-    S res[kUnit];
-    bwd_unit<kEntropy>(tail.buf, res, vt, cv);
-    std::memcpy(out + full, res, static_cast<size_t>(V - full) * sizeof(S));
-  }
-  if (lab.kind == LabelKind::kLocal) out[lab.local] = from_acc<S>(label_value);
-}
-
-template <class S>
-void bwd_rows(const LogpsBwdParams& p, int64_t r0, int64_t r1) {
-  const S* logits = static_cast<const S*>(p.logits);
-  S* grad = static_cast<S*>(p.grad_logits);
-  const int64_t V = p.rows.V, T = p.rows.T;
-  const float inv_temp = static_cast<float>(p.inv_temp);
-  for (int64_t row = r0; row < r1; ++row) {
-    const int64_t b = row / T, t = row - b * T;
-    S* out = grad + b * p.grad_stride_b + t * p.grad_stride_t;
-    const LabelInfo lab = classify_label(p.labels.at(b, t), p.rule, V);
-    if (lab.kind == LabelKind::kIgnored) {
-      std::memset(static_cast<void*>(out), 0, static_cast<size_t>(V) * sizeof(S));
-      continue;
+namespace {
+// The sweeps of one row for the shared row loop (row_driver.h).
+struct Avx2 {
+  template <bool kEntropy, class S>
+  static SoftmaxState<float> fwd_row(const S* x, int64_t V, float c) {
+    State8 st[kSets];
+    for (auto& s : st) s = state_init<F8>();
+    const F8 vc(c);
+    const int64_t full = V / kUnit * kUnit;
+    for (int64_t i = 0; i < full; i += kChunk) {
+      const int64_t n = (full - i < kChunk) ? full - i : kChunk;
+      const int64_t rest = full - i - n;
+      fwd_chunk<kEntropy>(x + i, n, rest < kChunk ? rest : kChunk, vc, st);
     }
-    const S* x = logits + p.rows.offset(b, t);
-    const float g = p.grad_logp.at(b, t);
-    const float lse = p.lse.at(b, t);
-    if (p.grad_entropy.data) {
-      const GradCoeffs<float> c =
-          grad_coeffs(g, p.grad_entropy.at(b, t), lse, p.entropy.at(b, t), inv_temp);
-      bwd_row<true>(x, out, V, inv_temp, c, lab, g);
+    if (full < V) {
+      const Tail<S> tail(x + full, V - full);
+      fwd_chunk<kEntropy>(tail.buf, kUnit, 0, vc, st);
+    }
+    State8 a = st[0];
+    for (int k = 1; k < kSets; ++k) a = merge<kEntropy>(a, st[k], vc);
+    alignas(32) float m[8], s[8], t[8];
+    _mm256_store_ps(m, a.m.v);
+    _mm256_store_ps(s, a.s.v);
+    _mm256_store_ps(t, a.t.v);
+    SoftmaxState<float> out{m[0], s[0], t[0]};
+    for (int l = 1; l < 8; ++l) {
+      out = merge<kEntropy>(out, SoftmaxState<float>{m[l], s[l], t[l]}, c);
+    }
+    return out;
+  }
+
+  template <bool kEntropy, class S>
+  static void bwd_sweep(const S* x, S* out, int64_t V, float c, const GradCoeffs<float>& k) {
+    const GradCoeffs<F8> kv{F8(k.ref), F8(k.neg_log_sum), F8(k.a), F8(k.b)};
+    const F8 vc(c);
+    const int64_t full = V / kUnit * kUnit;
+    // Out of place, the gradient goes straight to memory (non-temporal stores) when aligned: it is
+    // not read again by this op, and a fresh buffer would otherwise be read in before each write.
+    const bool stream = out != x && reinterpret_cast<uintptr_t>(out) % (kVec * sizeof(S)) == 0;
+    if (stream) {
+      bwd_body<kEntropy, true>(x, out, full, V, vc, kv);
+      _mm_sfence();  // order the streamed lines before the ordinary stores that follow
     } else {
-      const GradCoeffs<float> c = grad_coeffs(g, 0.0f, lse, 0.0f, inv_temp);
-      bwd_row<false>(x, out, V, inv_temp, c, lab, g);
+      bwd_body<kEntropy, false>(x, out, full, V, vc, kv);
+    }
+    if (full < V) {
+      const Tail<S> tail(x + full, V - full);
+      S res[kUnit];
+      bwd_unit<kEntropy>(tail.buf, res, vc, kv);
+      std::memcpy(out + full, res, static_cast<size_t>(V - full) * sizeof(S));
     }
   }
-}
+};
+}  // namespace
 
 }  // namespace fastdpo::cpu::avx2_impl
 
@@ -312,19 +256,17 @@ namespace fastdpo::cpu {
 
 void logps_fwd_rows_avx2(const LogpsFwdParams& p, int64_t r0, int64_t r1) {
   switch (p.dtype) {
-    case DType::kFloat32: return avx2_impl::fwd_rows<float>(p, r0, r1);
-    case DType::kBFloat16: return avx2_impl::fwd_rows<BF16>(p, r0, r1);
-    case DType::kFloat16: return avx2_impl::fwd_rows<FP16>(p, r0, r1);
-    default: return logps_fwd_rows_generic(p, r0, r1);
+    case DType::kFloat32: return fwd_rows<avx2_impl::Avx2, float>(p, r0, r1);
+    case DType::kBFloat16: return fwd_rows<avx2_impl::Avx2, BF16>(p, r0, r1);
+    case DType::kFloat16: return fwd_rows<avx2_impl::Avx2, FP16>(p, r0, r1);
   }
 }
 
 void logps_bwd_rows_avx2(const LogpsBwdParams& p, int64_t r0, int64_t r1) {
   switch (p.dtype) {
-    case DType::kFloat32: return avx2_impl::bwd_rows<float>(p, r0, r1);
-    case DType::kBFloat16: return avx2_impl::bwd_rows<BF16>(p, r0, r1);
-    case DType::kFloat16: return avx2_impl::bwd_rows<FP16>(p, r0, r1);
-    default: return logps_bwd_rows_generic(p, r0, r1);
+    case DType::kFloat32: return bwd_rows<avx2_impl::Avx2, float>(p, r0, r1);
+    case DType::kBFloat16: return bwd_rows<avx2_impl::Avx2, BF16>(p, r0, r1);
+    case DType::kFloat16: return bwd_rows<avx2_impl::Avx2, FP16>(p, r0, r1);
   }
 }
 

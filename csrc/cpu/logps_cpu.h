@@ -1,5 +1,5 @@
 // CPU kernels of the log-prob row contract over a range of rows [row_begin, row_end): the AVX2+FMA
-// kernels (fp32/bf16/fp16 logits) and the portable scalar ones (every dtype, fp64 included). The
+// kernels and the portable scalar ones (fp32/bf16/fp16 logits, fp32 math, no fp64). The
 // glue (csrc/ops.cpp) splits rows across threads and picks the kernel from the CPU's features.
 #pragma once
 

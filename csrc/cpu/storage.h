@@ -1,5 +1,5 @@
 // Storage types of the logits as the CPU kernels see them (torch-free), and scalar conversions to
-// and from the fp32/fp64 accumulator: round to nearest even, NaN kept NaN.
+// and from the fp32 accumulator: round to nearest even, NaN kept NaN.
 #pragma once
 
 #include <cmath>
@@ -15,7 +15,6 @@ inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return
 inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
 inline float to_acc(float x) { return x; }
-inline double to_acc(double x) { return x; }
 inline float to_acc(BF16 x) { return bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
 inline float to_acc(FP16 x) {
   const uint32_t sign = (x.bits & 0x8000u) ? 1u : 0u;
@@ -49,11 +48,9 @@ template <> inline FP16 from_acc<FP16>(float v) {
   a += 0xc8000fffu + ((a >> 13) & 1u);  // rebias the exponent by -112, add the rounding bias
   return FP16{static_cast<uint16_t>(sign | (a >> 13))};
 }
-inline double from_acc_double(double v) { return v; }
 
 template <class S> inline S neg_inf_storage();
 template <> inline float neg_inf_storage<float>() { return -INFINITY; }
-template <> inline double neg_inf_storage<double>() { return -static_cast<double>(INFINITY); }
 template <> inline BF16 neg_inf_storage<BF16>() { return BF16{0xff80u}; }
 template <> inline FP16 neg_inf_storage<FP16>() { return FP16{0xfc00u}; }
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Compile every CUDA source for sm_80 and sm_90 with warnings as errors, no GPU and no CUDA torch
-# needed: the .cu files are torch-free (kernels, CUB, csrc/include). Then print one line per kernel
-# and architecture from ptxas (registers, spills, stack) and cuobjdump's resource usage. Finally
+# Compile every CUDA source with exactly the flags of the shipped build (from
+# fastdpo/native/build_flags.py, as setup.py; FASTDPO_CUDA_ARCHS as there) plus warnings as errors,
+# no GPU and no CUDA torch needed: the .cu files are torch-free (kernels, CUB, csrc/include). Then
+# print one line per kernel and architecture from ptxas (registers, spills, stack) and cuobjdump's
+# resource usage. Finally
 # the torch glue of the CUDA build (ops_cuda.cpp, registration.cpp with FASTDPO_WITH_CUDA) is
 # syntax-checked with the host compiler against the installed torch's headers (a CPU wheel ships
 # the c10/cuda headers, without the CMake-generated macros file, hence C10_CUDA_NO_CMAKE_...).
 #
-#   csrc/cuda/check_nvcc.sh [OUT_DIR]      (NVCC, CUOBJDUMP and NVCC_EXTRA override the tools/flags)
+#   csrc/cuda/check_nvcc.sh [OUT_DIR]      (NVCC, CUOBJDUMP and PYTHON override the tools)
 #
 # Output lines: "KERNEL <arch> <mangled name> regs=<n> spill_stores=<bytes> spill_loads=<bytes>
 # stack=<bytes>", then the cuobjdump dump. Exit status is nvcc's (non-zero on any error/warning).
@@ -16,20 +18,20 @@ csrc="$(dirname "$here")"
 out="${1:-$(mktemp -d)}"
 mkdir -p "$out"
 NVCC="${NVCC:-nvcc}"
+PYTHON="${PYTHON:-python}"
 if [[ -z "${CUOBJDUMP:-}" ]]; then
   CUOBJDUMP="$(command -v cuobjdump || true)"
   if [[ -z "$CUOBJDUMP" ]]; then
-    CUOBJDUMP="$(python -c 'import triton, os; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' 2>/dev/null || true)"
+    CUOBJDUMP="$("$PYTHON" -c 'import triton, os; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' 2>/dev/null || true)"
   fi
 fi
 
-# The device flags of setup.py's CUDA build, with those torch's BuildExtension adds to every .cu.
-flags=(-std=c++20 -O3 -lineinfo -Xcompiler -fPIC --expt-relaxed-constexpr
-       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
-       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ -DFASTDPO_WITH_CUDA
-       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
-       -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror
-       -I"$csrc/include" -I"$csrc" -Xptxas -v ${NVCC_EXTRA:-})
+# The shipped device flags, then the diagnostics (warnings as errors, ptxas -v) and the includes.
+build_flags="$(dirname "$csrc")/fastdpo/native/build_flags.py"
+mapfile -t shipped < <("$PYTHON" "$build_flags" nvcc)
+mapfile -t check < <("$PYTHON" "$build_flags" check)
+[[ ${#shipped[@]} -gt 0 && ${#check[@]} -gt 0 ]] || { echo "no flags from $build_flags" >&2; exit 1; }
+flags=("${shipped[@]}" "${check[@]}" -I"$csrc/include" -I"$csrc")
 
 status=0
 # The sources compile in parallel (nvcc is single-threaded per file); reports follow in order.
@@ -69,8 +71,8 @@ done
 
 # nvcc may be a wrapper script: ask it where its toolkit is.
 cuda_home="${CUDA_HOME:-$("$NVCC" --dryrun -c -x cu /dev/null -o "$out/probe.o" 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)}"
-torch_inc="$(python -c 'import torch.utils.cpp_extension as c; print(" ".join(c.include_paths()))')"
-py_inc="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+torch_inc="$("$PYTHON" -c 'import torch.utils.cpp_extension as c; print(" ".join(c.include_paths()))')"
+py_inc="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 glue=(-std=c++20 -fsyntax-only -Wall -Wextra -Werror -DFASTDPO_WITH_CUDA
       -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DTORCH_EXTENSION_NAME=_C -I"$csrc/include" -I"$csrc")
 for d in $torch_inc "$py_inc" "$cuda_home/include"; do glue+=(-isystem "$d"); done

@@ -11,11 +11,8 @@
 
 namespace fastdpo::cuda {
 
-template <class S> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
+// Logits are fp32/bf16/fp16 and every kernel computes in fp32.
 __device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 
@@ -26,13 +23,6 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 }
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) {
   return __float2half_rn(v);
-}
-__device__ __forceinline__ double from_acc_d(double v) { return v; }
-
-template <class S, class A>
-__device__ __forceinline__ S store_value(A v) {
-  if constexpr (sizeof(S) == 8) return v;
-  else return from_acc<S>(v);
 }
 
 // Blocks per launch; kernels loop over rows beyond it.
@@ -47,9 +37,8 @@ __device__ __forceinline__ void split_index(int64_t row, int64_t T, int64_t& b, 
   t = r - q * tt;
 }
 
-// 16-byte vectors in flight per thread (one for fp64, whose exp is long and register-hungry).
-template <class S>
-constexpr int kUnrollOf = sizeof(S) == 8 ? 1 : 4;
+// 16-byte vectors in flight per thread.
+constexpr int kUnroll = 4;
 
 // 16 bytes of S: one 128-bit load or store.
 template <class S>

@@ -12,12 +12,10 @@ namespace {
 
 template <class S, bool kEntropy, int kBlock>
 __global__ void __launch_bounds__(kBlock, 1) logps_bwd_kernel(const LogpsBwdParams p) {
-  using A = typename AccOf<S>::type;
   constexpr int kN = Vec<S>::kN;
-  constexpr int kUnroll = kUnrollOf<S>;
   const int64_t rows = p.rows.B * p.rows.T;
   const int64_t V = p.rows.V, T = p.rows.T;
-  const A inv_temp = static_cast<A>(p.inv_temp);
+  const float c = p.inv_temp;
   const S* logits = static_cast<const S*>(p.logits);
   S* grad = static_cast<S*>(p.grad_logits);
 
@@ -28,27 +26,26 @@ __global__ void __launch_bounds__(kBlock, 1) logps_bwd_kernel(const LogpsBwdPara
     const LabelInfo lab = classify_label(p.labels.at(b, t), p.rule, V);
     const RowSplit so = split_row<S>(reinterpret_cast<uintptr_t>(out), V);
     if (lab.kind == LabelKind::kIgnored) {
-      for (int64_t i = threadIdx.x; i < so.head; i += kBlock) out[i] = store_value<S>(A(0));
+      for (int64_t i = threadIdx.x; i < so.head; i += kBlock) out[i] = from_acc<S>(0.0f);
       for (int64_t i = so.tail_begin + threadIdx.x; i < V; i += kBlock) {
-        out[i] = store_value<S>(A(0));
+        out[i] = from_acc<S>(0.0f);
       }
       Vec<S> zero;
 #pragma unroll
-      for (int j = 0; j < kN; ++j) zero.v[j] = store_value<S>(A(0));
+      for (int j = 0; j < kN; ++j) zero.v[j] = from_acc<S>(0.0f);
       Vec<S>* ov = reinterpret_cast<Vec<S>*>(out + so.head);
       for (int64_t v = threadIdx.x; v < so.nvec; v += kBlock) ov[v] = zero;
       continue;
     }
     const S* x = logits + p.rows.offset(b, t);
-    const A g = p.grad_logp.at(b, t);
-    const GradCoeffs<A> c =
-        kEntropy ? grad_coeffs<A>(g, p.grad_entropy.at(b, t), p.lse.at(b, t),
-                                  p.entropy.at(b, t), inv_temp)
-                 : grad_coeffs<A>(g, A(0), p.lse.at(b, t), A(0), inv_temp);
+    const float g = p.grad_logp.at(b, t);
+    const GradCoeffs<float> k =
+        grad_coeffs(g, kEntropy ? p.grad_entropy.at(b, t) : 0.0f, p.row_max.at(b, t),
+                    p.log_sum.at(b, t), kEntropy ? p.entropy.at(b, t) : 0.0f, c);
     const int64_t label = lab.kind == LabelKind::kLocal ? lab.local : -1;
-    const A label_g = label_grad(g, inv_temp);
-    auto value = [&](A xv, int64_t i) {
-      A d = grad_element<kEntropy>(xv, inv_temp, c);
+    const float label_g = label_grad(g, c);
+    auto value = [&](float xv, int64_t i) {
+      const float d = grad_element<kEntropy>(xv, c, k);
       return i == label ? d + label_g : d;
     };
     // Vectors need logits and gradient rows equally misaligned (always so in place).
@@ -57,29 +54,29 @@ __global__ void __launch_bounds__(kBlock, 1) logps_bwd_kernel(const LogpsBwdPara
     const int64_t head = vec ? sx.head : V, nvec = vec ? sx.nvec : 0;
     const int64_t tail = vec ? sx.tail_begin : V;
     for (int64_t i = threadIdx.x; i < head; i += kBlock) {
-      out[i] = store_value<S>(value(to_acc(x[i]), i));
+      out[i] = from_acc<S>(value(to_acc(x[i]), i));
     }
     for (int64_t i = tail + threadIdx.x; i < V; i += kBlock) {
-      out[i] = store_value<S>(value(to_acc(x[i]), i));
+      out[i] = from_acc<S>(value(to_acc(x[i]), i));
     }
     const Vec<S>* xv = reinterpret_cast<const Vec<S>*>(x + head);
     Vec<S>* ov = reinterpret_cast<Vec<S>*>(out + head);
     for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += int64_t{kBlock} * kUnroll) {
       Vec<S> w[kUnroll];
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t v = v0 + int64_t{k} * kBlock;
-        if (v < nvec) w[k] = xv[v];
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t{u} * kBlock;
+        if (v < nvec) w[u] = xv[v];
       }
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t v = v0 + int64_t{k} * kBlock;
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t{u} * kBlock;
         if (v < nvec) {
 #pragma unroll
           for (int j = 0; j < kN; ++j) {
-            w[k].v[j] = store_value<S>(value(to_acc(w[k].v[j]), head + v * kN + j));
+            w[u].v[j] = from_acc<S>(value(to_acc(w[u].v[j]), head + v * kN + j));
           }
-          ov[v] = w[k];
+          ov[v] = w[u];
         }
       }
     }
@@ -111,7 +108,6 @@ cudaError_t launch_logps_bwd(const LogpsBwdParams& p, cudaStream_t stream) {
     case DType::kFloat32: return launch_dtype<float>(p, stream);
     case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(p, stream);
     case DType::kFloat16: return launch_dtype<__half>(p, stream);
-    case DType::kFloat64: return launch_dtype<double>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

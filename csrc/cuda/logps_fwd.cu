@@ -1,6 +1,6 @@
 // CUDA forward of the log-prob row contract: one block per row (grid-stride over rows), 16-byte
-// loads, an online softmax state per thread (one rescale per kUnroll vectors), and one CUB block
-// reduction whose operator merges (max, sum, sum p*z) states.
+// loads, an online softmax state per thread over the raw logits (one rescale per kUnroll vectors),
+// and one CUB block reduction whose operator merges (max, sum, sum p*d) states.
 #include <cub/block/block_reduce.cuh>
 
 #include <cstdint>
@@ -12,19 +12,16 @@
 namespace fastdpo::cuda {
 namespace {
 
-
 template <class S, bool kEntropy, int kBlock>
 __global__ void __launch_bounds__(kBlock, 1) logps_fwd_kernel(const LogpsFwdParams p) {
-  using A = typename AccOf<S>::type;
-  using State = SoftmaxState<A>;
+  using State = SoftmaxState<float>;
   using Reduce = cub::BlockReduce<State, kBlock>;
   constexpr int kN = Vec<S>::kN;
-  constexpr int kUnroll = kUnrollOf<S>;
   __shared__ typename Reduce::TempStorage temp;
 
   const int64_t rows = p.rows.B * p.rows.T;
   const int64_t V = p.rows.V;
-  const A inv_temp = static_cast<A>(p.inv_temp);
+  const float c = p.inv_temp;
   const S* logits = static_cast<const S*>(p.logits);
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -34,24 +31,21 @@ __global__ void __launch_bounds__(kBlock, 1) logps_fwd_kernel(const LogpsFwdPara
     const LabelInfo lab = classify_label(p.labels.at(b, t), p.rule, V);
     if (lab.kind == LabelKind::kIgnored) {
       if (threadIdx.x == 0) {
-        p.logp[row] = 0.0f;
-        p.lse[row] = 0.0f;
+        p.logp[row] = p.row_max[row] = p.log_sum[row] = 0.0f;
         if (kEntropy) p.entropy[row] = 0.0f;
       }
       continue;
     }
     const S* x = logits + p.rows.offset(b, t);
     const RowSplit sp = split_row<S>(reinterpret_cast<uintptr_t>(x), V);
-    State st = state_init<A>();
-    for (int64_t i = threadIdx.x; i < sp.head; i += kBlock) {
-      update<kEntropy>(st, to_acc(x[i]) * inv_temp);
-    }
+    State st = state_init<float>();
+    for (int64_t i = threadIdx.x; i < sp.head; i += kBlock) update<kEntropy>(st, to_acc(x[i]), c);
     for (int64_t i = sp.tail_begin + threadIdx.x; i < V; i += kBlock) {
-      update<kEntropy>(st, to_acc(x[i]) * inv_temp);
+      update<kEntropy>(st, to_acc(x[i]), c);
     }
     const Vec<S>* xv = reinterpret_cast<const Vec<S>*>(x + sp.head);
     for (int64_t v0 = threadIdx.x; v0 < sp.nvec; v0 += int64_t{kBlock} * kUnroll) {
-      A vals[kUnroll][kN];
+      float vals[kUnroll][kN];
 #pragma unroll
       for (int k = 0; k < kUnroll; ++k) {
         const int64_t v = v0 + int64_t{k} * kBlock;
@@ -61,35 +55,33 @@ __global__ void __launch_bounds__(kBlock, 1) logps_fwd_kernel(const LogpsFwdPara
           for (int j = 0; j < kN; ++j) vals[k][j] = to_acc(w.v[j]);
         } else {
 #pragma unroll
-          for (int j = 0; j < kN; ++j) vals[k][j] = A(-INFINITY);  // adds exp(-inf) = 0
+          for (int j = 0; j < kN; ++j) vals[k][j] = -INFINITY;  // adds exp(-inf) = 0
         }
       }
-      A m = A(-INFINITY);
+      float m = -INFINITY;
 #pragma unroll
       for (int k = 0; k < kUnroll; ++k) {
 #pragma unroll
-        for (int j = 0; j < kN; ++j) m = Math<A>::max(vals[k][j], m);
+        for (int j = 0; j < kN; ++j) m = Math<float>::max(vals[k][j], m);
       }
-      // inv_temp > 0, so the max of x / T is (max x) / T.
-      rescale<kEntropy>(st, Math<A>::max(m * inv_temp, st.m));
-      const A neg_ref = A(0) - ref_point(st.m);
+      rescale<kEntropy>(st, Math<float>::max(m, st.m), c);
+      const float ref = ref_point(st.m);
 #pragma unroll
       for (int k = 0; k < kUnroll; ++k) {
 #pragma unroll
         for (int j = 0; j < kN; ++j) {
-          accumulate<kEntropy>(st.s, st.t, Math<A>::fma(vals[k][j], inv_temp, neg_ref));
+          accumulate<kEntropy>(st.s, st.t, scaled_diff(vals[k][j], ref, c, 0.0f));
         }
       }
     }
-    st = Reduce(temp).Reduce(st, MergeOp<kEntropy>{});
+    st = Reduce(temp).Reduce(st, MergeOp<kEntropy, float>{c});
     if (threadIdx.x == 0) {
-      A lse, ent;
-      finalize(st, lse, ent);
-      p.lse[row] = static_cast<float>(lse);
-      if (kEntropy) p.entropy[row] = static_cast<float>(ent);
-      const A z_label = lab.kind == LabelKind::kLocal ? to_acc(x[lab.local]) * inv_temp : A(0);
-      p.logp[row] = lab.kind == LabelKind::kInvalid ? __int_as_float(0x7fc00000)
-                                                    : static_cast<float>(z_label - lse);
+      const RowStats<float> r = finalize(st);
+      p.row_max[row] = r.row_max;
+      p.log_sum[row] = r.log_sum;
+      if (kEntropy) p.entropy[row] = r.entropy;
+      const float x_label = lab.kind == LabelKind::kLocal ? to_acc(x[lab.local]) : 0.0f;
+      p.logp[row] = label_logp(lab.kind, x_label, r, c);
     }
     __syncthreads();  // the next row reuses `temp`
   }
@@ -121,7 +113,6 @@ cudaError_t launch_logps_fwd(const LogpsFwdParams& p, cudaStream_t stream) {
     case DType::kFloat32: return launch_dtype<float>(p, stream);
     case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(p, stream);
     case DType::kFloat16: return launch_dtype<__half>(p, stream);
-    case DType::kFloat64: return launch_dtype<double>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -21,26 +21,26 @@ void check_cuda_rows(const at::Tensor& logits, const char* op) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logps_fwd_cuda(
-    const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, double temperature,
-    int64_t vocab_start, int64_t vocab_total, bool with_entropy) {
+FwdResult logps_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
+                         double temperature, int64_t vocab_start, int64_t vocab_total,
+                         bool with_entropy) {
   FwdOutputs out;
   const LogpsFwdParams p = prepare_fwd(logits, labels, ignore_index, temperature, vocab_start,
                                        vocab_total, with_entropy, out);
   check_cuda_rows(logits, "native_logps_fwd");
   const c10::cuda::CUDAGuard guard(logits.device());
   C10_CUDA_CHECK(cuda::launch_logps_fwd(p, c10::cuda::getCurrentCUDAStream().stream()));
-  return {out.logp, out.lse, out.entropy};
+  return {out.logp, out.row_max, out.log_sum, out.entropy};
 }
 
 void logps_bwd_cuda(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                    const std::optional<at::Tensor>& entropy, int64_t ignore_index,
-                    double temperature, int64_t vocab_start, int64_t vocab_total,
-                    const at::Tensor& grad_logits) {
+                    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& row_max,
+                    const at::Tensor& log_sum, const std::optional<at::Tensor>& entropy,
+                    int64_t ignore_index, double temperature, int64_t vocab_start,
+                    int64_t vocab_total, const at::Tensor& grad_logits) {
   const LogpsBwdParams p =
-      prepare_bwd(grad_logp, grad_entropy, logits, labels, lse, entropy, ignore_index,
-                  temperature, vocab_start, vocab_total, grad_logits);
+      prepare_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
+                  ignore_index, temperature, vocab_start, vocab_total, grad_logits);
   check_cuda_rows(logits, "native_logps_bwd");
   const c10::cuda::CUDAGuard guard(logits.device());
   C10_CUDA_CHECK(cuda::launch_logps_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));

@@ -1,8 +1,13 @@
 """The autograd Function of the fused LM head: per-token log-probs from hidden states.
 
-Saves the caller's own ``hidden`` / ``weight`` / ``bias`` plus O(tokens) (labels, log-sum-exp,
+Saves the caller's own ``hidden`` / ``weight`` / ``bias`` plus O(tokens) (labels, row statistics,
 entropy); the backward recomputes the logits tile by tile. Gradients come back in the caller's
 shapes and dtypes; a weight used elsewhere too (tied embeddings) accumulates as usual.
+
+A frozen head (only ``hidden`` needs a gradient, no entropy, one device) takes another path: the
+forward also forms each token's ``d logp / d hidden`` (an ``(N, H)`` fp32 tensor, see
+:func:`fastdpo.chunked.linear.frozen_head_forward`) and the backward only scales it, so the pass
+costs 2 matmuls instead of 3.
 
 ``shift`` pairs position ``t`` with label ``t + 1`` without touching ``hidden``: every row keeps its
 place and the labels move instead, the last position of each sequence getting ``ignore_index``
@@ -14,7 +19,9 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..chunked.linear import frozen_head_forward
 from .logps import row_grads
+from .options import RowOptions, refuse_double_backward
 
 
 def flat_rows(hidden, labels, shift: bool, ignore_index: int):
@@ -30,52 +37,68 @@ def flat_rows(hidden, labels, shift: bool, ignore_index: int):
     return h2, labels.reshape(-1)
 
 
-def forward_rows(backend, h2, weight, bias, lab, ignore_index, temperature, logit_scale, softcap,
-                 vocab_start, vocab_total, with_entropy):
-    return ops.get_op(backend, "linear_logps_fwd")(
-        h2, weight, bias, lab, ignore_index, float(temperature), float(logit_scale),
-        float(softcap or 0.0), vocab_start, vocab_total, with_entropy)
+def forward_rows(opts: RowOptions, h2, weight, bias, lab):
+    """``(logp, row_max, log_sum, entropy)`` of the fused op, combined over shards if any."""
+    out = ops.get_op(opts.backend, "linear_logps_fwd")(
+        h2, weight, bias, lab, opts.ignore_index, float(opts.temperature),
+        float(opts.logit_scale), float(opts.softcap), opts.vocab_start, opts.vocab_total,
+        opts.with_entropy)
+    if opts.shards is not None:  # vocabulary-parallel head: global row statistics
+        out = opts.shards.combine(*out, lab, opts.temperature, opts.with_entropy)
+    return out
 
 
 class LinearTokenLogps(torch.autograd.Function):
     """Outputs ``(logp, entropy)`` shaped like ``labels`` (unshifted: the caller slices)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, backend, ignore_index, temperature, logit_scale,
-                softcap, shift, with_entropy, deterministic, vocab_start, vocab_total,
-                shards=None):
-        h2, lab = flat_rows(hidden, labels, shift, ignore_index)
-        logp, lse, ent = forward_rows(backend, h2, weight, bias, lab, ignore_index, temperature,
-                                      logit_scale, softcap, vocab_start, vocab_total, with_entropy)
-        if shards is not None:  # vocabulary-parallel head: global row statistics
-            logp, lse, ent = shards.combine(logp, lse, ent, lab, weight.shape[0])
-        ctx.save_for_backward(hidden, weight, bias, lab, lse, ent if with_entropy else None)
-        ctx.opts = (backend, ignore_index, temperature, logit_scale, softcap, deterministic,
-                    vocab_start, vocab_total, shards)
+    def forward(ctx, hidden, weight, bias, labels, opts: RowOptions):
+        h2, lab = flat_rows(hidden, labels, opts.shift, opts.ignore_index)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        ctx.unit = None
+        if (need_h and not need_w and not (need_b and bias is not None) and not opts.with_entropy
+                and opts.shards is None and opts.vocab_start == 0):
+            logp, row_max, log_sum, ctx.unit = frozen_head_forward(
+                opts.backend, h2, weight, bias, lab, opts.ignore_index, opts.temperature,
+                opts.logit_scale, opts.softcap)
+            ctx.hidden_meta = (hidden.shape, hidden.dtype)
+            ctx.set_materialize_grads(False)
+            ent = logp.new_empty((0,))
+            ctx.mark_non_differentiable(ent)
+            return logp.view(labels.shape), ent
+        logp, row_max, log_sum, ent = forward_rows(opts, h2, weight, bias, lab)
+        ctx.save_for_backward(hidden, weight, bias, lab, row_max, log_sum,
+                              ent if opts.with_entropy else None)
+        ctx.opts = opts
         ctx.set_materialize_grads(False)
-        if with_entropy:
+        if opts.with_entropy:
             ent = ent.view(labels.shape)
         else:
             ctx.mark_non_differentiable(ent)
         return logp.view(labels.shape), ent
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, lab, lse, ent = ctx.saved_tensors
-        (backend, ignore_index, temperature, logit_scale, softcap, deterministic, vocab_start,
-         vocab_total, shards) = ctx.opts
+        refuse_double_backward("the fused LM head")
+        if ctx.unit is not None:  # frozen head: d hidden = grad_logp * (d logp / d hidden)
+            shape, dtype = ctx.hidden_meta
+            if grad_logp is None:
+                return None, None, None, None, None
+            d_h = ctx.unit * grad_logp.reshape(-1, 1).to(ctx.unit.dtype)
+            return d_h.to(dtype).view(shape), None, None, None, None
+        hidden, weight, bias, lab, row_max, log_sum, ent = ctx.saved_tensors
+        opts: RowOptions = ctx.opts
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        none = (None,) * 12
+        need_b = bool(need_b and bias is not None)
         if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
-            return (None, None, None) + none
-        grad_logp, grad_entropy = row_grads(grad_logp, grad_entropy, lse, ent)
+            return None, None, None, None, None
+        grad_logp, grad_entropy = row_grads(grad_logp, grad_entropy, row_max, ent)
         h2 = hidden.reshape(-1, hidden.shape[-1])
-        d_h, d_w, d_b = ops.get_op(backend, "linear_logps_bwd")(
-            grad_logp, grad_entropy, h2, weight, bias, lab, lse, ent, ignore_index,
-            float(temperature), float(logit_scale), float(softcap or 0.0), vocab_start,
-            vocab_total, need_h, need_w, bool(need_b and bias is not None), deterministic)
-        if shards is not None and need_h:  # each shard holds part of the sum over the vocabulary
-            shards.reduce_hidden_grad(d_h)
+        d_h, d_w, d_b = ops.get_op(opts.backend, "linear_logps_bwd")(
+            grad_logp, grad_entropy, h2, weight, bias, lab, row_max, log_sum, ent,
+            opts.ignore_index, float(opts.temperature), float(opts.logit_scale),
+            float(opts.softcap), opts.vocab_start, opts.vocab_total, need_h, need_w, need_b)
+        if opts.shards is not None and need_h:  # each shard holds part of the vocabulary sum
+            opts.shards.reduce_hidden_grad(d_h)
         return ((d_h.view(hidden.shape) if need_h else None), (d_w if need_w else None),
-                (d_b if need_b and bias is not None else None)) + none
+                (d_b if need_b else None), None, None)

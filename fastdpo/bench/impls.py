@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import shutil
 from dataclasses import dataclass, field
 
@@ -85,25 +84,12 @@ def dpo_sigmoid(pol, ref, beta):
     return -F.logsigmoid(beta * margin).mean()
 
 
-def fastdpo_dpo_loss():
-    """``fastdpo.losses.dpo_loss`` adapted to (policy, reference) stacked logps, else None."""
-    try:
-        losses = importlib.import_module("fastdpo.losses")
-        fn = getattr(losses, "dpo_loss")
-    except Exception:  # noqa: BLE001 - the losses package may not exist yet
-        return None
-    params = inspect.signature(fn).parameters
-    names = list(params)
+def fastdpo_dpo(pol, ref, beta):
+    """``fastdpo.dpo_loss`` (sigmoid) on ``[chosen; rejected]`` stacked per-sequence log-probs."""
+    from fastdpo import dpo_loss
 
-    def loss(pol, ref, beta):
-        n = pol.shape[0] // 2
-        pc, pr, rc, rr = pol[:n], pol[n:], ref[:n], ref[n:]
-        kw = {"beta": beta} if "beta" in params else {}
-        out = fn(pc, pr, rc, rr, **kw) if len(names) >= 4 else fn(pol, ref, **kw)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        out = getattr(out, "loss", out)
-        return out.mean() if out.dim() else out
-
+    n = pol.shape[0] // 2
+    loss, _ = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], beta=beta)
     return loss
 
 
@@ -123,11 +109,6 @@ def _fastdpo_reason(backend: str):
             backends.resolve(backend, device, dtype)
         except (RuntimeError, TypeError) as exc:
             return str(exc)
-        if kind != "logits":
-            try:
-                importlib.import_module("fastdpo.linear").linear_sequence_logps  # noqa: B018
-            except Exception as exc:  # noqa: BLE001 - the fused-linear path may not exist yet
-                return f"fastdpo.linear unavailable: {type(exc).__name__}: {exc}"
         return ""
 
     return reason
@@ -144,10 +125,10 @@ def _fastdpo_impl(backend: str, inplace: bool) -> Impl:
         return f
 
     def lin(case):
-        from fastdpo.linear import linear_sequence_logps
+        import fastdpo
 
         def f(hidden, weight, labels):
-            return linear_sequence_logps(hidden, weight, labels, backend=backend)
+            return fastdpo.linear_sequence_logps(hidden, weight, labels, backend=backend)
 
         return f
 

@@ -9,12 +9,15 @@ import torch
 
 from . import memory as mem
 from . import report
+from .ceilings import Ceilings, goals
 from .impls import by_name
 from .machine import machine_info, machine_tag
+from .presets import GPU_GOALS, NATIVE_TARGET, preset
 from .runner import native_target_memory, native_target_summary, run_preset
-from .workloads import NATIVE_TARGET, preset
 
 GiB = 1 << 30
+# Share of --time-limit the timed sweep may use before the memory profile starts.
+SWEEP_SHARE = 0.8
 
 
 def default_device() -> str:
@@ -23,6 +26,14 @@ def default_device() -> str:
 
 def _impls(names):
     return by_name(names.split(",") if isinstance(names, str) else names)
+
+
+def _write_plot(rows, key, ylabel, title, out, kind, tag, ts, say, **kw) -> list[Path]:
+    why = report.plots_unavailable()
+    if why:
+        say(f"plots skipped: {why} (JSON and CSV written)")
+        return []
+    return report.write_plot(rows, key, ylabel, title, out, kind, tag, ts, **kw)
 
 
 def print_native_target(s: dict, log=print) -> None:
@@ -45,16 +56,26 @@ def print_native_target(s: dict, log=print) -> None:
         log(f"  peak goal {key[0]}: {'met' if s['met'][key[0]] else 'NOT met'}")
 
 
+def print_goals(rows: list[dict], log=print) -> list[dict]:
+    g = goals(rows, GPU_GOALS)
+    if g:
+        log("\ngoals (fastdpo rows against the same run's ceilings):")
+        for x in g:
+            log(f"  {x['impl']:18s} {x['case']:44s} {x['measure']:13s} {x['value']:6.3f} "
+                f"(goal {x['goal']}: {'met' if x['met'] else 'NOT met'})")
+    return g
+
+
 def memory_job(preset_name, device, out: Path, *, impls=None, budget_gib=None, seq_len=2048,
-               machine=None, log=print, extra_rows=()) -> dict:
+               machine=None, log=print, extra_rows=(), deadline=None) -> dict:
     machine = machine or machine_info()
     p = preset(preset_name, device)
     impl_list = _impls(impls) if impls else [i for i in by_name() if i.kinds != ("linear_dpo",)]
     log(f"memory profile ({preset_name}, {device}): {len(p.memory_cases)} cases")
     t0 = time.perf_counter()
     rows = list(extra_rows) + mem.profile(
-        p.memory_cases, impl_list, device, log=log,
-        skip=lambda i, c: bool(p.skip_reason(i, c, "memory")))
+        p.memory_cases, impl_list, device, log=log, isolated=p.memory_isolated,
+        skip=lambda i, c: bool(p.skip_reason(i, c, "memory")), deadline=deadline)
     fits = mem.fit_scaling(rows)
     budgets = mem.budget(fits, budget_gib, seq_len) if budget_gib else []
     log("\n" + mem.table(rows))
@@ -80,45 +101,63 @@ def memory_job(preset_name, device, out: Path, *, impls=None, budget_gib=None, s
            "elapsed_s": time.perf_counter() - t0}
     files = report.write_json(obj, out, "memory", tag, ts)
     files += report.write_csv(rows, machine, out, "memory", tag, ts)
-    files += report.write_plot(rows, "peak_extra_bytes", "extra peak memory (GiB)",
-                               "peak memory of the step beyond its inputs\n"
-                               f"{report.machine_line(machine, sep=chr(10))}", out, "memory",
-                               tag, ts, scale=1 / GiB, log=False)
+    files += _write_plot(rows, "peak_extra_bytes", "extra peak memory (GiB)",
+                         "peak memory of the step beyond its inputs\n"
+                         f"{report.machine_line(machine, sep=chr(10))}", out, "memory", tag, ts,
+                         log, scale=1 / GiB, log=False)
     log("\nwrote " + ", ".join(str(f) for f in files))
     return obj
 
 
 def bench_job(preset_name, device, out: Path, *, impls=None, workloads=None, with_memory=True,
-              budget_gib=None, seq_len=2048, log=print) -> dict:
+              budget_gib=None, seq_len=2048, log=print, time_limit_s=None) -> dict:
+    """Timed sweep, then the memory report. ``time_limit_s``: the sweep stops starting new pairs
+    after ``SWEEP_SHARE`` of it, the memory profile at the end of it (the rest are ``skipped``
+    rows); rows are also appended to ``bench-partial.jsonl`` as they are measured."""
     machine = machine_info()
+    start = time.monotonic()
+    sweep_deadline = start + SWEEP_SHARE * time_limit_s if time_limit_s else None
+    end = start + time_limit_s if time_limit_s else None
     p = preset(preset_name, device)
     impl_list = _impls(impls) if impls else by_name()
     log(f"fastdpo bench --{preset_name} on {report.machine_line(machine)}")
     if machine["triton_interpret"]:
         log("note: TRITON_INTERPRET is set; Triton implementations on CPU are not timed")
     t0 = time.perf_counter()
-    rows = run_preset(p, impl_list, device, log=log, workloads=workloads)
+    ceil = Ceilings(device, log=log)
+    partial = out / "bench-partial.jsonl"
+    partial.unlink(missing_ok=True)
+    rows = run_preset(p, impl_list, device, log=log, workloads=workloads,
+                      deadline=sweep_deadline, ceiling=ceil,
+                      on_row=lambda r: report.append_jsonl(r, partial))
     target_mem = []
-    if with_memory and (not workloads or NATIVE_TARGET.workload in workloads):
+    if with_memory and p.has_native_target and (not workloads or
+                                                NATIVE_TARGET.workload in workloads):
         log("\nnative target: peak memory per implementation (isolated processes)")
-        target_mem = native_target_memory(impl_list, device, p, log=log)
+        target_mem = native_target_memory(impl_list, device, p, log=log, deadline=end)
     summary = native_target_summary(rows, target_mem, device)
-    print_native_target(summary, log)
+    if p.has_native_target:
+        print_native_target(summary, log)
+    goal_rows = print_goals(rows, log)
     tag, ts = machine_tag(machine), report.stamp(machine)
     obj = {"kind": "bench", "machine": machine, "preset": preset_name, "device": device,
            "timing": {"cpu": "time.perf_counter around one step", "cuda": "CUDA events, L2 "
                       "flushed before each repeat", "warmup": p.warmup, "repeats": p.repeats,
-                      "statistic": "median; spread = quartiles, min, max"},
+                      "statistic": "median; spread = quartiles, min, max",
+                      "peak": "peak_allocated_bytes: torch.cuda.max_memory_allocated over the "
+                              "repeats, inputs included"},
+           "ceilings": ceil.to_dict(), "goals": goal_rows, "time_limit_s": time_limit_s,
            "rows": rows, "native_target": summary, "elapsed_s": time.perf_counter() - t0}
     files = report.write_json(obj, out, "bench", tag, ts)
     files += report.write_csv(rows, machine, out, "bench", tag, ts)
-    files += report.write_plot(rows, "median_s", "median time per step (ms)",
-                               f"time per step\n{report.machine_line(machine)}", out, "bench",
-                               tag, ts, scale=1e3)
+    files += _write_plot(rows, "median_s", "median time per step (ms)",
+                         f"time per step\n{report.machine_line(machine)}", out, "bench", tag, ts,
+                         log, scale=1e3)
     log("\nwrote " + ", ".join(str(f) for f in files))
     if with_memory:
         log("")
         obj["memory"] = memory_job(preset_name, device, out, impls=impls, budget_gib=budget_gib,
                                    seq_len=seq_len, machine=machine, log=log,
-                                   extra_rows=target_mem)
+                                   extra_rows=target_mem, deadline=end)
+    partial.unlink(missing_ok=True)
     return obj

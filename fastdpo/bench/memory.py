@@ -162,13 +162,41 @@ def run_isolated(case: Case, impl_name: str, device, *, timeout: float = 900,
     return json.loads(lines[-1])
 
 
+def _finish(row: dict, case: Case) -> dict:
+    if row.get("status") == "ok":
+        lb = case.logits_bytes()
+        row["peak_extra_x_logits"] = row["peak_extra_bytes"] / lb
+        row["peak_total_bytes"] = row["peak_extra_bytes"] + row["inputs_bytes"]
+        row["peak_total_x_logits"] = row["peak_total_bytes"] / lb
+    return row
+
+
+def _in_process(case: Case, impl: Impl, device, saved: bool) -> dict:
+    try:
+        return {"status": "ok", **measure_case(case, impl, device, saved=saved)}
+    except Exception as exc:  # noqa: BLE001
+        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def profile(cases, impls: list[Impl], device, *, isolated: bool | None = None, saved=True,
-            log=print, skip=None) -> list[dict]:
+            log=print, skip=None, deadline: float | None = None,
+            workers: int | None = None) -> list[dict]:
     """Rows of peak memory for every (case, implementation) that can run here; ``skip(impl,
-    case)`` true leaves a pair out (a preset saving time)."""
+    case)`` true leaves a pair out (a preset saving time). Isolated children run ``workers`` at
+    a time (default: 2 when the machine has 2 cores or more; peaks are per process, so children
+    side by side do not disturb each other's readings). ``deadline`` (``time.monotonic()``):
+    pairs not started by then are ``skipped``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .ceilings import estimate_s
+    from .progress import Progress
+
     device = torch.device(device)
     isolated = device.type == "cpu" if isolated is None else isolated
-    rows = []
+    rows, todo = [], []
     for case in cases:
         for impl in impls:
             if not supports(impl, case) or (skip and skip(impl, case)):
@@ -178,31 +206,46 @@ def profile(cases, impls: list[Impl], device, *, isolated: bool | None = None, s
             why = unavailable(impl, case, device)
             if why:
                 rows.append({**row, "status": "unavailable", "reason": why})
-                continue
-            t0 = time.perf_counter()
-            if isolated:
-                res = run_isolated(case, impl.name, device, saved=saved)
             else:
-                try:
-                    res = {"status": "ok", **measure_case(case, impl, device, saved=saved)}
-                except Exception as exc:  # noqa: BLE001
-                    res = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
-                finally:
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-            row.update(res)
-            if row.get("status") == "ok":
-                lb = case.logits_bytes()
-                row["peak_extra_x_logits"] = row["peak_extra_bytes"] / lb
-                row["peak_total_bytes"] = row["peak_extra_bytes"] + row["inputs_bytes"]
-                row["peak_total_x_logits"] = row["peak_total_bytes"] / lb
+                todo.append((case, impl, row))
+    if not todo:
+        return rows
+    workers = workers or (min(2, os.cpu_count() or 1) if isolated else 1)
+
+    class _P:  # the cost model's preset: one warm-up run and one measured run
+        warmup, repeats, max_seconds = 1, 1, 0.0
+
+    startup = 6.0 if isolated else 0.0
+    how = f"isolated processes, {workers} at a time" if isolated else "in process"
+    prog = Progress(f"memory profile ({how})",
+                    [(startup + estimate_s(c, i, _P, device)) / workers for c, i, _ in todo], log)
+
+    def one(item):
+        case, impl, row = item
+        t0 = time.perf_counter()
+        if deadline is not None and time.monotonic() > deadline:
+            res = {"status": "skipped", "reason": "the run's time limit was spent before this pair"}
+        elif isolated:
+            res = run_isolated(case, impl.name, device, saved=saved)
+        else:
+            res = _in_process(case, impl, device, saved)
+        return _finish({**row, **res}, case), time.perf_counter() - t0
+
+    # In-process profiles stay on this thread (CUDA streams, torch.compile).
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(one, todo) if workers > 1 else map(one, todo)
+        for k, (row, dt) in enumerate(results):
             rows.append(row)
-            if log and row.get("status") != "unavailable":
+            prog.done(k)
+            if log:
                 extra = (f"extra {row['peak_extra_bytes'] / GiB:.3f} GiB = "
                          f"{row['peak_extra_x_logits']:.2f}x logits"
-                         if row.get("status") == "ok" else row.get("reason", ""))
-                log(f"  [memory] {case.label():55s} {impl.name:28s} {extra} "
-                    f"({time.perf_counter() - t0:.0f} s)")
+                         if row.get("status") == "ok" else
+                         f"{row.get('status')}: {row.get('reason', '')}")
+                case = todo[k][0]
+                log(f"  [memory] {prog.tag(k)} {case.label():52s} {row['impl']:28s} {extra} "
+                    f"({dt:.0f} s)")
+    prog.finish()
     return rows
 
 

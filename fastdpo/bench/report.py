@@ -33,6 +33,13 @@ def write_json(obj: dict, out_dir: Path, kind: str, tag: str, ts: str) -> list[P
     return [p, _latest(p, kind)]
 
 
+def append_jsonl(row: dict, path: Path) -> None:
+    """One row per line as it is measured: what an interrupted run leaves behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+
+
 def _flat(machine: dict) -> dict:
     gpu = machine.get("gpu") or {}
     return {"machine_cpu_model": machine.get("cpu_model"),
@@ -69,11 +76,21 @@ def _groups(rows, value_key):
     return {k: v for k, v in g.items() if any(len(p) > 1 for p in v.values())}
 
 
+def plots_unavailable() -> str:
+    """Why plots can't be drawn here ("" when they can): matplotlib is optional."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        return f"matplotlib is not installed ({exc})"
+    return ""
+
+
 def plot_vs_vocab(rows, value_key, ylabel, title, path: Path, scale=1.0,
                   log=True) -> Path | None:
-    """One panel per (workload, dtype, tokens), one line per implementation."""
+    """One panel per (workload, dtype, tokens), one line per implementation; None when there is
+    nothing to draw or matplotlib is missing (:func:`plots_unavailable`)."""
     groups = _groups(rows, value_key)
-    if not groups:
+    if not groups or plots_unavailable():
         return None
     import matplotlib
 

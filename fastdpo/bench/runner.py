@@ -3,7 +3,10 @@
 Each row carries the case, the implementation, its status (``ok``, ``unavailable`` with the reason,
 ``skipped`` with the reason, ``error`` with the message) and, when timed, median and spread over the
 repeats plus speedups against every peer timed on the same case (``speedup_vs_eager`` is
-``eager_median / this_median``).
+``eager_median / this_median``). Against the same run's ceilings (:mod:`.ceilings`): a logits-path
+row reports the bandwidth it achieved over the bytes it cannot avoid, as a fraction of a
+device-to-device copy; a fused LM-head row its time as a multiple of the bare matrix products of
+its shapes, and their FLOPs. On CUDA each row also has the peak allocated memory of its repeats.
 """
 
 from __future__ import annotations
@@ -13,41 +16,52 @@ import time
 
 import torch
 
+from . import ceilings
 from . import memory as mem
 from .impls import Impl
+from .presets import NATIVE_TARGET, NATIVE_TARGET_GOALS, Preset
+from .progress import Progress
 from .timing import measure
-from .workloads import (NATIVE_TARGET, NATIVE_TARGET_GOALS, Case, Preset,
-                        build_step, supports, unavailable)
+from .workloads import Case, build_step, supports, unavailable
 
 
 def time_case(case: Case, impl: Impl, device, *, warmup: int, repeats: int,
-              max_seconds: float | None) -> dict:
+              max_seconds: float | None, ceiling: ceilings.Ceilings | None = None) -> dict:
     device = torch.device(device)
     row = {**case.to_dict(), "device": device.type, "impl": impl.name, "family": impl.family,
            "note": impl.note, "logits_bytes": case.logits_bytes()}
     why = unavailable(impl, case, device)
     if why:
         return {**row, "status": "unavailable", "reason": why}
+    cuda = device.type == "cuda"
     try:
         step = build_step(case, impl, device)
         t0 = time.perf_counter()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         t = measure(step.run, setup=step.setup, device=device, warmup=warmup, repeats=repeats,
                     max_seconds=max_seconds)
         row["wall_s"] = time.perf_counter() - t0
+        if cuda:  # inputs included: what the step needs on the device, all told
+            row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     except Exception as exc:  # noqa: BLE001 - one failing implementation doesn't stop the sweep
         msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
         return {**row, "status": "error", "reason": msg}
     finally:
         gc.collect()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.empty_cache()
     row.update(status="ok", **{k: v for k, v in t.to_dict().items() if k != "samples_s"},
                samples_s=t.samples_s)
     row["tokens_per_s"] = case.tokens * (2 if case.workload == "dpo_step" else 1) / t.median_s
-    # Effective bandwidth over the logits the step must read at least once (logits workloads).
     if case.kind == "logits":
-        n_logits = 2 if case.workload == "dpo_step" else 1
-        row["logits_gbps"] = n_logits * case.logits_bytes() / t.median_s / 1e9
+        row["min_bytes"] = case.logits_passes() * case.logits_bytes()
+        row["achieved_gbps"] = row["min_bytes"] / t.median_s / 1e9
+    if case.gemms():
+        row["flops"] = case.flops()
+        row["tflops"] = row["flops"] / t.median_s / 1e12
+    if ceiling is not None:
+        row.update(ceiling.relate(case, t.median_s))
     return row
 
 
@@ -67,9 +81,9 @@ def add_ratios(rows: list[dict]) -> None:
                     r[f"speedup_vs_{other}"] = t / r["median_s"]
 
 
-def run_preset(p: Preset, impls: list[Impl], device, *, log=print, workloads=None) -> list[dict]:
-    rows = []
-    told = set()  # implementations whose unavailability was already printed
+def _plan(p: Preset, impls, device, workloads):
+    """The (case, impl) pairs to time and the rows of those the preset leaves out."""
+    todo, skipped = [], []
     for case in p.cases:
         if workloads and case.workload not in workloads:
             continue
@@ -77,30 +91,53 @@ def run_preset(p: Preset, impls: list[Impl], device, *, log=print, workloads=Non
             if not supports(impl, case):
                 continue
             skip = p.skip_reason(impl, case, "time")
-            if skip:
-                if case != NATIVE_TARGET:
-                    rows.append({**case.to_dict(), "device": torch.device(device).type,
-                                 "impl": impl.name, "family": impl.family, "status": "skipped",
-                                 "reason": skip})
-                continue
+            if not skip:
+                todo.append((case, impl))
+            elif case != NATIVE_TARGET:
+                skipped.append({**case.to_dict(), "device": torch.device(device).type,
+                                "impl": impl.name, "family": impl.family, "status": "skipped",
+                                "reason": skip})
+    return todo, skipped
+
+
+def run_preset(p: Preset, impls: list[Impl], device, *, log=print, workloads=None,
+               deadline: float | None = None, ceiling: ceilings.Ceilings | None = None,
+               on_row=None) -> list[dict]:
+    """Time the preset's cases. ``deadline`` (``time.monotonic()``): pairs not started by then are
+    rows with status ``skipped`` (the preset orders its cases most important first).
+    The first pair always runs. ``on_row(row)`` sees each row as it is made (partial results
+    survive an interrupted run)."""
+    todo, rows = _plan(p, impls, device, workloads)
+    told = set()  # implementations whose unavailability was already printed
+    prog = Progress("timed sweep", [ceilings.estimate_s(c, i, p, device) for c, i in todo], log)
+    for k, (case, impl) in enumerate(todo):
+        if deadline is not None and k > 0 and time.monotonic() > deadline:
+            row = {**case.to_dict(), "device": torch.device(device).type, "impl": impl.name,
+                   "family": impl.family, "status": "skipped",
+                   "reason": "the run's time limit was spent before this pair"}
+        else:
             row = time_case(case, impl, device, warmup=p.warmup, repeats=p.repeats,
-                            max_seconds=p.max_seconds)
-            rows.append(row)
-            if log and not (row["status"] == "unavailable" and impl.name in told):
-                if row["status"] == "unavailable":
-                    told.add(impl.name)
-                if row["status"] == "ok":
-                    msg = (f"{row['median_s'] * 1e3:10.2f} ms  (IQR {row['iqr_rel'] * 100:4.1f}%,"
-                           f" n={row['repeats']})")
-                else:
-                    msg = f"{row['status']}: {row['reason']}"
-                log(f"  {case.label():55s} {impl.name:30s} {msg}")
+                            max_seconds=p.max_seconds, ceiling=ceiling)
+        rows.append(row)
+        if on_row:
+            on_row(row)
+        prog.done(k)
+        if log and not (row["status"] in ("unavailable", "skipped") and impl.name in told):
+            if row["status"] in ("unavailable", "skipped"):
+                told.add(impl.name)
+            if row["status"] == "ok":
+                msg = (f"{row['median_s'] * 1e3:10.3f} ms  (IQR {row['iqr_rel'] * 100:4.1f}%,"
+                       f" n={row['repeats']}){ceilings.describe(row)}")
+            else:
+                msg = f"{row['status']}: {row['reason']}"
+            log(f"  {prog.tag(k)} {case.label():52s} {impl.name:30s} {msg}")
+    prog.finish()
     add_ratios(rows)
     return rows
 
 
 def native_target_summary(rows: list[dict], mem_rows: list[dict], device) -> dict:
-    """The issue-3 target on this machine: speedups of fastdpo[native] and its peak memory."""
+    """The native CPU target on this machine: speedups of fastdpo[native] and its peak memory."""
     case = NATIVE_TARGET
     mine = [r for r in rows if r["impl"] == "fastdpo[native]" and r.get("status") == "ok"
             and r["workload"] == case.workload and r["vocab"] == case.vocab
@@ -132,6 +169,7 @@ def native_target_summary(rows: list[dict], mem_rows: list[dict], device) -> dic
     return out
 
 
-def native_target_memory(impls: list[Impl], device, p: Preset, log=print) -> list[dict]:
+def native_target_memory(impls: list[Impl], device, p: Preset, log=print,
+                         deadline=None) -> list[dict]:
     chosen = [i for i in impls if not p.skip_reason(i, NATIVE_TARGET, "memory")]
-    return mem.profile([NATIVE_TARGET], chosen, device, log=log)
+    return mem.profile([NATIVE_TARGET], chosen, device, log=log, deadline=deadline)

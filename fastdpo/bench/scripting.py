@@ -13,7 +13,8 @@ from . import report
 from .impls import by_name
 from .machine import machine_info, machine_tag
 from .runner import add_ratios, run_preset
-from .workloads import NATIVE_TARGET, NATIVE_TARGET_IMPLS, build_step, preset, supports
+from .presets import NATIVE_TARGET, NATIVE_TARGET_IMPLS, preset
+from .workloads import build_step, supports
 from .workloads import unavailable as why_not
 
 
@@ -25,7 +26,13 @@ def cases_for(workloads, preset_name="quick", device=None, native_target=False):
     p = preset(preset_name, _device(device))
     if native_target:
         return p, [NATIVE_TARGET]
-    return p, [c for c in p.cases if c.workload in workloads and c != NATIVE_TARGET]
+    cases = [c for c in p.cases if c.workload in workloads and c != NATIVE_TARGET]
+    if not cases:  # the quick preset keeps headline figures only: the full sweep's smallest size
+        full = [c for c in preset("full", _device(device)).cases
+                if c.workload in workloads and c != NATIVE_TARGET]
+        small = min((c.tokens, c.dtype != full[0].dtype) for c in full)
+        cases = [c for c in full if (c.tokens, c.dtype != full[0].dtype) == small]
+    return p, cases
 
 
 def main(name: str, workloads, argv=None, native_target=False, script=None) -> int:

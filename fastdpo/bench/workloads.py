@@ -1,4 +1,4 @@
-"""Workloads (what one timed step does), their inputs, and the ``--quick`` / ``--full`` presets.
+"""Workloads (what one timed step does) and their inputs; the presets are in :mod:`.presets`.
 
 A :class:`Case` fixes shapes and dtype; :func:`build_step` turns (case, implementation) into a
 :class:`Step`: ``setup()`` makes the step's inputs (fresh ones when the implementation destroys
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .impls import IGNORE_INDEX, Impl, dpo_sigmoid, fastdpo_dpo_loss
+from .impls import IGNORE_INDEX, Impl, dpo_sigmoid, fastdpo_dpo
 
 WORKLOADS = ("logps_fwd", "logps_fwd_bwd", "logps_ref", "linear_fwd_bwd", "dpo_step",
              "linear_dpo_step")
@@ -56,6 +56,26 @@ class Case:
     def logits_bytes(self) -> int:
         """Bytes of one (B, T, V) logits tensor in the case's dtype (the unit of memory reports)."""
         return self.tokens * self.vocab * self.torch_dtype.itemsize
+
+    def logits_passes(self) -> int:
+        """Logits-sized passes over memory the step cannot avoid: the forward reads the logits
+        once; the backward reads them again and writes the gradient; a DPO step adds the
+        reference logits, read once."""
+        return {"logps_fwd": 1, "logps_ref": 1, "logps_fwd_bwd": 3, "dpo_step": 4}.get(
+            self.workload, 0)
+
+    def gemms(self) -> tuple:
+        """``(M, N, K)`` of the matrix products a fused LM-head step stands for: logits
+        ``hidden @ weight.T``, then ``d_hidden = g @ weight`` and ``d_weight = g.T @ hidden``
+        (the reference pass of a DPO step: one more forward product)."""
+        if self.kind not in ("linear", "linear_dpo"):
+            return ()
+        N, V, H = self.tokens, self.vocab, self.hidden
+        step = ((N, V, H), (N, H, V), (V, H, N))
+        return step + ((N, V, H),) if self.kind == "linear_dpo" else step
+
+    def flops(self) -> int:
+        return sum(2 * m * n * k for m, n, k in self.gemms())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +165,7 @@ def build_step(case: Case, impl: Impl, device, *,
 
     if kind == "linear_dpo" and "linear_dpo" not in impl.kinds:
         fn = impl.build("linear", case)  # compose: fused linear logps + a DPO loss
-        dpo = (fastdpo_dpo_loss() if impl.family == "fastdpo" else None) or dpo_sigmoid
+        dpo = fastdpo_dpo if impl.family == "fastdpo" else dpo_sigmoid
 
         def linear_dpo(hidden, weight, ref_hidden, ref_weight, labels, beta):
             pol = fn(hidden, weight, labels)
@@ -179,7 +199,7 @@ def build_step(case: Case, impl: Impl, device, *,
                 return fn(s["logits"], s["labels"])
         names = ()
     elif wl == "dpo_step":
-        dpo = (fastdpo_dpo_loss() if impl.family == "fastdpo" else None) or dpo_sigmoid
+        dpo = fastdpo_dpo if impl.family == "fastdpo" else dpo_sigmoid
 
         def run(s):
             pol = fn(s["logits"], s["labels"])
@@ -215,105 +235,3 @@ def supports(impl: Impl, case: Case) -> bool:
 
 def unavailable(impl: Impl, case: Case, device) -> str:
     return impl.unavailable(device, case.torch_dtype, impl_kind(impl, case))
-
-
-# ---------------------------------------------------------------- presets
-
-# The native backend's CPU target (issue 3): fp32 logits, forward + backward, N = 2048, V = 128256.
-NATIVE_TARGET = Case("logps_fwd_bwd", vocab=128256, tokens=2048, dtype="float32", batch=1)
-NATIVE_TARGET_IMPLS = ("fastdpo[native]", "fastdpo[torch]", "eager", "torch.compile",
-                       "trl.selective_log_softmax")
-# Figures the target is judged against (speedup floors, peak-memory ceiling in logits sizes).
-NATIVE_TARGET_GOALS = {"speedup_vs": {"eager": 8.0, "torch.compile": 5.0,
-                                      "trl.selective_log_softmax": 3.0},
-                       "peak_x_logits_max": 1.1}
-
-
-COMPILING = ("torch.compile", "cce[torch_compile]")
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    cases: tuple  # Case, in run order
-    warmup: int
-    repeats: int
-    max_seconds: float  # per (case, impl): stop adding repeats after this much timed work
-    memory_cases: tuple  # Case for the memory profiler
-    compile_vocabs: tuple | None = None  # logits workloads: torch.compile only at these V
-    memory_peer_vocabs: tuple | None = None  # memory: peers but eager only at these V (None: all)
-    target_impls: tuple = NATIVE_TARGET_IMPLS
-
-    def skip_reason(self, impl: Impl, case: Case, purpose: str = "time") -> str:
-        """Why this preset leaves (impl, case) out to save time; empty when it runs it."""
-        if case == NATIVE_TARGET:
-            if impl.name in self.target_impls or (purpose == "time" and impl.family == "fastdpo"
-                                                  and impl.name != "fastdpo[torch]"):
-                return ""
-            return f"preset {self.name!r} runs the native target for {list(self.target_impls)}"
-        if self.compile_vocabs is not None and impl.name in COMPILING and \
-                case.kind == "logits" and case.vocab not in self.compile_vocabs:
-            return (f"preset {self.name!r} compiles only at V in {list(self.compile_vocabs)} "
-                    "(compile time)")
-        if purpose == "memory" and self.memory_peer_vocabs is not None and \
-                impl.family == "peer" and impl.name != "eager" and \
-                case.vocab not in self.memory_peer_vocabs:
-            return (f"preset {self.name!r} profiles peers other than eager only at V in "
-                    f"{list(self.memory_peer_vocabs)}")
-        return ""
-
-
-def _sweep(workloads, vocabs, tokens, dtypes, batch=1, hidden=0):
-    return tuple(Case(w, v, n, d, batch=batch, hidden=hidden)
-                 for w in workloads for d in dtypes for n in tokens for v in vocabs)
-
-
-def preset(name: str, device) -> Preset:
-    """``quick``: a few minutes on 2 CPU cores. ``full``: every vocabulary, more tokens and dtypes.
-
-    Both start with the native CPU target (:data:`NATIVE_TARGET`)."""
-    cuda = torch.device(device).type == "cuda"
-    if name == "quick":
-        if cuda:
-            cases = (_sweep(("logps_fwd_bwd", "logps_ref"), VOCABS, (8192,), ("bfloat16",))
-                     + _sweep(("logps_fwd",), (128256,), (8192,), ("bfloat16",))
-                     + _sweep(("dpo_step",), VOCABS, (8192,), ("bfloat16",), batch=4)
-                     + _sweep(("linear_fwd_bwd",), (128256,), (8192,), ("bfloat16",), hidden=4096)
-                     + _sweep(("linear_dpo_step",), (128256,), (4096,), ("bfloat16",), batch=4,
-                              hidden=4096))
-            mem = (_sweep(("logps_fwd_bwd",), VOCABS, (8192,), ("bfloat16",))
-                   + _sweep(("logps_fwd_bwd",), (128256,), (2048, 16384), ("bfloat16",))
-                   + _sweep(("linear_fwd_bwd",), (32000, 128256, 256000), (8192,),
-                            ("bfloat16",), hidden=4096))
-            return Preset("quick", (NATIVE_TARGET,) + cases, 3, 20, 5.0, mem)
-        cases = (_sweep(("logps_fwd_bwd", "logps_ref"), VOCABS, (256,), ("float32",))
-                 + _sweep(("logps_fwd",), (128256,), (256,), ("float32",))
-                 + _sweep(("dpo_step",), (32000, 128256), (256,), ("float32",), batch=2)
-                 + _sweep(("linear_fwd_bwd",), (32000,), (256,), ("float32",), hidden=256)
-                 + _sweep(("linear_dpo_step",), (32000,), (256,), ("float32",), batch=2,
-                          hidden=256))
-        # the fused LM head at 32k / 128k / 256k against materialising the logits (issue 5)
-        mem = (_sweep(("logps_fwd_bwd",), VOCABS, (256,), ("float32",))
-               + _sweep(("logps_fwd_bwd",), (128256,), (512,), ("float32",))
-               + _sweep(("linear_fwd_bwd",), (32000, 128256, 256000), (1024,), ("float32",),
-                        hidden=256))
-        return Preset("quick", (NATIVE_TARGET,) + cases, 1, 3, 2.0, mem,
-                      compile_vocabs=(128256,),
-                      memory_peer_vocabs=(128256,),
-                      target_impls=tuple(i for i in NATIVE_TARGET_IMPLS if i != "fastdpo[torch]"))
-    if name == "full":
-        if cuda:
-            toks, dts, H = (4096, 16384), ("bfloat16", "float32"), 4096
-        else:
-            toks, dts, H = (512, 2048), ("float32", "bfloat16"), 1024
-        cases = (_sweep(("logps_fwd_bwd", "logps_fwd", "logps_ref"), VOCABS, toks, dts)
-                 + _sweep(("dpo_step",), VOCABS, toks[:1], dts, batch=4)
-                 + _sweep(("linear_fwd_bwd",), VOCABS, toks[:1], dts[:1], hidden=H)
-                 + _sweep(("linear_dpo_step",), VOCABS, toks[:1], dts[:1], batch=4, hidden=H))
-        mem = (_sweep(("logps_fwd_bwd", "logps_fwd", "logps_ref"), VOCABS, toks[:1], dts)
-               + _sweep(("logps_fwd_bwd",), (128256,), (toks[0] // 2,) + toks, dts[:1])
-               + _sweep(("dpo_step",), VOCABS, toks[:1], dts[:1], batch=4)
-               + _sweep(("linear_fwd_bwd",), VOCABS, toks[:1], dts[:1], hidden=H))
-        return Preset("full", (NATIVE_TARGET,) + cases, 2 if not cuda else 5,
-                      10 if not cuda else 50, 20.0, mem)
-    raise ValueError(f"unknown preset {name!r}")

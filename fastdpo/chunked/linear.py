@@ -10,7 +10,7 @@ loop with its own fused tile kernel. No ``(N, V)`` buffer ever exists:
   column (so a label in another tile counts 0), and merged into per-token running statistics
   (online log-sum-exp). Only O(N) survives the loop.
 * backward: the same tiles are rebuilt and turned into ``d logits`` in place by the row kernel
-  (given the global lse/entropy), then multiplied into ``d_hidden`` / ``d_weight`` / ``d_bias``.
+  (given the global row statistics and entropy), then multiplied into ``d_hidden`` / ``d_weight`` / ``d_bias``.
   ``d_weight`` of a vocabulary chunk is accumulated in fp32 over all tokens and written once,
   ``d_hidden`` of a token block in fp32 over all vocabulary chunks.
 
@@ -27,13 +27,14 @@ The logit transform (Gemma-2 style soft-capping): ``z = c * tanh(s * (h @ w.T + 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 
-from .. import backends, ops
+from .. import backends, ops, rows
 from . import logps as _torch_rows  # noqa: F401  (registers the torch row kernels run here)
 
 # Extra memory allowed, as a fraction of the (N, V) logits. More (FASTDPO_LINEAR_MEMORY_FRACTION,
@@ -85,7 +86,16 @@ def operand_dtype(compute: torch.dtype, device: torch.device) -> torch.dtype:
     return compute if device.type == "cuda" else acc_dtype(compute)
 
 
-_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+@functools.lru_cache(maxsize=None)
+def _mm_out_dtype_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(..., out_dtype=fp32)`` works for ``dtype`` operands here, probed once
+    on 1x1 tensors (so an out-of-memory error in a real call is never mistaken for "no")."""
+    one = torch.ones((1, 1), dtype=dtype, device=device)
+    try:
+        torch.mm(one, one, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def mm_acc(a, b, out=None, accumulate=False):
@@ -95,13 +105,9 @@ def mm_acc(a, b, out=None, accumulate=False):
         if out is None:
             return a @ b
         return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
-    r = None
-    if a.is_cuda and _MM_OUT_DTYPE_OK.get("cuda", True):
-        try:
-            r = torch.mm(a, b, out_dtype=target)
-        except (RuntimeError, TypeError):
-            _MM_OUT_DTYPE_OK["cuda"] = False
-    if r is None:
+    if a.is_cuda and target == torch.float32 and _mm_out_dtype_ok(a.device, a.dtype):
+        r = torch.mm(a, b, out_dtype=target)
+    else:
         r = (a @ b).to(target)
     if out is None:
         return r
@@ -114,31 +120,10 @@ def logits_tile(h, w, b, logit_scale, softcap, out, tanh_out=None):
     mm_acc(h, w.t(), out=out)
     if b is not None:
         out.add_(b.to(out.dtype))
-    if softcap:
-        out.mul_(logit_scale / softcap).tanh_()
-        if tanh_out is not None:
-            tanh_out.copy_(out)
-        out.mul_(softcap)
-    elif logit_scale != 1.0:
-        out.mul_(logit_scale)
-    return out
-
-
-def chain_factor_(dz, t, logit_scale, softcap):
-    """Turn ``d z`` (w.r.t. the transformed logits) into ``d a`` (w.r.t. ``h @ w.T + b``)."""
-    if softcap:
-        dz.mul_(t.mul_(t).neg_().add_(1.0))  # 1 - tanh^2
-    if logit_scale != 1.0:
-        dz.mul_(logit_scale)
-    return dz
+    return rows.transform_logits_(out, logit_scale, softcap, tanh_out)
 
 
 # ----------------------------------------------------------------------------- forward loop
-
-
-def in_tile(labels, start, width):
-    local = labels.long() - start
-    return (local >= 0) & (local < width)
 
 
 def forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
@@ -150,10 +135,14 @@ def forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temper
     opd = operand_dtype(hidden.dtype, dev)
     p = plan_ or plan(N, V, H, hidden.element_size(), hidden_acc=False)
     row_fwd = ops.get_op(row_backend, "logps_fwd")
-    f32 = acc  # output dtype of the row ops
-    m = torch.full((N,), -math.inf, dtype=f32, device=dev)  # running log-sum-exp
-    zl = torch.zeros(N, dtype=f32, device=dev)              # label logit (sum over tiles)
-    s = torch.zeros(N, dtype=f32, device=dev) if with_entropy else None  # sum p*z, scaled to m
+    # running row statistics over the tiles seen so far (the contract's values for no column)
+    logp = torch.zeros(N, dtype=acc, device=dev)
+    m = torch.full((N,), -math.inf, dtype=acc, device=dev)
+    log_s = torch.full((N,), -math.inf, dtype=acc, device=dev)
+    ent = torch.zeros(N, dtype=acc, device=dev) if with_entropy else None
+    held = torch.zeros(N, dtype=torch.bool, device=dev)  # label found in an earlier tile
+    lab = rows.classify_labels(labels, ignore_index, vocab_start, vocab_total, V)
+    col = labels.long() - vocab_start
     buf = torch.empty(p.tile_rows * p.tile_cols, dtype=acc, device=dev)
     lab2 = labels.view(1, N)
     for v0 in range(0, V, p.tile_cols):
@@ -164,29 +153,24 @@ def forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temper
             n1 = min(N, n0 + p.tile_rows)
             x = buf[: (n1 - n0) * (v1 - v0)].view(1, n1 - n0, v1 - v0)
             logits_tile(hidden[n0:n1].to(opd), w, b, logit_scale, softcap, x[0])
-            lp_c, lse_c, ent_c = row_fwd(x, lab2[:, n0:n1], ignore_index, float(temperature),
-                                         vocab_start + v0, vocab_total, with_entropy)
-            lp_c, lse_c = lp_c[0], lse_c[0]
-            # A tile masked to -inf everywhere (e.g. by the bias) adds nothing, unless it holds
-            # the label, whose logit is then -inf.
-            dead = torch.isneginf(lse_c)
-            m_old = m[n0:n1]
-            m_new = torch.logaddexp(m_old, lse_c)
+            tile = row_fwd(x, lab2[:, n0:n1], ignore_index, float(temperature), vocab_start + v0,
+                           vocab_total, with_entropy)
+            here = lab.local[n0:n1] & (col[n0:n1] >= v0) & (col[n0:n1] < v1)
+            sl = slice(n0, n1)
+            parts = [torch.stack([run[sl], new[0]]) for run, new in
+                     zip((logp, m, log_s), tile[:3])]
+            e2 = torch.stack([ent[sl], tile[3][0]]) if with_entropy else None
+            out = rows.combine(*parts, e2, torch.stack([held[sl], here]), lab.active[n0:n1],
+                               float(temperature))
+            logp[sl], m[sl], log_s[sl] = out[:3]
             if with_entropy:
-                term = torch.exp(lse_c - m_new) * (lse_c - ent_c[0])
-                keep = torch.exp(m_old - m_new).nan_to_num_(0.0)  # NaN while every tile was dead
-                s[n0:n1] = s[n0:n1] * keep + torch.where(dead, 0.0, term)
-            m[n0:n1] = m_new
-            # the tile's label logit, or 0 when the label is elsewhere
-            zl_c = torch.where(dead, torch.where(in_tile(labels[n0:n1], vocab_start + v0, v1 - v0),
-                                                 -math.inf, 0.0), lp_c + lse_c)
-            zl[n0:n1] += zl_c
-    active = labels != ignore_index
-    logp = torch.where(active, zl - m, 0.0)
-    lse = torch.where(active, m, 0.0)
-    ent = (torch.where(active, m - s, 0.0) if with_entropy
-           else hidden.new_empty((0,), dtype=f32))
-    return logp, lse, ent
+                ent[sl] = out[3]
+            held[sl] |= here
+    if not with_entropy:
+        ent = hidden.new_empty((0,), dtype=acc)
+    zero = ~lab.active
+    return (logp.masked_fill(zero, 0.0), m.masked_fill(zero, 0.0), log_s.masked_fill(zero, 0.0),
+            ent if not with_entropy else ent.masked_fill(zero, 0.0))
 
 
 # ---------------------------------------------------------------------------- backward loop
@@ -202,8 +186,8 @@ class RowKernelTiles:
         self.row_bwd = ops.get_op(row_backend, "logps_bwd")
         self.buf = self.tbuf = None
 
-    def grad_tile(self, h, w, b, labels, grad_logp, grad_entropy, lse, ent, ignore_index,
-                  temperature, logit_scale, softcap, vocab_start, vocab_total, opd):
+    def grad_tile(self, h, w, b, labels, grad_logp, grad_entropy, row_max, log_sum, ent,
+                  ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total, opd):
         n, v = h.shape[0], w.shape[0]
         acc = acc_dtype(h.dtype)
         if self.buf is None:
@@ -214,18 +198,19 @@ class RowKernelTiles:
         logits_tile(h, w, b, logit_scale, softcap, x[0], t)
         ge = None if grad_entropy is None else grad_entropy.view(1, n)
         self.row_bwd(grad_logp.view(1, n), ge,
-                     x, labels.view(1, n), lse.view(1, n), None if ent is None else ent.view(1, n),
+                     x, labels.view(1, n), row_max.view(1, n), log_sum.view(1, n),
+                     None if ent is None else ent.view(1, n),
                      ignore_index, float(temperature), vocab_start, vocab_total, x)
-        dz = chain_factor_(x[0], t, logit_scale, softcap)
+        dz = rows.transform_grad_(x[0], t, logit_scale, softcap)
         return dz if dz.dtype == opd else dz.to(opd)
 
     def reserve(self, elements: int):
         self._cap = elements
 
 
-def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
-                  ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total,
-                  need_hidden_grad, need_weight_grad, need_bias_grad, *, plan_=None):
+def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, row_max, log_sum,
+                  entropy, ignore_index, temperature, logit_scale, softcap, vocab_start,
+                  vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad, *, plan_=None):
     """Gradients of the fused head; ``tiles.grad_tile`` turns a chunk into ``d logits``.
 
     One sweep over the tiles when the fp32 ``d_hidden`` accumulator of all tokens fits the budget
@@ -248,19 +233,20 @@ def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, 
     p = plan_ or plan(N, V, H, hidden.element_size(), tile_bytes=tiles.tile_bytes,
                       hidden_acc=hidden_acc)
     tiles.reserve(p.tile_rows * p.tile_cols)
-    rows = (labels, grad_logp.to(acc), None if grad_entropy is None else grad_entropy.to(acc),
-            lse, entropy)
+    row_data = (labels, grad_logp.to(acc),
+                None if grad_entropy is None else grad_entropy.to(acc), row_max, log_sum, entropy)
     consts = (ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total)
     if p.block_rows >= N or not (need_weight_grad or need_bias_grad) or not need_hidden_grad:
-        _sweep(tiles, p, N, hidden, weight, bias, rows, consts, d_h, d_w, d_b, hidden_acc)
+        _sweep(tiles, p, N, hidden, weight, bias, row_data, consts, d_h, d_w, d_b, hidden_acc)
     else:
-        _sweep(tiles, p, p.block_rows, hidden, weight, bias, rows, consts, d_h, empty, empty,
+        _sweep(tiles, p, p.block_rows, hidden, weight, bias, row_data, consts, d_h, empty, empty,
                hidden_acc)
-        _sweep(tiles, p, N, hidden, weight, bias, rows, consts, empty, d_w, d_b, False)
+        _sweep(tiles, p, N, hidden, weight, bias, row_data, consts, empty, d_w, d_b, False)
     return d_h, d_w, d_b
 
 
-def _sweep(tiles, p, block_rows, hidden, weight, bias, rows, consts, d_h, d_w, d_b, hidden_acc):
+def _sweep(tiles, p, block_rows, hidden, weight, bias, row_data, consts, d_h, d_w, d_b,
+           hidden_acc):
     """Token blocks of ``block_rows`` outside, vocabulary chunks, token tiles inside; fills the
     non-empty ones of ``d_h`` / ``d_w`` / ``d_b``. ``d_w`` / ``d_b`` need a single block."""
     N, H = hidden.shape
@@ -268,7 +254,7 @@ def _sweep(tiles, p, block_rows, hidden, weight, bias, rows, consts, d_h, d_w, d
     dev = hidden.device
     acc = acc_dtype(hidden.dtype)
     opd = operand_dtype(hidden.dtype, dev)
-    labels, grad_logp, grad_entropy, lse, entropy = rows
+    labels, grad_logp, grad_entropy, row_max, log_sum, entropy = row_data
     need_h, need_w, need_b = d_h.numel() > 0, d_w.numel() > 0, d_b.numel() > 0
     w_direct = need_w and d_w.dtype == acc
     for s0 in range(0, N, block_rows):
@@ -291,7 +277,8 @@ def _sweep(tiles, p, block_rows, hidden, weight, bias, rows, consts, d_h, d_w, d
                 h = hidden[n0:n1].to(opd)
                 dz = tiles.grad_tile(h, w, b, labels[n0:n1], grad_logp[n0:n1],
                                      None if grad_entropy is None else grad_entropy[n0:n1],
-                                     lse[n0:n1], None if entropy is None else entropy[n0:n1],
+                                     row_max[n0:n1], log_sum[n0:n1],
+                                     None if entropy is None else entropy[n0:n1],
                                      *consts[:4], consts[4] + v0, consts[5], opd)
                 if need_h:
                     mm_acc(dz, w, out=dh_acc[n0 - s0:n1 - s0], accumulate=True)
@@ -307,6 +294,62 @@ def _sweep(tiles, p, block_rows, hidden, weight, bias, rows, consts, d_h, d_w, d
             d_h[s0:s1].copy_(dh_acc)
 
 
+# ------------------------------------------------------------------ frozen head: one pass
+
+
+FROZEN_MIN_ROWS = 128  # rows per chunk at least: smaller GEMMs lose speed
+
+
+def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
+                        logit_scale, softcap, *, chunk_rows=None):
+    """Forward of a head whose weight (and bias) need no gradient, with each token's gradient
+    direction formed in the same pass: ``u = d logp / d hidden = a'(.) W^T (onehot - p) / T``.
+
+    Chunks of labelled rows hold their full vocabulary row of logits (``(R, V)`` fp32), so the row
+    op gives the final statistics at once and ``logps_bwd`` (with ``grad_logp = 1``) the
+    ``d logits``; one more matmul turns them into ``u``. Two matmuls in all, over the labelled
+    rows only; the backward is ``grad_logp * u``. Returns ``(logp, row_max, log_sum, u)``, ``u``
+    ``(N, H)`` fp32 (0 on ignored rows).
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    acc = acc_dtype(hidden.dtype)
+    opd = operand_dtype(hidden.dtype, dev)
+    row_fwd, row_bwd = ops.get_op(row_backend, "logps_fwd"), ops.get_op(row_backend, "logps_bwd")
+    logp = torch.zeros(N, dtype=acc, device=dev)
+    row_max, log_sum = torch.zeros_like(logp), torch.zeros_like(logp)
+    u = torch.zeros((N, H), dtype=acc, device=dev)
+    sel_all = torch.nonzero(labels != ignore_index).squeeze(1)
+    n_act = sel_all.numel()
+    if chunk_rows is None:
+        budget = max(MIN_BUDGET, int(BUDGET_FRACTION * N * V * hidden.element_size()))
+        chunk_rows = max(FROZEN_MIN_ROWS, budget // (V * 4 * (2 if softcap else 1)))
+    R_max = max(1, min(chunk_rows, n_act))
+    buf = torch.empty(R_max * V, dtype=acc, device=dev)
+    tbuf = torch.empty(R_max * V if softcap else 0, dtype=acc, device=dev)
+    w = weight if weight.dtype == opd else weight.to(opd)
+    b = None if bias is None else bias.to(acc)
+    ones = torch.ones((1, R_max), dtype=acc, device=dev)
+    T = float(temperature)
+    for r0 in range(0, n_act, R_max):
+        sel = sel_all[r0:r0 + R_max]
+        R = sel.numel()
+        x = buf[:R * V].view(R, V)
+        t = tbuf[:R * V].view(R, V) if softcap else None
+        lab = labels.index_select(0, sel).view(1, R)
+        logits_tile(hidden.index_select(0, sel).to(opd), w, b, logit_scale, softcap, x, t)
+        lp, m, ls, _ = row_fwd(x.view(1, R, V), lab, ignore_index, T, 0, V, False)
+        row_bwd(ones[:, :R], None, x.view(1, R, V), lab, m, ls, None, ignore_index, T, 0, V,
+                x.view(1, R, V))
+        dz = rows.transform_grad_(x, t, logit_scale, softcap)
+        u.index_copy_(0, sel, mm_acc(dz if dz.dtype == opd else dz.to(opd), w))
+        logp.index_copy_(0, sel, lp.view(R))
+        row_max.index_copy_(0, sel, m.view(R))
+        log_sum.index_copy_(0, sel, ls.view(R))
+    return logp, row_max, log_sum, u
+
+
 # ------------------------------------------------------------------------------ registration
 
 
@@ -317,22 +360,55 @@ def _checked(row_backend, device):
             raise RuntimeError(f"backend {row_backend!r} is not available on {device}: {why}")
 
 
+def labelled_rows(labels, ignore_index):
+    """Indices of the rows with a label when some rows are ignored, else None. CPU only: there
+    the count costs no device synchronisation, and skipped rows save whole matmul rows."""
+    if labels.device.type != "cpu":
+        return None
+    active = labels != ignore_index
+    if bool(active.all()):
+        return None
+    return torch.nonzero(active).squeeze(1)
+
+
+def _scatter_rows(t, sel, n):
+    """``(n, ...)`` zeros with the rows ``sel`` from ``t`` (ignored rows are 0 in every output)."""
+    if t is None or t.numel() == 0:
+        return t
+    out = t.new_zeros((n,) + tuple(t.shape[1:]))
+    return out.index_copy_(0, sel, t)
+
+
 def make_impls(row_backend: str):
     def fwd(hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap,
             vocab_start, vocab_total, with_entropy):
         _checked(row_backend, hidden.device)
-        return forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
-                            logit_scale, softcap, vocab_start, vocab_total, with_entropy)
+        args = (ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total,
+                with_entropy)
+        sel = labelled_rows(labels, ignore_index)
+        if sel is None:
+            return forward_loop(row_backend, hidden, weight, bias, labels, *args)
+        out = forward_loop(row_backend, hidden.index_select(0, sel), weight, bias,
+                           labels.index_select(0, sel), *args)
+        return tuple(_scatter_rows(t, sel, labels.shape[0]) for t in out)
 
-    def bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, ignore_index,
-            temperature, logit_scale, softcap, vocab_start, vocab_total, need_hidden_grad,
-            need_weight_grad, need_bias_grad, deterministic):
-        # Deterministic by construction: fixed loop order, no atomics.
+    def bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, row_max, log_sum, entropy,
+            ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total,
+            need_hidden_grad, need_weight_grad, need_bias_grad):
         _checked(row_backend, hidden.device)
-        return backward_loop(RowKernelTiles(row_backend), grad_logp, grad_entropy, hidden,
-                             weight, bias, labels, lse, entropy, ignore_index, temperature,
-                             logit_scale, softcap, vocab_start, vocab_total, need_hidden_grad,
-                             need_weight_grad, need_bias_grad)
+        sel = labelled_rows(labels, ignore_index)
+        rows_in = (grad_logp, grad_entropy, hidden, labels, row_max, log_sum, entropy)
+        if sel is not None:
+            rows_in = tuple(t if t is None or t.numel() == 0 else t.index_select(0, sel)
+                            for t in rows_in)
+        g, ge, h, lab, m, ls, ent = rows_in
+        d_h, d_w, d_b = backward_loop(RowKernelTiles(row_backend), g, ge, h, weight, bias, lab,
+                                      m, ls, ent, ignore_index, temperature, logit_scale, softcap,
+                                      vocab_start, vocab_total, need_hidden_grad,
+                                      need_weight_grad, need_bias_grad)
+        if sel is not None and need_hidden_grad:
+            d_h = _scatter_rows(d_h, sel, labels.shape[0])
+        return d_h, d_w, d_b
 
     return fwd, bwd
 

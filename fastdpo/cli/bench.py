@@ -1,7 +1,8 @@
 """``fastdpo bench``: time fastdpo against its peers here, then profile peak memory.
 
 The main job in one command: ``fastdpo bench --quick`` runs the timed sweep (including the native
-CPU target), the memory report, and writes JSON/CSV/PNG under ``--out``.
+CPU target), the memory report, and writes JSON/CSV/PNG under ``--out`` (PNG only where matplotlib
+is installed: without it the plots are skipped, said so, and the command still succeeds).
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def add_preset_arguments(parser, *, quick_help="a few minutes on 2 CPU cores (default)",
-                         full_help="every vocabulary, more token counts and dtypes",
-                         outputs="JSON/CSV/PNG") -> None:
-    """``--quick`` / ``--full`` and ``--out``, shared by ``bench``, ``memory`` and ``inspect``."""
+def add_preset_arguments(parser, *, quick_help="the headline figures: <= 4 minutes on 2 CPU "
+                         "cores (default)", full_help="every vocabulary, more token counts and "
+                         "dtypes", outputs="JSON/CSV/PNG", gpu_help=None) -> None:
+    """``--quick`` / ``--full`` (/ ``--gpu``) and ``--out``, shared by ``bench``, ``memory`` and
+    ``inspect``."""
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick", help=quick_help)
     g.add_argument("--full", dest="preset", action="store_const", const="full", help=full_help)
+    if gpu_help:
+        g.add_argument("--gpu", dest="preset", action="store_const", const="gpu", help=gpu_help)
     parser.set_defaults(preset="quick")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                         help=f"directory for {outputs} (default: benchmarks/results)")
@@ -33,13 +37,20 @@ def add_measure_arguments(parser) -> None:
     parser.add_argument("--list", action="store_true", help="list implementations and exit")
 
 
+GPU_HELP = ("the GPU machine's sweep (V 32k-256k, N 4096/16384, bf16/fp32, fused LM head at "
+            "H=4096, DPO steps), most important first; tiny sizes on CPU (the dry run)")
+
+
 def add_arguments(parser) -> None:
-    add_preset_arguments(parser)
+    add_preset_arguments(parser, gpu_help=GPU_HELP)
     add_measure_arguments(parser)
     parser.add_argument("--workload", default=None,
                         help="comma list of workloads to time (default: all in the preset)")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the memory report (timing only)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="S",
+                        help="stop starting new measurements after S seconds (the rest are "
+                             "reported as skipped)")
 
 
 def list_impls(device) -> int:
@@ -62,5 +73,6 @@ def run(args) -> int:
         return list_impls(device)
     workloads = args.workload.split(",") if args.workload else None
     bench_job(args.preset, device, args.out, impls=args.impl, workloads=workloads,
-              with_memory=not args.no_memory, budget_gib=args.budget, seq_len=args.seq_len)
+              with_memory=not args.no_memory, budget_gib=args.budget, seq_len=args.seq_len,
+              time_limit_s=args.time_limit)
     return 0

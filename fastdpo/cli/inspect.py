@@ -30,6 +30,12 @@ def source_root() -> str | None:
 
 
 def run(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        print("fastdpo inspect: skipped, it needs triton (not installed here): the kernels it "
+              "counts and compiles are Triton's. `pip install triton` and run it again.")
+        return 0
     from fastdpo.bench import inspect as ins
     from fastdpo.bench.machine import machine_info
 

@@ -3,11 +3,11 @@ backward, and with ``--budget X`` the largest batch that fits in X GiB."""
 
 from __future__ import annotations
 
-from .bench import add_measure_arguments, add_preset_arguments, list_impls
+from .bench import GPU_HELP, add_measure_arguments, add_preset_arguments, list_impls
 
 
 def add_arguments(parser) -> None:
-    add_preset_arguments(parser)
+    add_preset_arguments(parser, gpu_help=GPU_HELP)
     add_measure_arguments(parser)
 
 

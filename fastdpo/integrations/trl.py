@@ -69,7 +69,7 @@ from trl.trainer.utils import use_adapter  # noqa: E402
 
 from ..linear import linear_token_logps  # noqa: E402
 from ..losses import dpo_loss, preference_probs  # noqa: E402
-from ..losses.functional import LABEL_SMOOTHING_TYPES, NORM_TYPES  # noqa: E402
+from ..losses.functional import LABEL_SMOOTHING_TYPES  # noqa: E402
 from .hf import head_of, lm_head_inputs, logit_transform  # noqa: E402
 
 __all__ = ["FastDPOTrainer", "FastDPOConfig", "RewardColumnsCollator", "check_trl_version"]
@@ -342,22 +342,27 @@ class FastDPOTrainer(DPOTrainer):
 
         target_probs, reward_margins = self._targets(inputs)
         types = tuple(self.loss_types)
-        if any(t in NORM_TYPES for t in types):  # TRL divides by the completion_mask count
-            # (with 'sft' too, TRL's sft divides by the shifted count: the two differ only when
-            # a prompt is empty, i.e. the completion starts at position 0)
-            lengths = completion_mask.sum(dim=1)
-        else:  # 'sft': mean over the scored (shifted) completion tokens
-            lengths = shift_completion_mask.sum(dim=1)
-        chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
-        uses_smoothing = any(t in LABEL_SMOOTHING_TYPES for t in types)
-        loss, _ = dpo_loss(
-            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=self.beta,
-            loss_type=types, loss_weights=self.loss_weights,
-            label_smoothing=self.label_smoothing if uses_smoothing else 0.0,
-            target_probs=target_probs, reward_margins=reward_margins,
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-            discopop_tau=self.args.discopop_tau, f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+        weights = tuple(self.loss_weights or (1.0,) * len(types))
+        # TRL divides ipo / sigmoid_norm by the completion_mask count but sft by the shifted
+        # (scored) count; they differ when a prompt is empty, so sft gets a call of its own.
+        loss = 0.0
+        for is_sft, count_mask in ((False, completion_mask), (True, shift_completion_mask)):
+            group = [(t, w) for t, w in zip(types, weights) if (t == "sft") == is_sft]
+            if not group:
+                continue
+            group_types, group_weights = (list(x) for x in zip(*group))
+            chosen_lengths, rejected_lengths = count_mask.sum(dim=1).chunk(2, dim=0)
+            uses_smoothing = any(t in LABEL_SMOOTHING_TYPES for t in group_types)
+            part, _ = dpo_loss(
+                chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                beta=self.beta, loss_type=group_types, loss_weights=group_weights,
+                label_smoothing=self.label_smoothing if uses_smoothing else 0.0,
+                target_probs=target_probs if "soft" in group_types else None,
+                reward_margins=reward_margins if "distill" in group_types else None,
+                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                discopop_tau=self.args.discopop_tau, f_divergence_type=self.f_divergence_type,
+                f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+            loss = loss + part
 
         if self.aux_loss_enabled:
             aux_loss = pol.aux_loss

@@ -55,8 +55,7 @@ class PreferenceLoss(torch.autograd.Function):
             g = grad.expand(ctx.batch)
             if ctx.reduction == "mean":
                 g = g / ctx.batch
-        grads = ctx.vjp(g)
-        ctx.vjp = None  # free the saved derivatives
+        grads = ctx.vjp(g)  # kept: a retain_graph=True graph may run backward again
         out = []
         for i, name in enumerate(_NAMES):
             v = grads.get(name)
@@ -67,3 +66,37 @@ class PreferenceLoss(torch.autograd.Function):
             else:
                 out.append(v.to(ctx.dtypes[i]))
         return (*out, None, None, None, None)
+
+
+class ClosedFormLoss(torch.autograd.Function):
+    """A loss whose forward also returns its derivatives: ``formula(*inputs)`` (inputs detached,
+    in the compute dtype; ``None`` stays ``None``) gives the per-example loss ``(N,)`` and
+    ``vjp(g)``, mapping the per-example upstream gradient to one gradient (or ``None``) per
+    input. Backward is that multiply; nothing but the ``O(N)`` derivatives is kept."""
+
+    @staticmethod
+    def forward(ctx, formula, reduction: str, *inputs):
+        dt = compute_dtype(*inputs)
+        per, vjp = formula(*(None if t is None else t.detach().to(dt) for t in inputs))
+        ctx.vjp, ctx.n, ctx.reduction = vjp, per.shape[0], reduction
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in inputs)
+        ctx.shapes = tuple(None if t is None else t.shape for t in inputs)
+        return _reduce(per, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        if ctx.reduction == "none":
+            g = grad
+        else:
+            g = grad.expand(ctx.n) / ctx.n if ctx.reduction == "mean" else grad.expand(ctx.n)
+        grads = ctx.vjp(g)
+        out = []
+        for i, v in enumerate(grads):
+            if not ctx.needs_input_grad[i + 2]:
+                out.append(None)
+            elif v is None:
+                out.append(torch.zeros(ctx.shapes[i], dtype=ctx.dtypes[i], device=grad.device))
+            else:
+                out.append(v.to(ctx.dtypes[i]).expand(ctx.shapes[i]))
+        return (None, None, *out)

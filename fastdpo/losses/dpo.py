@@ -6,44 +6,16 @@ The pair losses are functions of sequence log-probabilities only, so this module
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 
-from .. import _validate as V
+from .. import _validate
+from . import args
 from .autograd import PreferenceLoss, compute_dtype
 from .functional import (F_DIVERGENCE_TYPES, F_DIVERGENCES, LABEL_SMOOTHING_TYPES,
                          LOSS_TYPES, NORM_TYPES, LossConfig)
 
-REDUCTIONS = ("mean", "sum", "none")
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool)
-
-
-def _check_number(name: str, v, *, positive: bool = False) -> float:
-    if not _is_number(v):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    return v
-
-
-def _loss_types(loss_type) -> tuple[str, ...]:
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
-    if not types:
-        raise ValueError("loss_type must name at least one loss type")
-    for t in types:
-        if t not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {t!r}; valid loss types: {', '.join(LOSS_TYPES)}")
-    return types
 
 
 def _check_label_smoothing(eps: float, types: tuple[str, ...]) -> None:
@@ -63,57 +35,18 @@ def _check_label_smoothing(eps: float, types: tuple[str, ...]) -> None:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {eps}")
 
 
-def _check_pair_tensor(name: str, t, like: torch.Tensor, *, integer_ok: bool = False) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not (t.is_floating_point() or (integer_ok and not t.is_complex() and t.dtype != torch.bool)):
-        kind = "a floating or integer" if integer_ok else "a floating"
-        raise TypeError(f"{name} must be {kind} tensor, got {t.dtype}")
-    if tuple(t.shape) != tuple(like.shape):
-        raise ValueError(f"{name} must have shape {tuple(like.shape)} (one value per pair), "
-                         f"got {tuple(t.shape)}")
-    if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but the log-probs are on {like.device}")
-
-
-def _validate(pc, pr, rc, rr, types, weights, label_smoothing, target_probs, reward_margins,
-              chosen_lengths, rejected_lengths, reduction, f_divergence_type, bco_delta,
-              validate):
-    names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
-             "ref_rejected_logps")
-    for n, t in zip(names, (pc, pr, rc, rr)):
-        V.check_float(n, t)
-    if pc.dim() != 1 or pc.shape[0] == 0:
-        raise ValueError(f"policy_chosen_logps must be a non-empty 1-D tensor (B,), got shape "
-                         f"{tuple(pc.shape)}")
-    for n, t in zip(names[1:], (pr, rc, rr)):
-        if tuple(t.shape) != tuple(pc.shape):
-            raise ValueError(f"{n} must have the shape of policy_chosen_logps {tuple(pc.shape)}, "
-                             f"got {tuple(t.shape)}")
-    V.check_same_device(**dict(zip(names, (pc, pr, rc, rr))))
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if weights is not None and len(weights) != len(types):
-        raise ValueError(f"loss_weights must have one weight per loss type: got {len(weights)} "
-                         f"for {len(types)} loss types")
-    _check_label_smoothing(label_smoothing, types)
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got "
-                         f"{f_divergence_type!r}")
-    if f_divergence_type != "reverse_kl":
-        bad = [t for t in types if t not in F_DIVERGENCE_TYPES]
-        if bad:
-            raise ValueError(f"f_divergence_type={f_divergence_type!r} is only supported for "
-                             f"{', '.join(F_DIVERGENCE_TYPES)}; got {bad}")
-    checked = V.checked_mode(validate, pc.device)
+def _validate_tensors(pc, pr, rc, rr, types, target_probs, reward_margins, chosen_lengths,
+                      rejected_lengths, bco_delta, validate):
+    args.check_logps(("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
+                      "ref_rejected_logps"), (pc, pr, rc, rr))
     if "soft" in types:
         if target_probs is None:
             raise ValueError("loss_type='soft' needs target_probs (the preference probability "
                              "of chosen over rejected per pair, e.g. from "
                              "fastdpo.preference_probs)")
-        _check_pair_tensor("target_probs", target_probs, pc)
-        if checked and not bool(((target_probs >= 0) & (target_probs <= 1)).all()):
-            raise ValueError("target_probs must lie in [0, 1] (and not be NaN)")
+        args.check_pair_tensor("target_probs", target_probs, pc)
+        args.require_values(validate, pc, lambda: ((target_probs >= 0) & (target_probs <= 1)).all(),
+                            "target_probs must lie in [0, 1] (and not be NaN)")
     elif target_probs is not None:
         raise ValueError("target_probs is only used by loss_type='soft'")
     if "distill" in types:
@@ -121,28 +54,42 @@ def _validate(pc, pr, rc, rr, types, weights, label_smoothing, target_probs, rew
             raise ValueError("loss_type='distill' needs reward_margins (the reward model's "
                              "r(chosen) - r(rejected) per pair, e.g. from "
                              "fastdpo.preference_probs)")
-        _check_pair_tensor("reward_margins", reward_margins, pc)
-        if checked and not bool(torch.isfinite(reward_margins).all()):
-            raise ValueError("reward_margins must be finite")
+        args.check_pair_tensor("reward_margins", reward_margins, pc)
+        args.require_values(validate, pc, lambda: torch.isfinite(reward_margins).all(),
+                            "reward_margins must be finite")
     elif reward_margins is not None:
         raise ValueError("reward_margins is only used by loss_type='distill'")
-    for n, t in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
-        if t is not None:
-            _check_pair_tensor(n, t, pc, integer_ok=True)
+    args.check_lengths(chosen_lengths, rejected_lengths, pc)
     if "sft" in types and chosen_lengths is None:
         raise ValueError("loss_type='sft' needs chosen_lengths (completion token counts): it is "
                          "the mean chosen log-prob per token")
     one_length = (chosen_lengths is None) != (rejected_lengths is None)
     if one_length and any(t in NORM_TYPES for t in types):
         raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
-    if bco_delta is not None:
-        if "bco_pair" not in types:
-            raise ValueError("bco_delta is only used by loss_type='bco_pair'")
-        if isinstance(bco_delta, torch.Tensor):
-            if bco_delta.numel() != 1 or not bco_delta.is_floating_point():
-                raise ValueError("bco_delta must be a number or a one-element floating tensor")
-        else:
-            _check_number("bco_delta", bco_delta)
+    if bco_delta is not None and "bco_pair" not in types:
+        raise ValueError("bco_delta is only used by loss_type='bco_pair'")
+
+
+def loss_config(*, beta, loss_type, label_smoothing, loss_weights, discopop_tau,
+                f_divergence_type, f_alpha_divergence_coef, reduction) -> LossConfig:
+    """The checked scalar options of :func:`dpo_loss` (for callers that reuse its formulas)."""
+    beta = _validate.check_positive_finite("beta", beta)
+    types = args.loss_types(loss_type, LOSS_TYPES)
+    weights = args.loss_weights(loss_weights, len(types))
+    label_smoothing = _validate.check_finite("label_smoothing", label_smoothing)
+    _check_label_smoothing(label_smoothing, types)
+    discopop_tau = _validate.check_positive_finite("discopop_tau", discopop_tau)
+    f_alpha = _validate.check_finite("f_alpha_divergence_coef", f_alpha_divergence_coef)
+    _validate.check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    if f_divergence_type != "reverse_kl":
+        bad = [t for t in types if t not in F_DIVERGENCE_TYPES]
+        if bad:
+            raise ValueError(f"f_divergence_type={f_divergence_type!r} is only supported for "
+                             f"{', '.join(F_DIVERGENCE_TYPES)}; got {bad}")
+    return LossConfig(beta=beta, loss_types=types, loss_weights=weights,
+                      label_smoothing=label_smoothing, discopop_tau=discopop_tau,
+                      f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha,
+                      reduction=args.check_reduction(reduction))
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
@@ -200,25 +147,17 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     """
     pc, pr, rc, rr = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                       ref_rejected_logps)
-    beta = _check_number("beta", beta, positive=True)
-    types = _loss_types(loss_type)
-    weights = None if loss_weights is None else tuple(loss_weights)
-    label_smoothing = _check_number("label_smoothing", label_smoothing)
-    discopop_tau = _check_number("discopop_tau", discopop_tau, positive=True)
-    f_alpha = _check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
-    _validate(pc, pr, rc, rr, types, weights, label_smoothing, target_probs, reward_margins,
-              chosen_lengths, rejected_lengths, reduction, f_divergence_type, bco_delta, validate)
-    weights = tuple(_check_number("loss_weights[i]", w) for w in (weights or (1.0,) * len(types)))
-    cfg = LossConfig(beta=beta, loss_types=types, loss_weights=weights,
-                     label_smoothing=label_smoothing, discopop_tau=discopop_tau,
-                     f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha,
-                     reduction=reduction)
-    delta = 0.0 if bco_delta is None else bco_delta
-    if torch.is_tensor(delta):
-        delta = delta.detach().reshape(())
+    cfg = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                      loss_weights=loss_weights, discopop_tau=discopop_tau,
+                      f_divergence_type=f_divergence_type,
+                      f_alpha_divergence_coef=f_alpha_divergence_coef, reduction=reduction)
+    validate = _validate.check_optional_bool("validate", validate)
+    _validate_tensors(pc, pr, rc, rr, cfg.loss_types, target_probs, reward_margins,
+                      chosen_lengths, rejected_lengths, bco_delta, validate)
+    delta = 0.0 if bco_delta is None else args.check_delta("bco_delta", bco_delta)
     loss = PreferenceLoss.apply(pc, pr, rc, rr, target_probs, reward_margins, chosen_lengths,
                                 rejected_lengths, delta, cfg)
-    return loss, preference_metrics(pc, pr, rc, rr, beta, reduce=reduction != "none")
+    return loss, preference_metrics(pc, pr, rc, rr, cfg.beta, reduce=reduction != "none")
 
 
 @torch.no_grad()
@@ -238,6 +177,15 @@ def preference_metrics(pc, pr, rc, rr, beta: float, *, reduce: bool = True):
     return {k: v.mean() for k, v in out.items()} if reduce else out
 
 
+@torch.no_grad()
+def update_running_mean_(mean: torch.Tensor, count: torch.Tensor, values: torch.Tensor) -> None:
+    """Fold ``values`` into the running ``mean`` of ``count`` values, in place and on device (no
+    host sync): ``mean += (sum(values) - n mean) / (count + n)``."""
+    vals = values.detach().reshape(-1).to(mean.dtype)
+    count.add_(vals.numel())
+    mean.add_((vals.sum() - vals.numel() * mean) / count.clamp(min=1).to(mean.dtype))
+
+
 class RewardRunningMean:
     """Explicit state for older TRL's ``bco_pair``: a running mean of the implicit rewards.
 
@@ -251,28 +199,32 @@ class RewardRunningMean:
                                  bco_delta=state.value)
 
     Each update counts its values (one for a batch mean, as older TRL passed).
+    :class:`fastdpo.DPOLoss` (``bco_running_mean=True``) keeps the same state in its buffers.
     """
 
     def __init__(self):
         self.value = torch.zeros(())
-        self.count = 0
+        self._count = torch.zeros((), dtype=torch.int64)
+
+    @property
+    def count(self) -> int:
+        return int(self._count)
 
     @torch.no_grad()
     def update(self, *rewards: torch.Tensor) -> torch.Tensor:
         vals = torch.cat([r.detach().reshape(-1).float() for r in rewards])
-        n = vals.numel()
-        if n:
-            total = self.count + n
-            self.value = (self.value.to(vals.device) * (self.count / total)
-                          + vals.sum() / total)
-            self.count = total
+        self.value, self._count = self.value.to(vals.device), self._count.to(vals.device)
+        update_running_mean_(self.value, self._count, vals)
         return self.value
 
     def state_dict(self):
         return {"value": self.value.clone(), "count": self.count}
 
     def load_state_dict(self, state):
-        self.value, self.count = state["value"].clone(), int(state["count"])
+        self.value = state["value"].clone()
+        self._count = torch.tensor(int(state["count"]), dtype=torch.int64,
+                                   device=self.value.device)
 
 
-__all__ = ["dpo_loss", "preference_metrics", "RewardRunningMean", "LOSS_TYPES"]
+__all__ = ["dpo_loss", "preference_metrics", "RewardRunningMean", "LOSS_TYPES",
+           "update_running_mean_", "loss_config"]

@@ -114,6 +114,18 @@ def soft_phi(x: torch.Tensor, s, beta: float):
     return loss, dphi
 
 
+def hinge_phi(d: torch.Tensor, beta: float):
+    """``relu(1 - beta d)`` and its derivative in ``d``."""
+    t = 1 - beta * d
+    return torch.relu(t), (t > 0).to(d.dtype) * -beta
+
+
+def ipo_phi(d: torch.Tensor, beta: float):
+    """``(d - 1 / (2 beta))^2`` and its derivative in ``d``."""
+    t = d - 1 / (2 * beta)
+    return t * t, 2 * t
+
+
 def _phi(kind: str, d: torch.Tensor, x_in: PairInputs, cfg: LossConfig):
     """Loss of the score difference ``d``, ``dloss/dd`` and gradients of extra inputs."""
     b, eps = cfg.beta, cfg.label_smoothing
@@ -121,11 +133,9 @@ def _phi(kind: str, d: torch.Tensor, x_in: PairInputs, cfg: LossConfig):
     if kind in ("sigmoid", "sigmoid_norm"):
         return -F.logsigmoid(x), -b * torch.sigmoid(-x), {}
     if kind == "hinge":
-        t = 1 - x
-        return torch.relu(t), (t > 0).to(x.dtype) * -b, {}
-    if kind == "ipo":  # (d - 1/(2 beta))^2 on per-token log-ratios
-        t = d - 1 / (2 * b)
-        return t * t, 2 * t, {}
+        return (*hinge_phi(d, b), {})
+    if kind == "ipo":  # on per-token log-ratios
+        return (*ipo_phi(d, b), {})
     if kind == "exo_pair":
         # KL(softmax(x, 0) || (1 - eps, eps)); derivative sigma(x) sigma(-x) (x - logit(1 - eps))
         p, q = torch.sigmoid(x), torch.sigmoid(-x)
@@ -224,12 +234,19 @@ def _aot_term(kind: str, x_in: PairInputs, cfg: LossConfig):
 
 def _sft_term(x_in: PairInputs, cfg: LossConfig):
     """TRL's ``sft``: minus the mean chosen per-token log-prob over the batch, on every pair."""
-    n = x_in.nc.sum().clamp(min=1)
-    loss = (-x_in.pc.sum() / n).expand_as(x_in.pc)
+    nll, dnll = nll_term(x_in.pc, x_in.nc)
+    loss = nll.expand_as(x_in.pc)
 
     def vjp(g):
-        return {"pc": (-g.sum() / n).expand_as(g)}
+        return {"pc": (g.sum() * dnll).expand_as(g)}
     return loss, vjp
+
+
+def nll_term(logps: torch.Tensor, lengths: torch.Tensor):
+    """Token-mean negative log-likelihood ``-sum(logps) / sum(lengths)`` (the total clamped to
+    >= 1) of summed sequence log-probs, and its derivative in each ``logps[i]`` (a scalar)."""
+    n = lengths.to(logps.dtype).sum().clamp(min=1)
+    return -logps.sum() / n, -1.0 / n
 
 
 def term(kind: str, x_in: PairInputs, cfg: LossConfig):

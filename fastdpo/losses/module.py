@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _validate as V
+from .. import _validate
 from ..logps import mask_sequence_starts, reduce_sequences, sequence_logps
-from .dpo import dpo_loss
+from .dpo import dpo_loss, loss_config, update_running_mean_
 
 
 class DPOLoss(nn.Module):
@@ -51,17 +51,16 @@ class DPOLoss(nn.Module):
                                 f_divergence_type=f_divergence_type,
                                 f_alpha_divergence_coef=f_alpha_divergence_coef,
                                 reduction=reduction, validate=validate)
-        # Fail at construction on a bad configuration: a one-pair dry run of the loss checks.
-        z = torch.zeros(1)
-        dpo_loss(z, z, z, z, target_probs=z if _has(loss_type, "soft") else None,
-                 reward_margins=z if _has(loss_type, "distill") else None,
-                 chosen_lengths=z, rejected_lengths=z, **self.loss_kwargs)
-        V.check_temperature(temperature)
+        # Fail at construction on a bad configuration.
+        types = loss_config(**{k: v for k, v in self.loss_kwargs.items() if k != "validate"}
+                            ).loss_types
+        _validate.check_optional_bool("validate", validate)
+        _validate.check_temperature(temperature)
         self.ignore_index, self.shift, self.temperature = ignore_index, shift, temperature
         self.backend, self.inplace_backward, self.validate = backend, inplace_backward, validate
         self.logit_scale, self.softcap = logit_scale, softcap
         self.process_group = process_group
-        if bco_running_mean and not _has(loss_type, "bco_pair"):
+        if bco_running_mean and "bco_pair" not in types:
             raise ValueError("bco_running_mean applies to loss_type='bco_pair' only")
         self.bco_running_mean = bool(bco_running_mean)
         if self.bco_running_mean:
@@ -166,11 +165,6 @@ class DPOLoss(nn.Module):
         # it. On-device, no host sync; evaluation reads the state without moving it.
         if self.training:
             batch_mean = (self.loss_kwargs["beta"] * torch.cat([pc - rc, pr - rr])).mean()
-            self.bco_count.add_(1)
-            self.bco_mean.add_((batch_mean.to(self.bco_mean.dtype) - self.bco_mean)
-                               / self.bco_count)
+            update_running_mean_(self.bco_mean, self.bco_count, batch_mean)
         return self.bco_mean.clone()
 
-
-def _has(loss_type, name: str) -> bool:
-    return loss_type == name or (not isinstance(loss_type, str) and name in tuple(loss_type))

@@ -12,13 +12,12 @@ optimal policy ``pi* ~ pi_ref * exp(r / beta)`` given samples of ``pi_ref``.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .. import _validate as V
+from .. import _validate
 
 ENSEMBLES = ("mean_prob", "mean_margin", "lower_quantile", "mean_minus_std")
 STRATEGIES = ("best_worst", "all")
@@ -51,14 +50,6 @@ class RejectionSample(NamedTuple):
     counts: torch.Tensor
 
 
-def _positive(name, v) -> float:
-    if not isinstance(v, Real) or isinstance(v, bool):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {v}")
-    return float(v)
-
-
 def _float_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -85,23 +76,22 @@ def preference_probs(chosen_rewards, rejected_rewards, *, temperature=1.0, ensem
         :class:`PreferenceTargets` ``(probs, margins)``, each ``(B,)`` fp32 (fp64 for fp64 input),
         with ``probs == sigmoid(margins)``.
     """
-    V.check_float("chosen_rewards", chosen_rewards)
-    V.check_float("rejected_rewards", rejected_rewards)
-    V.check_same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    _validate.check_float("chosen_rewards", chosen_rewards)
+    _validate.check_float("rejected_rewards", rejected_rewards)
+    _validate.check_same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
     if chosen_rewards.shape != rejected_rewards.shape:
         raise ValueError(f"chosen_rewards {tuple(chosen_rewards.shape)} and rejected_rewards "
                          f"{tuple(rejected_rewards.shape)} must have the same shape")
     if chosen_rewards.dim() not in (1, 2) or chosen_rewards.shape[0] == 0:
         raise ValueError(f"rewards must be (B,) or (E, B) with E >= 1, got shape "
                          f"{tuple(chosen_rewards.shape)}")
-    temperature = _positive("temperature", temperature)
+    temperature = _validate.check_positive_finite("temperature", temperature)
     if ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
-    if ensemble == "lower_quantile" and not (isinstance(quantile, Real) and 0 <= quantile <= 1):
+    if ensemble == "lower_quantile" and not 0 <= _validate.check_finite("quantile", quantile) <= 1:
         raise ValueError(f"quantile must lie in [0, 1], got {quantile!r}")
-    if ensemble == "mean_minus_std" and not (isinstance(std_coef, Real)
-                                             and math.isfinite(std_coef)):
-        raise ValueError(f"std_coef must be a finite number, got {std_coef!r}")
+    if ensemble == "mean_minus_std":
+        _validate.check_finite("std_coef", std_coef)
     dt = _float_dtype(chosen_rewards)
     m = (chosen_rewards.to(dt) - rejected_rewards.to(dt)) / temperature
     if m.dim() == 1:
@@ -137,14 +127,13 @@ def rejection_sample(rewards, beta, num_samples, generator=None, *, max_rounds=1
         :class:`RejectionSample` ``(indices, counts)``: ``indices`` ``(P, num_samples)`` int64
         padded with -1, ``counts`` ``(P,)`` int64.
     """
-    V.check_float("rewards", rewards)
+    _validate.check_float("rewards", rewards)
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be (P, K), got shape {tuple(rewards.shape)}")
-    beta = _positive("beta", beta)
+    beta = _validate.check_positive_finite("beta", beta)
     for name, v in (("num_samples", num_samples), ("max_rounds", max_rounds)):
-        if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if V.checked_mode(validate, rewards.device):
+        _validate.check_int(name, v, minimum=1)
+    if _validate.checked_mode(validate, rewards.device):
         if bool((torch.isnan(rewards) | (rewards == math.inf)).any()):
             raise ValueError("rewards must not be NaN or +inf (-inf marks a missing candidate)")
     P, K = rewards.shape
@@ -190,12 +179,12 @@ def build_pairs(rewards, *, strategy="best_worst", margin=0.0, temperature=1.0,
     Returns:
         :class:`PreferencePairs`, prompt-major, then chosen, then rejected index.
     """
-    V.check_float("rewards", rewards)
+    _validate.check_float("rewards", rewards)
     if rewards.dim() not in (2, 3):
         raise ValueError(f"rewards must be (P, K) or (E, P, K), got shape {tuple(rewards.shape)}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not isinstance(margin, Real) or isinstance(margin, bool) or not (0 <= margin < math.inf):
+    if _validate.check_finite("margin", margin) < 0:
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
     r3 = rewards.detach() if rewards.dim() == 3 else rewards.detach().unsqueeze(0)
     dt = _float_dtype(rewards)

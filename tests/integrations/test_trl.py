@@ -140,6 +140,22 @@ def test_matches_trl_dpo_trainer(tokenizer, cfg):
     assert_logs_close([ev[0]], [ev[1]], names=names + ["eval_loss"])
 
 
+@pytest.mark.parametrize("loss_type", [["ipo", "sft"], ["sigmoid_norm", "sft"]])
+def test_sft_with_length_normalised_loss_on_empty_prompts(tokenizer, loss_type):
+    """TRL divides ipo/sigmoid_norm by the unshifted completion count but sft by the shifted
+    (scored) one; they differ when the prompt is empty and the completion starts at position 0."""
+    data = Dataset.from_dict({"prompt": ["", ""], "chosen": ["not much", "hi there"],
+                              "rejected": ["go away", "no"]})
+    tr = make_trainer(FastDPOTrainer, tokenizer, data, loss_type=loss_type,
+                      loss_weights=[1.0, 0.7], steps=1, fastdpo_backend="torch")
+    tr.model.train()
+    batch = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+    assert bool(batch["completion_mask"][:, 0].all())  # the case: no prompt token at all
+    ours = tr.compute_loss(tr.model, batch)
+    theirs = DPOTrainer._compute_loss(tr, tr.model, batch, False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_saves_less_for_backward_than_trl(tokenizer):
     """Only the completion positions' hidden rows are kept for the LM head's backward (TRL's
     CPU path keeps a copy of every position's), and no logits are saved at all."""

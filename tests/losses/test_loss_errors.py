@@ -144,3 +144,49 @@ def test_preference_helpers_errors():
         L.build_pairs(r, strategy="random")
     with pytest.raises(ValueError, match="margin"):
         L.build_pairs(r, margin=-1.0)
+
+
+@pytest.mark.parametrize("kw,exc,name", [
+    ({"loss_type": None}, TypeError, "loss_type"),
+    ({"loss_type": 3}, TypeError, "loss_type"),
+    ({"loss_type": ["sigmoid", None]}, TypeError, "loss_type"),
+    ({"loss_type": b"sigmoid"}, TypeError, "loss_type"),
+    ({"loss_weights": 1.0}, TypeError, "loss_weights"),
+    ({"loss_weights": "1"}, TypeError, "loss_weights"),
+    ({"loss_weights": [None]}, TypeError, r"loss_weights\[0\]"),
+    ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0, float("nan")]}, ValueError,
+     r"loss_weights\[1\]"),
+    ({"reduction": None}, ValueError, "reduction"),
+    ({"f_divergence_type": None}, ValueError, "f_divergence_type"),
+    ({"label_smoothing": None}, TypeError, "label_smoothing"),
+    ({"validate": "yes"}, TypeError, "validate"),
+    ({"loss_type": "bco_pair", "bco_delta": "0.1"}, TypeError, "bco_delta"),
+    ({"loss_type": "bco_pair", "bco_delta": float("inf")}, ValueError, "bco_delta"),
+])
+def test_bad_loss_arguments_name_the_argument(kw, exc, name):
+    with pytest.raises(exc, match=name):
+        call(**kw)
+    if "bco_delta" not in kw:
+        with pytest.raises(exc, match=name):  # the module checks at construction
+            L.DPOLoss(**kw)
+
+
+@pytest.mark.parametrize("kw,name", [
+    ({"loss_type": "soft", "target_probs": torch.full((B,), 1.7)}, "target_probs"),
+    ({"loss_type": "soft", "target_probs": torch.full((B,), float("nan"))}, "target_probs"),
+    ({"loss_type": "distill", "reward_margins": torch.full((B,), float("inf"))}, "reward_margins"),
+])
+def test_validate_is_honoured_under_compile(kw, name):
+    torch._dynamo.reset()
+    pc, pr, rc, rr = logps()
+
+    @torch.compile(backend="aot_eager")
+    def f(pc, pr, rc, rr, t):
+        key = "target_probs" if "target_probs" in kw else "reward_margins"
+        return L.dpo_loss(pc, pr, rc, rr, loss_type=kw["loss_type"], validate=True,
+                          **{key: t})[0]
+
+    with pytest.raises((RuntimeError, ValueError), match=name):
+        f(pc, pr, rc, rr, next(v for v in kw.values() if torch.is_tensor(v)))
+    ok = torch.full((B,), 0.5)
+    assert torch.isfinite(f(pc, pr, rc, rr, ok))  # valid targets still compile and run

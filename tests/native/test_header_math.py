@@ -28,6 +28,9 @@ CASES = {
     "plain": [0.3, -1.2, 2.5, 0.0, 1.7],
     "huge": [80.0, 79.5, -80.0, 60.0],
     "huge_negative": [-1000.0, -1001.0, -999.5],
+    "offset_1000": [1000.0 + v for v in (0.3, -1.2, 2.5, 0.0, 1.7, -0.4)],
+    "constant_1e8": [1e8] * 40,
+    "near_fp32_max": [3e38, 2.9e38, -3e38, 3e38],
     "tiny_spread": [1e-7, -1e-7, 0.0, 2e-7],
     "wide": [-1e4, 50.0, -60.0, 10.0],
     "all_equal": [3.25] * 9,
@@ -37,16 +40,23 @@ CASES = {
     "decreasing": [float(i) for i in range(20, -21, -3)],
     "single": [4.0],
 }
+INV_TEMPS = (1.0, 1 / 0.7, 100.0)
 
 
-def ref_lse_entropy(values):
-    z = torch.tensor(values, dtype=torch.float64)
-    m = z.max() if torch.isfinite(z.max()) else 0.0
-    zs = z - m  # entropy is shift-invariant; shifting avoids cancelling large |z|
-    lse = torch.logsumexp(zs, 0)
-    p = torch.exp(zs - lse)
-    ent = lse - torch.where(p > 0, p * zs, 0.0).sum()
-    return (lse + m).item(), ent.item()
+def f32(values):
+    """The fp32 values the float32 instantiation sees (the reference uses the same inputs)."""
+    return torch.tensor(values, dtype=torch.float32).double().tolist()
+
+
+def ref_stats(values, inv_temp=1.0):
+    """float64 (row_max, log_sum, entropy) of raw logits `values` at scale inv_temp."""
+    x = torch.tensor(values, dtype=torch.float64)
+    m = x.max().item()
+    d = (x - (m if math.isfinite(m) else 0.0)) * inv_temp
+    log_sum = torch.logsumexp(d, 0)
+    p = torch.exp(d - log_sum)
+    ent = log_sum - torch.where(p > 0, p * d, 0.0).sum()
+    return m, log_sum.item(), ent.item()
 
 
 def close(a, b, rel):
@@ -55,29 +65,34 @@ def close(a, b, rel):
 
 @pytest.mark.parametrize("dtype,rel", [("float32", 3e-6), ("float64", 1e-12)])
 @pytest.mark.parametrize("block", [1, 2, 3, 64])
+@pytest.mark.parametrize("inv_temp", INV_TEMPS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_state_matches_float64(case, block, dtype, rel):
-    values = CASES[case]
-    lse_ref, ent_ref = ref_lse_entropy(values)
-    lse, ent = _C.finalize(_C.state_of(values, block, True, dtype), dtype)
-    assert close(lse, lse_ref, rel), (lse, lse_ref)
+def test_state_matches_float64(case, inv_temp, block, dtype, rel):
+    values = f32(CASES[case])
+    m_ref, ls_ref, ent_ref = ref_stats(values, inv_temp)
+    m, ls, ent = _C.finalize(_C.state_of(values, block, True, dtype, inv_temp), dtype)
+    assert m == m_ref  # the max of the raw logits, exactly
+    # log_sum is in [0, log V]: its error is absolute, whatever the offset or temperature.
+    assert abs(ls - ls_ref) <= rel * (1 + math.log(len(values))), (ls, ls_ref)
     assert close(ent, ent_ref, rel * 10), (ent, ent_ref)
-    lse2, _ = _C.finalize(_C.state_of(values, block, False, dtype), dtype)
-    assert lse2 == lse  # the entropy accumulator never feeds back into (m, s)
+    _, ls2, _ = _C.finalize(_C.state_of(values, block, False, dtype, inv_temp), dtype)
+    assert ls2 == ls  # the entropy accumulator never feeds back into (m, s)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_merge_of_parts_is_state_of_whole(case, dtype):
-    values = CASES[case]
+    values = f32(CASES[case])
     rel = 3e-6 if dtype == "float32" else 1e-12
-    whole = _C.finalize(_C.state_of(values, 1, True, dtype), dtype)
-    for cut in range(len(values) + 1):
-        a = _C.state_of(values[:cut], 1, True, dtype)
-        b = _C.state_of(values[cut:], 1, True, dtype)
-        for merged in (_C.merge(a, b, True, dtype), _C.merge(b, a, True, dtype)):
-            lse, ent = _C.finalize(merged, dtype)
-            assert close(lse, whole[0], rel) and close(ent, whole[1], 10 * rel)
+    for c in INV_TEMPS:
+        whole = _C.finalize(_C.state_of(values, 1, True, dtype, c), dtype)
+        for cut in range(len(values) + 1):
+            a = _C.state_of(values[:cut], 1, True, dtype, c)
+            b = _C.state_of(values[cut:], 1, True, dtype, c)
+            for merged in (_C.merge(a, b, True, dtype, c), _C.merge(b, a, True, dtype, c)):
+                m, ls, ent = _C.finalize(merged, dtype)
+                assert m == whole[0]
+                assert close(ls, whole[1], rel) and close(ent, whole[2], 10 * rel)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -86,55 +101,59 @@ def test_merge_with_empty_states(dtype):
     assert empty == (-INF, 0.0, 0.0)
     # Two empty states (max -inf on both sides) merge without a NaN.
     assert _C.merge(empty, empty, True, dtype) == (-INF, 0.0, 0.0)
-    s = _C.state_of([1.5, -2.0, 0.25], 1, True, dtype)
-    assert _C.merge(empty, s, True, dtype) == s
-    assert _C.merge(s, empty, True, dtype) == s
+    s = _C.state_of([1.5, -2.0, 0.25], 1, True, dtype, 3.0)
+    assert _C.merge(empty, s, True, dtype, 3.0) == s
+    assert _C.merge(s, empty, True, dtype, 3.0) == s
     # A state of only -inf elements is an empty state.
     assert _C.state_of([-INF, -INF], 1, True, dtype) == (-INF, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_finalize_degenerate_rows(dtype):
-    lse, ent = _C.finalize(_C.state_of([-INF, -INF, -INF], 1, True, dtype), dtype)
-    assert lse == -INF and math.isnan(ent)
-    lse, ent = _C.finalize(_C.state_of([7.0], 2, True, dtype), dtype)
-    assert lse == 7.0 and ent == 0.0
-    # As log_softmax: a +inf logit makes the whole row NaN.
-    lse, ent = _C.finalize(_C.state_of([1.0, INF, 3.0], 1, True, dtype), dtype)
-    assert math.isnan(lse) and math.isnan(ent)
-    lse, ent = _C.finalize(_C.state_of([1.0, float("nan"), 3.0], 2, True, dtype), dtype)
-    assert math.isnan(lse) and math.isnan(ent)
+    m, ls, ent = _C.finalize(_C.state_of([-INF, -INF, -INF], 1, True, dtype), dtype)
+    assert m == -INF and ls == -INF and math.isnan(ent)
+    assert _C.finalize(_C.state_of([7.0], 2, True, dtype, 100.0), dtype) == (7.0, 0.0, 0.0)
+    # As log_softmax: a +inf or NaN logit makes the row NaN (row_max as amax: +inf, NaN).
+    m, ls, ent = _C.finalize(_C.state_of([1.0, INF, 3.0], 1, True, dtype), dtype)
+    assert m == INF and math.isnan(ls) and math.isnan(ent)
+    for block in (1, 2):
+        m, ls, ent = _C.finalize(_C.state_of([1.0, float("nan"), 3.0], block, True, dtype), dtype)
+        assert math.isnan(m) and math.isnan(ls) and math.isnan(ent)
+        m, ls, ent = _C.finalize(_C.state_of([-INF, float("nan")], block, True, dtype), dtype)
+        assert math.isnan(m) and math.isnan(ls) and math.isnan(ent)
 
 
-def grad_ref(x, inv_temp, g, g_ent, lse, ent, is_label):
-    z = x * inv_temp
-    p = math.exp(z - lse)
-    d = g * ((1.0 if is_label else 0.0) - p)
+def grad_ref(x, inv_temp, g, g_ent, row_max, log_sum, ent, is_label):
+    d = (x - row_max) * inv_temp - log_sum
+    p = math.exp(d)
+    out = g * ((1.0 if is_label else 0.0) - p)
     if g_ent:
-        d -= g_ent * p * (z - lse + ent)
-    return d * inv_temp
+        out -= g_ent * p * (d + ent)
+    return out * inv_temp
 
 
 @pytest.mark.parametrize("dtype,rel", [("float32", 2e-6), ("float64", 1e-13)])
-def test_grad_element_matches_formula(dtype, rel):
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_grad_element_matches_formula(dtype, rel, offset):
     g = torch.Generator().manual_seed(0)
-    row = (torch.randn(50, generator=g, dtype=torch.float64) * 4).tolist()
-    for inv_temp in (1.0, 1 / 0.7):
-        lse, ent = ref_lse_entropy([v * inv_temp for v in row])
+    row = f32((torch.randn(50, generator=g, dtype=torch.float64) * 4 + offset).tolist())
+    for inv_temp in INV_TEMPS:
+        m, ls, ent = ref_stats(row, inv_temp)
         for x in row[:10]:
             for gl, ge in ((0.7, 0.0), (-1.3, 0.4), (0.0, 2.0)):
                 for is_label in (False, True):
-                    want = grad_ref(x, inv_temp, gl, ge, lse, ent, is_label)
-                    got = _C.grad_element(x, inv_temp, gl, ge, lse, ent, is_label, dtype)
-                    assert abs(got - want) <= rel * (abs(want) + abs(gl) + abs(ge) * (1 + ent))
+                    want = grad_ref(x, inv_temp, gl, ge, m, ls, ent, is_label)
+                    got = _C.grad_element(x, inv_temp, gl, ge, m, ls, ent, is_label, dtype)
+                    scale = inv_temp * (abs(want) + abs(gl) + abs(ge) * (1 + ent))
+                    assert abs(got - want) <= rel * scale, (x, inv_temp, got, want)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_grad_element_masked_logit_is_exactly_zero(dtype):
     for ge in (0.0, 3.0, -1e3):
-        assert _C.grad_element(-INF, 1.0, 0.5, ge, 2.0, 1.0, False, dtype) == 0.0
+        assert _C.grad_element(-INF, 1.0, 0.5, ge, 4.0, 2.0, 1.0, False, dtype) == 0.0
     # The label term survives a masked label logit; only the softmax part vanishes.
-    assert _C.grad_element(-INF, 2.0, 0.5, 0.0, 2.0, 1.0, True, dtype) == 1.0
+    assert _C.grad_element(-INF, 2.0, 0.5, 0.0, 4.0, 2.0, 1.0, True, dtype) == 1.0
 
 
 def avx2_or_fail():

@@ -1,21 +1,30 @@
-// Online log-sum-exp (and entropy) over a row of scaled logits z, one element or one block at a
-// time, as a state that partial results merge into.
+// Online log-sum-exp (and entropy) over a row of raw logits x with scale c = 1 / temperature, one
+// element or one block at a time, as a state that partial results merge into.
 //
-// State (m, s, t) over the elements seen so far, with r = ref(m) (m, or 0 while m is -inf):
-//   m = max z,   s = sum exp(z - r),   t = sum exp(z - r) * (z - r)
-// so that lse = r + log s and entropy H = lse - sum p z = log s - t / s. Keeping t relative to the
-// running max (instead of sum p z) avoids cancelling two large numbers when |z| is large.
+// State (m, s, t) over the elements seen so far, with r = ref_point(m) and d = (x - r) * c:
+//   m = max x (raw units, before the temperature),   s = sum exp(d),   t = sum exp(d) * d
+// so that log_sum = log s, lse = r * c + log_sum and the entropy H = log s - t / s. Everything
+// stays relative to the running max: d is exact to fp32 rounding at any logit offset or
+// temperature, and t does not cancel two large numbers the way lse - sum p z would.
 #pragma once
 
 #include "common.h"
+#include "row_math.h"
+#include "params.h"
 
 namespace fastdpo {
 
 template <class T>
 struct SoftmaxState {
-  T m;  // running max (-inf before any finite element)
-  T s;  // sum of exp(z - ref(m))
-  T t;  // sum of exp(z - ref(m)) * (z - ref(m)); only maintained when entropy is wanted
+  T m;  // running max of the raw logits (-inf before any finite element)
+  T s;  // sum of exp(d)
+  T t;  // sum of exp(d) * d; only maintained when entropy is wanted
+};
+
+// What a row reports (the forward's outputs besides logp).
+template <class T>
+struct RowStats {
+  T row_max, log_sum, entropy;
 };
 
 template <class T>
@@ -23,14 +32,7 @@ FASTDPO_HOST_DEVICE FASTDPO_INLINE SoftmaxState<T> state_init() {
   return SoftmaxState<T>{T(-INFINITY), T(0.0f), T(0.0f)};
 }
 
-// The point exponents are taken relative to: the max, or 0 while the max is -inf (so that an
-// all -inf prefix gives exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN).
-template <class T>
-FASTDPO_HOST_DEVICE FASTDPO_INLINE T ref_point(T m) {
-  return Math<T>::select(Math<T>::is_neg_inf(m), T(0.0f), m);
-}
-
-// Add one element given d = z - ref(m), with z <= m (the state already holds z's max).
+// Add one element given its d = (x - ref_point(m)) * c, with x <= m (the state holds x's max).
 template <bool kEntropy, class T>
 FASTDPO_HOST_DEVICE FASTDPO_INLINE void accumulate(T& s, T& t, T d) {
   T e = Math<T>::exp(d);
@@ -40,9 +42,9 @@ FASTDPO_HOST_DEVICE FASTDPO_INLINE void accumulate(T& s, T& t, T d) {
 
 // Move the state to a new max m_new >= m (the caller's max of m and the incoming elements).
 template <bool kEntropy, class T>
-FASTDPO_HOST_DEVICE FASTDPO_INLINE void rescale(SoftmaxState<T>& st, T m_new) {
-  // ref(m) - ref(m_new); written with st.m so an empty state (m = -inf) gets scale 0.
-  T delta = st.m - ref_point(m_new);
+FASTDPO_HOST_DEVICE FASTDPO_INLINE void rescale(SoftmaxState<T>& st, T m_new, T c) {
+  // (ref(m) - ref(m_new)) * c; written with st.m so an empty state (m = -inf) gets scale 0.
+  T delta = scaled_diff(st.m, ref_point(m_new), c, T(0.0f));
   T scale = Math<T>::exp(delta);
   if constexpr (kEntropy) {
     st.t = scale * Math<T>::fma(Math<T>::max(T(kLowestExpArg), delta), st.s, st.t);
@@ -53,39 +55,58 @@ FASTDPO_HOST_DEVICE FASTDPO_INLINE void rescale(SoftmaxState<T>& st, T m_new) {
 
 // One element: the textbook online softmax step (two exps; kernels batch elements instead).
 template <bool kEntropy, class T>
-FASTDPO_HOST_DEVICE FASTDPO_INLINE void update(SoftmaxState<T>& st, T z) {
-  rescale<kEntropy>(st, Math<T>::max(z, st.m));
-  accumulate<kEntropy>(st.s, st.t, z - ref_point(st.m));
+FASTDPO_HOST_DEVICE FASTDPO_INLINE void update(SoftmaxState<T>& st, T x, T c) {
+  rescale<kEntropy>(st, Math<T>::max(x, st.m), c);
+  accumulate<kEntropy>(st.s, st.t, scaled_diff(x, ref_point(st.m), c, T(0.0f)));
 }
 
 // The state of the union of two disjoint sets of elements.
 template <bool kEntropy, class T>
-FASTDPO_HOST_DEVICE FASTDPO_INLINE SoftmaxState<T> merge(SoftmaxState<T> a, SoftmaxState<T> b) {
+FASTDPO_HOST_DEVICE FASTDPO_INLINE SoftmaxState<T> merge(SoftmaxState<T> a, SoftmaxState<T> b,
+                                                         T c) {
   T m = Math<T>::max(a.m, b.m);
-  rescale<kEntropy>(a, m);
-  rescale<kEntropy>(b, m);
+  rescale<kEntropy>(a, m, c);
+  rescale<kEntropy>(b, m, c);
   if constexpr (kEntropy) return SoftmaxState<T>{m, a.s + b.s, a.t + b.t};
   return SoftmaxState<T>{m, a.s + b.s, T(0.0f)};
 }
 
 // A functor form of merge for block reductions (cub::BlockReduce).
-template <bool kEntropy>
+template <bool kEntropy, class T>
 struct MergeOp {
-  template <class T>
+  T c;
   FASTDPO_HOST_DEVICE FASTDPO_INLINE SoftmaxState<T> operator()(const SoftmaxState<T>& a,
                                                                 const SoftmaxState<T>& b) const {
-    return merge<kEntropy>(a, b);
+    return merge<kEntropy>(a, b, c);
   }
 };
 
-// lse = ref(m) + log s; entropy = log s - t / s. Like log_softmax in PyTorch, an all -inf row
-// gives lse = -inf and entropy NaN, and a row holding +inf or NaN gives NaN (+inf - +inf reaches
-// the sum). Scalar T only.
+// log_sum = log s, entropy = log s - t / s. As log_softmax: a row of only -inf gives
+// row_max = log_sum = -inf (entropy NaN); a +inf or NaN logit makes log_sum and entropy NaN (it
+// reaches the sum as (inf - inf) * c or NaN). The max skips NaN, so a NaN row reports row_max NaN
+// here (a +inf row keeps +inf, as amax would). Scalar T only.
 template <class T>
-FASTDPO_HOST_DEVICE FASTDPO_INLINE void finalize(const SoftmaxState<T>& st, T& lse, T& entropy) {
+FASTDPO_HOST_DEVICE FASTDPO_INLINE RowStats<T> finalize(const SoftmaxState<T>& st) {
   T log_s = Math<T>::log(st.s);
-  lse = ref_point(st.m) + log_s;
-  entropy = log_s - st.t / st.s;
+  const bool nan_row = st.s != st.s && st.m != T(INFINITY);
+  return RowStats<T>{nan_row ? st.s : st.m, log_s, log_s - st.t / st.s};
+}
+
+// logp = (x_label - ref) * c - log_sum. An off-shard label counts a label logit of 0 (logp is
+// -lse); an invalid one gives NaN. x_label is read only for a local label.
+template <class T>
+FASTDPO_HOST_DEVICE FASTDPO_INLINE T label_logp(LabelKind kind, T x_label, const RowStats<T>& r,
+                                                T c) {
+  if (kind == LabelKind::kInvalid) return T(NAN);
+  const T x = kind == LabelKind::kLocal ? x_label : T(0.0f);
+  const T ref = ref_point(r.row_max);
+  const T logp = scaled_diff(x, ref, c, T(0.0f) - r.log_sum);
+  // Finite logits of opposite signs near the largest float: x - ref overflows where (x - ref) * c
+  // may not (c < 1). Scaling first loses no digit that matters at that magnitude.
+  if (logp == T(-INFINITY) && x > T(-INFINITY) && ref < T(INFINITY)) {
+    return x * c - ref * c - r.log_sum;
+  }
+  return logp;
 }
 
 }  // namespace fastdpo

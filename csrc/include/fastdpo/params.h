@@ -9,7 +9,8 @@
 
 namespace fastdpo {
 
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+// Storage dtypes of the logits (the native backend takes no fp64); every output is fp32.
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 struct RowsLayout {
   int64_t B = 0, T = 0, V = 0;
@@ -75,10 +76,11 @@ struct LogpsFwdParams {
   RowsLayout rows;
   LabelsView labels;
   LabelRule rule;
-  double inv_temp = 1.0;
-  float* logp = nullptr;     // contiguous (B, T)
-  float* lse = nullptr;      // contiguous (B, T)
-  float* entropy = nullptr;  // contiguous (B, T), or null when not wanted
+  float inv_temp = 1.0f;     // c = 1 / temperature, finite and > 0 (the glue checks)
+  float* logp = nullptr;     // contiguous (B, T), as are the outputs below
+  float* row_max = nullptr;
+  float* log_sum = nullptr;
+  float* entropy = nullptr;  // null when not wanted
 };
 
 struct LogpsBwdParams {
@@ -89,10 +91,11 @@ struct LogpsBwdParams {
   int64_t grad_stride_b = 0, grad_stride_t = 0;  // grad_logits strides (vocabulary stride 1)
   LabelsView labels;
   LabelRule rule;
-  double inv_temp = 1.0;
+  float inv_temp = 1.0f;
   RowScalars grad_logp;
   RowScalars grad_entropy;  // data null when absent
-  RowScalars lse;
+  RowScalars row_max;
+  RowScalars log_sum;
   RowScalars entropy;  // data null when absent
 };
 

@@ -72,6 +72,36 @@ def _compile(fn, sig, const, attrs, opts, cc):
     return triton.compile(src, target=target, options=backend.parse_options(dict(opts)).__dict__)
 
 
+def fastdpo_aot_jobs(shapes, dtypes=TRITON_DTYPES) -> list[dict]:
+    """Every kernel variant fastdpo's Triton launchers can pick at ``shapes`` (``(B, T, H, V)``;
+    :func:`fastdpo.triton.aot.compile_specs`): logits and fused linear, forward and backward,
+    each dtype and constexpr variant."""
+    return [{"source": "aot", "shapes": [list(s) for s in shapes], "dtypes": list(dtypes)}]
+
+
+def compile_aot(job: dict, cc: int, workdir: Path) -> list[dict]:
+    import torch
+
+    from fastdpo.triton import aot
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    out = []
+    for spec in aot.compile_specs([tuple(s) for s in job["shapes"]],
+                                  dtypes=tuple(dt[d] for d in job["dtypes"])):
+        label = {"impl": "fastdpo[triton]", "variant": spec.name, "config": "launchers (GPU)",
+                 "constexprs": spec.constexprs, "options": spec.options}
+        t0 = time.perf_counter()
+        try:
+            compiled = aot.compile(spec, cc)
+            stem = f"aot_{len(out)}_{cc}"
+            rec = _triton_record(compiled, cc, workdir, stem)
+        except Exception as exc:  # noqa: BLE001 - one variant failing is reported
+            rec = {"arch": f"sm_{cc}", "error": f"{type(exc).__name__}: {exc}"[:600]}
+        rec["compile_s"] = time.perf_counter() - t0
+        out.append({**label, **rec})
+    return out
+
+
 def fastdpo_spec_jobs(dtypes=TRITON_DTYPES, entropy=(False, True), V=REPRESENTATIVE_V):
     return [{"source": "spec", "op": op, "dtype": dt, "with_entropy": ent, "V": V}
             for op in ("fwd", "bwd") for dt in dtypes for ent in entropy]
@@ -158,18 +188,19 @@ def cuda_sources(root: Path) -> list[Path]:
     return sorted((root / "csrc" / "cuda").glob("*.cu"))
 
 
-def cuda_flags(root: Path) -> list[str]:
-    """Device flags of the native CUDA build (setup.py / csrc/cuda/check_nvcc.sh): the .cu files
-    are torch-free, so csrc/ headers are all they need."""
-    return ["-std=c++17", "-O3", "-lineinfo", "-maxrregcount=128",
-            f"-I{root / 'csrc' / 'include'}", f"-I{root / 'csrc'}"]
+def cuda_flags(root: Path, cc: int) -> list[str]:
+    """The shipped nvcc flags (:mod:`fastdpo.native.build_flags`, as setup.py and
+    csrc/cuda/check_nvcc.sh use them) for the one architecture ``sm_<cc>``."""
+    from fastdpo.native import build_flags
+
+    return [*build_flags.NVCC_FLAGS, "-gencode", f"arch=compute_{cc},code=sm_{cc}",
+            *build_flags.include_flags(root)]
 
 
 def compile_cuda(src: Path, cc: int, workdir: Path, root: Path) -> list[dict]:
     nvcc = sass.tool("nvcc") or "/usr/local/bin/nvcc"
     cubin = workdir / f"{src.stem}_sm{cc}.cubin"
-    cmd = [nvcc, "-cubin", f"-arch=sm_{cc}", "-Xptxas", "-v", *cuda_flags(root), str(src),
-           "-o", str(cubin)]
+    cmd = [nvcc, "-cubin", "-Xptxas", "-v", *cuda_flags(root, cc), str(src), "-o", str(cubin)]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -215,6 +246,9 @@ def run_jobs(jobs: list[dict], archs=ARCHS, cuda_root: str | None = None) -> lis
         work = Path(tmp)
         for job in jobs:
             for cc in archs:
+                if job["source"] == "aot":
+                    out.extend(compile_aot(job, cc, work))
+                    continue
                 try:
                     out.append(compile_job(job, cc, work))
                 except Exception as exc:  # noqa: BLE001 - one kernel failing is reported
@@ -259,7 +293,49 @@ def _kernels_interpreted() -> bool:
         return False
 
 
-def main() -> int:
+def variants_table(rows) -> str:
+    """One line per compiled variant: registers, spills, shared memory, warps, stages."""
+    lines = [f"{'variant':72s} {'arch':6s} {'regs':>4s} {'spill':>6s} {'smem':>7s} {'warps':>5s} "
+             f"{'stages':>6s}"]
+    for r in rows:
+        name = r.get("variant") or r.get("kernel") or r.get("qualname") or "?"
+        if "error" in r:
+            lines.append(f"{name[:72]:72s} {r['arch']:6s} error: {r['error'][:120]}")
+            continue
+        spill = (r.get("spill_store_bytes") or 0) + (r.get("spill_load_bytes") or 0)
+        lines.append(f"{name[:72]:72s} {r['arch']:6s} {r['registers']!s:>4s} {spill:6d} "
+                     f"{r['shared_bytes']:7d} {r.get('num_warps', '-')!s:>5s} "
+                     f"{r.get('num_stages', '-')!s:>6s}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Child mode (a JSON job list on stdin), or ``--variants``: compile every fastdpo Triton
+    variant at the GPU bench's shapes for ``--arch`` and print the table; exit 1 on any error."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--variants":
+        import argparse
+
+        ap = argparse.ArgumentParser(prog="python -m fastdpo.bench.inspect.static --variants")
+        ap.add_argument("--variants", action="store_true")
+        ap.add_argument("--arch", default="90")
+        ap.add_argument("--shapes", default="1,4096,4096,32000;1,4096,4096,128256;"
+                        "1,4096,4096,152064;1,4096,4096,256000;1,16384,4096,128256",
+                        help="B,T,H,V;... (default: the GPU bench's shapes)")
+        ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+        a = ap.parse_args(argv)
+        shapes = [tuple(int(x) for x in s.split(",")) for s in a.shapes.split(";")]
+        t0 = time.perf_counter()
+        rows = compile_all(fastdpo_aot_jobs(shapes), tuple(int(x) for x in a.arch.split(",")))
+        print(variants_table(rows))
+        bad = [r for r in rows if "error" in r]
+        spills = [r for r in rows if (r.get("spill_store_bytes") or 0) + (r.get("spill_load_bytes")
+                                                                          or 0)]
+        print(f"\n{len(rows)} variants compiled in {time.perf_counter() - t0:.0f} s: "
+              f"{len(bad)} errors, {len(spills)} with spills")
+        if a.json:
+            a.json.write_text(json.dumps(rows, indent=1, default=str))
+        return 1 if bad or not rows else 0
     spec = json.loads(sys.stdin.read())
     res = run_jobs(spec["jobs"], tuple(spec["archs"]), spec.get("cuda_root"))
     print(json.dumps(res, default=str))

@@ -60,20 +60,22 @@ class TrafficCounter:
         orig_load, orig_store = b.create_masked_load, b.create_masked_store
         counter = self
 
-        def create_masked_load(ptrs, mask, other, cache_policy, is_volatile):
+        # Only the leading (pointers, mask) arguments are read: the cache/eviction arguments
+        # after them differ between Triton releases (3.6 has two, 3.9 one) and pass through.
+        def create_masked_load(ptrs, mask, *rest):
             counter._record("load", ptrs, mask)
-            return orig_load(ptrs, mask, other, cache_policy, is_volatile)
+            return orig_load(ptrs, mask, *rest)
 
-        def create_masked_store(ptrs, value, mask, cache_policy):
+        def create_masked_store(ptrs, value, mask, *rest):
             counter._record("store", ptrs, mask)
-            return orig_store(ptrs, value, mask, cache_policy)
+            return orig_store(ptrs, value, mask, *rest)
 
         orig_rmw = b.create_atomic_rmw
 
-        def create_atomic_rmw(rmw_op, ptr, val, mask, sem, scope):
+        def create_atomic_rmw(rmw_op, ptr, val, mask, *rest):
             counter._record("load", ptr, mask)
             counter._record("store", ptr, mask)
-            return orig_rmw(rmw_op, ptr, val, mask, sem, scope)
+            return orig_rmw(rmw_op, ptr, val, mask, *rest)
 
         b.create_masked_load = create_masked_load
         b.create_masked_store = create_masked_store
@@ -223,22 +225,15 @@ def _inputs(c: TrafficCase, ignored_rows: int = 0):
     return x, lab
 
 
-def _fastdpo_launch_kw(op: str, V: int, dtype, config: str, fn) -> dict:
-    """Block/warps of the GPU configuration when the launcher takes overrides."""
-    import inspect
-
+def _fastdpo_launch_kw(op: str, V: int, dtype, config: str) -> dict:
+    """The GPU launch configuration's tile and warps (``config == "gpu"``), passed to the
+    launcher as overrides of the interpreter's small tiles."""
     from fastdpo.triton import logps as tl_logps
 
-    if config != "gpu" or not hasattr(tl_logps, "launch_config"):
+    if config != "gpu":
         return {}
-    params = inspect.signature(fn).parameters
     cfg = tl_logps.launch_config(V, dtype, op, interpreted=False)
-    kw = {}
-    if "block_v" in params:
-        kw["block_v"] = cfg["BLOCK_V"]
-    if "num_warps" in params:
-        kw["num_warps"] = cfg["num_warps"]
-    return kw
+    return {"block_v": cfg["BLOCK_V"], "num_warps": cfg["num_warps"]}
 
 
 def _minimum(small: dict, grad_rows_written: int, active_rows: int, row_bytes: int) -> int:
@@ -260,23 +255,24 @@ def run_case(c: TrafficCase, ignored_rows: int = 0) -> dict:
         from fastdpo.triton import logps as tl_logps
 
         if c.op == "fwd":
-            kw = _fastdpo_launch_kw("fwd", c.V, x.dtype, c.config, tl_logps.logps_fwd)
+            kw = _fastdpo_launch_kw("fwd", c.V, x.dtype, c.config)
             with counter:
-                logp, lse, ent = tl_logps.logps_fwd(x, lab, -100, 1.0, 0, c.V, False, **kw)
-            regions = {"logits": x, "labels": lab, "logp": logp, "lse": lse}
-            small = {"labels": lab, "logp": logp, "lse": lse}
+                logp, mx, ls, _ = tl_logps.logps_fwd(x, lab, -100, 1.0, 0, c.V, False, **kw)
+            regions = {"logits": x, "labels": lab, "logp": logp, "row_max": mx, "log_sum": ls}
+            small = {"labels": lab, "logp": logp, "row_max": mx, "log_sum": ls}
             grad_rows = 0
         else:
-            logp, lse, _ = tl_logps.logps_fwd(x, lab, -100, 1.0, 0, c.V, False)
+            _, mx, ls, _ = tl_logps.logps_fwd(x, lab, -100, 1.0, 0, c.V, False)
             g = torch.ones(c.B, c.T)
             out = x if c.op == "bwd_inplace" else torch.empty_like(x)
-            kw = _fastdpo_launch_kw("bwd", c.V, x.dtype, c.config, tl_logps.logps_bwd)
+            kw = _fastdpo_launch_kw("bwd", c.V, x.dtype, c.config)
             with counter:
-                tl_logps.logps_bwd(g, None, x, lab, lse, None, -100, 1.0, 0, c.V, out, **kw)
-            regions = {"logits": x, "grad_logits": out, "labels": lab, "lse": lse, "grad_logp": g}
+                tl_logps.logps_bwd(g, None, x, lab, mx, ls, None, -100, 1.0, 0, c.V, out, **kw)
+            regions = {"logits": x, "grad_logits": out, "labels": lab, "row_max": mx,
+                       "log_sum": ls, "grad_logp": g}
             if c.op == "bwd_inplace":
                 regions.pop("grad_logits")
-            small = {"labels": lab, "lse": lse, "grad_logp": g}
+            small = {"labels": lab, "row_max": mx, "log_sum": ls, "grad_logp": g}
             grad_rows = N
         res["launch_config"] = kw or "as launched"
     elif c.impl == "trl.logprob_entropy":
@@ -351,16 +347,17 @@ def _run_linear(c: TrafficCase, counter: TrafficCounter, res: dict) -> dict:
     lab = torch.randint(0, V, (N,), generator=g)
     if c.op == "fwd":
         with counter:
-            logp, lse, _ = tl_linear.linear_logps_fwd(h, w, None, lab, -100, 1.0, 1.0, 0.0, 0, V,
-                                                      False)
-        small = {"labels": lab, "logp": logp, "lse": lse}
+            logp, mx, ls, _ = tl_linear.linear_logps_fwd(h, w, None, lab, -100, 1.0, 1.0, 0.0, 0,
+                                                         V, False)
+        small = {"labels": lab, "logp": logp, "row_max": mx, "log_sum": ls}
     else:
-        logp, lse, _ = tl_linear.linear_logps_fwd(h, w, None, lab, -100, 1.0, 1.0, 0.0, 0, V, False)
+        _, mx, ls, _ = tl_linear.linear_logps_fwd(h, w, None, lab, -100, 1.0, 1.0, 0.0, 0, V,
+                                                  False)
         gl = torch.ones(N)
         with counter:
-            tl_linear.linear_logps_bwd(gl, None, h, w, None, lab, lse, None, -100, 1.0, 1.0, 0.0,
-                                       0, V, True, True, False, False)
-        small = {"labels": lab, "lse": lse, "grad_logp": gl}
+            tl_linear.linear_logps_bwd(gl, None, h, w, None, lab, mx, ls, None, -100, 1.0, 1.0,
+                                       0.0, 0, V, True, True, False)
+        small = {"labels": lab, "row_max": mx, "log_sum": ls, "grad_logp": gl}
     tot = counter.totals()
     minimum = (h.numel() + w.numel()) * h.element_size() + sum(
         t.numel() * t.element_size() for t in small.values())

@@ -1,0 +1,208 @@
+"""Fused LM head + pair loss with the gradient formed in forward: the chunk loop and its Function.
+
+The rows of a ``[chosen; rejected]`` batch are walked one chunk of *pairs* at a time, only the
+rows with a label (prompt and padding rows are skipped). Per chunk, with ``R`` rows:
+
+1. ``X = transform(h @ W.T + b)``, ``(R, V)`` fp32 (GEMM 1), into a buffer reused by every chunk;
+2. the backend's row op ``logps_fwd`` on ``X``: token log-probs, reduced into the chunk's sequence
+   log-probs (weighted sums);
+3. the caller's ``pair_grads`` turns them into ``dL/d logp`` per sequence (a closed form on
+   ``O(pairs)`` values);
+4. ``logps_bwd`` writes ``d X`` in place, the transform's chain rule follows, then
+   ``d_hidden = dX @ W`` (GEMM 2) and ``d_weight += dX.T @ h`` (GEMM 3), each skipped when that
+   input needs no gradient.
+
+So the policy pass costs 3 GEMMs (2 with a frozen head, 1 without gradients) and holds one
+chunk's logits. A loss whose pair gradient depends on the whole batch runs step 1-2 over all
+chunks first (``pair_grads=None``: log-probs only), then the full loop: one GEMM more.
+
+The backward of :class:`LinearPairLoss` multiplies the stored gradients by the incoming scalar.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .. import ops, rows
+from ..chunked.linear import logits_tile, mm_acc, operand_dtype
+from .options import refuse_double_backward
+
+# Extra memory for one chunk's logits, as a fraction of the full (rows, V) logits in the hidden
+# states' dtype, but at least MIN_CHUNK_BYTES; and never fewer than MIN_CHUNK_ROWS rows (or one
+# pair) per chunk, below which the GEMMs lose too much speed.
+CHUNK_FRACTION = float(os.environ.get("FASTDPO_LINEAR_MEMORY_FRACTION", "0.05"))
+MIN_CHUNK_BYTES = 16 << 20
+MIN_CHUNK_ROWS = 128
+
+
+@dataclass(frozen=True)
+class Head:
+    """Row-op options of the fused head."""
+    backend: str
+    ignore_index: int
+    temperature: float
+    logit_scale: float
+    softcap: float  # 0 = off
+
+
+@dataclass
+class PairRows:
+    """The labelled rows of a ``[chosen; rejected]`` batch of ``2B`` sequences.
+
+    ``order`` lists the rows with a label, sequence by sequence; sequence ``s`` owns
+    ``order[offsets[s]:offsets[s + 1]]``. ``scale`` is each row's weight in its sequence's sum
+    (token weight, divided by the sequence's total weight when averaging).
+    """
+    h2: torch.Tensor        # (N, H) all rows (a view of the caller's hidden states when possible)
+    labels: torch.Tensor    # (N,) the label each row predicts (shift applied)
+    scale: torch.Tensor     # (N,) acc dtype
+    order: torch.Tensor     # (n_active,) int64
+    seq: torch.Tensor       # (n_active,) int64 sequence of each entry of order
+    offsets: list           # 2B + 1 host ints
+    pairs: int              # B
+
+
+def build_rows(h2, labels, weights, pairs: int, seq_len: int, acc) -> PairRows:
+    """``labels`` / ``weights`` are ``(N,)`` already shifted; ``weights`` is 0 on ignored rows."""
+    active = weights != 0
+    order = torch.nonzero(active).squeeze(1)
+    seq = torch.div(order, seq_len, rounding_mode="floor")
+    counts = torch.bincount(seq, minlength=2 * pairs).tolist()
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    return PairRows(h2, labels, weights.to(acc), order, seq, offsets, pairs)
+
+
+def chunk_pairs(pr: PairRows, cap_rows: int):
+    """Consecutive pair ranges ``(j0, j1)`` of at most ``cap_rows`` rows (at least one pair)."""
+    B, off = pr.pairs, pr.offsets
+    out, j0, rows_now = [], 0, 0
+    for j in range(B):
+        n = (off[j + 1] - off[j]) + (off[B + j + 1] - off[B + j])
+        if j > j0 and rows_now + n > cap_rows:
+            out.append((j0, j))
+            j0, rows_now = j, 0
+        rows_now += n
+    if B:
+        out.append((j0, B))
+    return out
+
+
+def plan_rows(n_rows: int, V: int, itemsize: int, softcap: bool, chunk_rows=None) -> int:
+    if chunk_rows is not None:
+        return max(1, int(chunk_rows))
+    budget = max(MIN_CHUNK_BYTES, int(CHUNK_FRACTION * n_rows * V * itemsize))
+    per_row = V * 4 * (2 if softcap else 1)  # fp32 logits (+ the tanh kept for the chain rule)
+    return max(MIN_CHUNK_ROWS, budget // per_row)
+
+
+PairGrads = Callable[[int, int, torch.Tensor, torch.Tensor], tuple]
+
+
+def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Optional[PairGrads],
+              need_h: bool, need_w: bool, need_b: bool, hidden_shape=None):
+    """The chunk loop (module docstring). Returns ``(pc, pr, d_hidden, d_weight, d_bias)``: the
+    sequence log-probs ``(B,)`` and the gradients (None where not needed or no ``pair_grads``)."""
+    h2 = pr.h2
+    dev, V = h2.device, weight.shape[0]
+    acc = ops.acc_dtype(h2.dtype)
+    opd = operand_dtype(h2.dtype, dev)
+    B, off = pr.pairs, pr.offsets
+    grads = pair_grads is not None and (need_h or need_w or need_b)
+    need_b = need_b and bias is not None
+    # CPU low-precision weights are cast once (fp32 GEMMs); elsewhere the weight is used as is.
+    w = weight if weight.dtype == opd else weight.to(opd)
+    b = None if bias is None else bias.to(acc)
+    row_fwd = ops.get_op(head.backend, "logps_fwd")
+    row_bwd = ops.get_op(head.backend, "logps_bwd")
+    T, ii = float(head.temperature), head.ignore_index
+    softcap = head.softcap if head.softcap else 0.0
+    pc = torch.zeros(B, dtype=acc, device=dev)
+    pr_ = torch.zeros(B, dtype=acc, device=dev)
+    d_h = d_w = d_b = None
+    if grads and need_h:
+        d_h = torch.zeros(h2.shape, dtype=h2.dtype, device=dev)
+    if grads and need_w:
+        d_w = torch.zeros(weight.shape, dtype=acc, device=dev)
+    if grads and need_b:
+        d_b = torch.zeros(V, dtype=acc, device=dev)
+    max_rows = max([off[j1] - off[j0] + off[B + j1] - off[B + j0] for j0, j1 in chunks] + [0])
+    buf = torch.empty(max_rows * V, dtype=acc, device=dev)
+    tbuf = torch.empty(max_rows * V if (grads and softcap) else 0, dtype=acc, device=dev)
+    for j0, j1 in chunks:
+        P = j1 - j0
+        sel = torch.cat([pr.order[off[j0]:off[j1]], pr.order[off[B + j0]:off[B + j1]]])
+        seq = torch.cat([pr.seq[off[j0]:off[j1]] - j0, pr.seq[off[B + j0]:off[B + j1]] - B - j0 + P])
+        R = sel.numel()
+        sums = torch.zeros(2 * P, dtype=acc, device=dev)
+        if R:
+            h = pr.h2.index_select(0, sel).to(opd)
+            lab = pr.labels.index_select(0, sel).view(1, R)
+            scale = pr.scale.index_select(0, sel)
+            x = buf[:R * V].view(R, V)
+            t = tbuf[:R * V].view(R, V) if (grads and softcap) else None
+            logits_tile(h, w, b, head.logit_scale, softcap, x, t)
+            lp, rmax, lsum, _ = row_fwd(x.view(1, R, V), lab, ii, T, 0, V, False)
+            sums.index_add_(0, seq, lp.view(R) * scale)
+        pc[j0:j1], pr_[j0:j1] = sums[:P], sums[P:]
+        if pair_grads is None:
+            continue
+        gc, gr = pair_grads(j0, j1, sums[:P], sums[P:])
+        if not grads or not R:
+            continue
+        g_row = (torch.cat([gc, gr]).to(acc).index_select(0, seq) * scale).view(1, R)
+        row_bwd(g_row, None, x.view(1, R, V), lab, rmax, lsum, None, ii, T, 0, V, x.view(1, R, V))
+        dz = rows.transform_grad_(x, t, head.logit_scale, softcap)
+        dz = dz if dz.dtype == opd else dz.to(opd)
+        if need_h:
+            d_h.index_copy_(0, sel, mm_acc(dz, w).to(d_h.dtype))
+        if need_w:
+            mm_acc(dz.t(), h, out=d_w, accumulate=True)
+        if need_b:
+            d_b += x.sum(0, dtype=acc)
+    if d_h is not None and hidden_shape is not None:
+        d_h = d_h.view(hidden_shape)
+    if d_w is not None and d_w.dtype != weight.dtype:
+        d_w = d_w.to(weight.dtype)
+    if d_b is not None and d_b.dtype != bias.dtype:
+        d_b = d_b.to(bias.dtype)
+    return pc, pr_, d_h, d_w, d_b
+
+
+class LinearPairLoss(torch.autograd.Function):
+    """``(loss, pc, pr)`` of a fused pass whose gradients ``compute()`` already formed.
+
+    ``compute()`` returns ``(loss, pc, pr, grads)`` with ``grads`` the gradients of
+    ``(hidden, weight, bias, target_probs, reward_margins)`` (None where not needed); the backward
+    scales them by the incoming gradient of ``loss`` (``pc`` / ``pr`` are not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target_probs, reward_margins, compute):
+        loss, pc, pr, grads = compute()
+        ctx.grads = grads
+        ctx.mark_non_differentiable(pc, pr)
+        return loss, pc, pr
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _gpc, _gpr):
+        refuse_double_backward("linear_dpo_loss")
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError("linear_dpo_loss: backward ran twice through the same graph; its "
+                               "gradients were formed in forward and are released after the "
+                               "first backward (do not use retain_graph with it)")
+        ctx.grads = None
+        out = []
+        for i, g in enumerate(grads):
+            if g is None or grad is None or not ctx.needs_input_grad[i]:
+                out.append(None)
+            else:  # in place: the stored gradient is not used again
+                out.append(g.mul_(grad.to(g.dtype)))
+        return (*out, None)

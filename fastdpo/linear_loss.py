@@ -1,0 +1,299 @@
+"""``linear_dpo_loss``: the DPO-family loss straight from the policy's hidden states and LM head,
+with the gradients formed during the forward pass.
+
+Equal to ``dpo_loss`` of ``linear_sequence_logps`` of both halves of a ``[chosen; rejected]``
+batch, at the floor of the LM head's matmuls: the policy's logits are built once, chunk of pairs
+by chunk of pairs, and each chunk's ``d logits`` is formed while they are in memory (the pair
+loss's derivative is a closed form of the chunk's own sequence log-probs). See
+:mod:`fastdpo.autograd.linear_loss` for the loop.
+
+Cost, counted in ``(rows, H) x (H, V)`` matmuls over the labelled rows only:
+
+* policy: 3 with a trainable head, 2 with a frozen one (``weight.requires_grad=False``), 1 without
+  gradients; a reference given as hidden states adds 1 (no graph, nothing kept).
+* ``aot`` / ``aot_unpaired`` (they sort the whole batch) and a ``bco_delta`` callable (a batch
+  statistic) need every pair's log-probs before any gradient: a first log-prob pass adds 1.
+* memory: one chunk's fp32 logits (``FASTDPO_LINEAR_MEMORY_FRACTION`` of the full logits, at least
+  16 MiB, 128 rows or one pair), plus the gradients themselves, kept from forward to backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from . import _validate as V
+from . import backends, ops
+from .autograd.linear import flat_rows
+from .autograd.linear_loss import (Head, LinearPairLoss, build_rows, chunk_pairs, plan_rows,
+                                   run_pairs)
+from .losses import args as loss_args
+from .losses.dpo import dpo_loss, loss_config, preference_metrics
+from .losses.functional import PairInputs, combined
+
+# Loss types whose pair gradient depends on other pairs' log-probs (a first pass is needed).
+BATCH_TYPES = ("aot", "aot_unpaired")
+
+
+def _check_head(hidden, weight, labels, bias, name=""):
+    V.check_float(f"{name}hidden", hidden)
+    V.check_float(f"{name}weight", weight)
+    if bias is not None:
+        V.check_float(f"{name}bias", bias)
+    V.check_same_device(**{f"{name}hidden": hidden, f"{name}weight": weight, "labels": labels})
+    if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[0] % 2:
+        raise ValueError(f"{name}hidden must be (2B, T, H) with the B chosen sequences first, "
+                         f"then the B rejected ones, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{name}weight must be (V, H) with H = {hidden.shape[-1]} and V > 0, "
+                         f"got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{name}bias must have shape ({weight.shape[0]},), got "
+                         f"{tuple(bias.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])} to match "
+                         f"{name}hidden {tuple(hidden.shape)}, got {tuple(labels.shape)}")
+
+
+def _check_options(temperature, logit_scale, softcap, reduction, shift, labels):
+    V.check_temperature(temperature)
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale)
+            and logit_scale != 0):
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0
+                                    and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be None (off) or a positive number, got {softcap!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' for linear_dpo_loss (its gradient "
+                         f"is formed in forward for a scalar loss), got {reduction!r}; for "
+                         f"per-pair losses use linear_sequence_logps + dpo_loss")
+    if shift and labels.shape[1] < 1:
+        raise ValueError("shift=True needs at least one position")
+
+
+def _row_weights(labels, token_weights, ignore_index, shift, average, acc):
+    """Each row's weight in its sequence's log-prob, the shifted labels (flat) and the lengths."""
+    active = labels != ignore_index
+    if shift:
+        pad = torch.zeros_like(active[:, :1])
+        active = torch.cat([active[:, 1:], pad], 1)
+    w = active.to(acc)
+    if token_weights is not None:
+        V.check_token_weights(token_weights, labels)
+        tw = token_weights.detach().to(acc)
+        if shift:
+            tw = torch.cat([tw[:, 1:], torch.zeros_like(tw[:, :1])], 1)
+        w = w * tw
+    lengths = active.sum(1).to(acc)
+    if average:
+        den = w.sum(1, keepdim=True)
+        w = w / torch.where(den > 0, den, torch.ones_like(den))
+    # rows of weight 0 add nothing to any sum or gradient: skipped like ignored rows
+    return w.reshape(-1), lengths
+
+
+def _head(backend, hidden, ignore_index, temperature, logit_scale, softcap):
+    dev = hidden.device
+    be = backends.resolve(backend, dev, hidden.dtype)
+    return Head(be, ignore_index, float(temperature), float(logit_scale),
+                float(softcap) if softcap else 0.0)
+
+
+def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
+                    ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+                    beta=0.1, loss_type="sigmoid", label_smoothing=0.0, loss_weights=None,
+                    discopop_tau=0.05, f_divergence_type="reverse_kl",
+                    f_alpha_divergence_coef=0.5, bco_delta=None, target_probs=None,
+                    reward_margins=None, reduction="mean", ignore_index=-100, shift=True,
+                    temperature=1.0, logit_scale=1.0, softcap=None, token_weights=None,
+                    average=False, backend="auto", validate=None, chunk_rows=None):
+    """DPO-family loss of a ``[chosen; rejected]`` batch from the policy's hidden states.
+
+    Equals ``dpo_loss(pc, pr, rc, rr, ...)`` with ``(pc; pr) = linear_sequence_logps(hidden,
+    weight, labels, ...)``, but forms the gradients of ``hidden`` / ``weight`` / ``bias`` in this
+    call, chunk of pairs by chunk of pairs (see the module docstring for the cost). The backward
+    only scales them. Differentiable in ``hidden``, ``weight``, ``bias``, ``target_probs`` and
+    ``reward_margins``; a tensor that does not require a gradient costs nothing.
+
+    Args:
+        hidden: ``(2B, T, H)`` final hidden states, the ``B`` chosen sequences then the ``B``
+            rejected ones (as :class:`fastdpo.DPOLoss`).
+        weight, bias: the LM head ``(V, H)`` and optional ``(V,)``.
+        labels: ``(2B, T)`` token ids, ``ignore_index`` on prompt and padding tokens.
+        ref_chosen_logps, ref_rejected_logps: the reference's ``(B,)`` sequence log-probs; or
+        ref_hidden, ref_weight, ref_bias: the reference model's hidden states and head on the
+            same batch (computed here without a graph).
+        beta, loss_type, label_smoothing, loss_weights, discopop_tau, f_divergence_type,
+            f_alpha_divergence_coef, target_probs, reward_margins: as :func:`fastdpo.dpo_loss`;
+            the completion lengths ``ipo`` / ``sigmoid_norm`` / ``sft`` use are the label counts,
+            as :class:`fastdpo.DPOLoss` takes them.
+        bco_delta: ``bco_pair``'s reward shift: a number or one-element tensor, or a callable
+            ``f(pc, pr, rc, rr) -> delta`` evaluated on this batch's detached sequence log-probs
+            (e.g. to update a :class:`fastdpo.losses.RewardRunningMean`; costs a first pass).
+        reduction: ``"mean"`` (TRL) or ``"sum"`` over pairs (``"none"`` is refused: the weight's
+            gradient is summed over pairs in forward).
+        shift: causal-LM shift, the hidden state at ``t`` scores the label at ``t + 1`` (default,
+            as :class:`fastdpo.DPOLoss`).
+        temperature, logit_scale, softcap: the logits are ``softcap * tanh(logit_scale * (h @ W.T
+            + b) / softcap) / temperature`` (``softcap=None``: no capping).
+        token_weights: ``(2B, T)`` weights of each token's log-prob in its sequence's (like
+            labels; not differentiated); ``average`` divides by their sum per sequence.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``: whose row kernels run on
+            each chunk of logits.
+        validate: check label values and loss targets (default on for CPU tensors).
+        chunk_rows: rows per chunk (default from the memory budget); a chunk holds whole pairs.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`fastdpo.dpo_loss` (TRL's reward and log-prob metrics).
+    """
+    _check_head(hidden, weight, labels, bias)
+    V.check_index("labels", labels)
+    _check_options(temperature, logit_scale, softcap, reduction, shift, labels)
+    n_ref = (ref_chosen_logps is not None or ref_rejected_logps is not None) + (ref_hidden is not None)
+    if n_ref != 1:
+        raise ValueError("pass the reference as ref_chosen_logps + ref_rejected_logps, or as "
+                         "ref_hidden + ref_weight (not both, not neither)")
+    B = hidden.shape[0] // 2
+    dev = hidden.device
+    if torch.is_autocast_enabled(dev.type):  # compute in the autocast dtype, like F.linear
+        hidden = hidden.to(torch.get_autocast_dtype(dev.type))
+    acc = ops.acc_dtype(hidden.dtype)
+    V_ = weight.shape[0]
+    if V.checked_mode(validate, dev):
+        V.check_label_values(labels, ignore_index, V_)
+    head = _head(backend, hidden, ignore_index, temperature, logit_scale, softcap)
+    w_rows, lengths = _row_weights(labels, token_weights, ignore_index, shift, average, acc)
+    h2, lab = flat_rows(hidden, labels, shift, ignore_index)
+    T = labels.shape[1]
+    pr_rows = build_rows(h2, lab, w_rows, B, T, acc)
+    cap = plan_rows(h2.shape[0], V_, hidden.element_size(), bool(softcap), chunk_rows)
+    chunks = chunk_pairs(pr_rows, cap)
+
+    # -- the reference's log-probs
+    if ref_hidden is not None:
+        if ref_weight is None:
+            raise ValueError("ref_hidden needs ref_weight (the reference LM head, (V, H))")
+        _check_head(ref_hidden, ref_weight, labels, ref_bias, "ref_")
+        if ref_weight.shape[0] != V_:
+            raise ValueError(f"ref_weight has {ref_weight.shape[0]} vocabulary rows, weight {V_}")
+        with torch.no_grad():
+            rh = ref_hidden.to(hidden.dtype) if ref_hidden.dtype != hidden.dtype else ref_hidden
+            r2, _ = flat_rows(rh.detach(), labels, shift, ignore_index)
+            ref_rows = build_rows(r2, lab, w_rows, B, T, acc)
+            rc, rr, *_ = run_pairs(head, ref_rows, ref_weight.detach(),
+                                   None if ref_bias is None else ref_bias.detach(), chunks,
+                                   None, False, False, False)
+    else:
+        if ref_chosen_logps is None or ref_rejected_logps is None or ref_weight is not None:
+            raise ValueError("pass both ref_chosen_logps and ref_rejected_logps (and no "
+                             "ref_weight / ref_bias)")
+        for n, t in (("ref_chosen_logps", ref_chosen_logps),
+                     ("ref_rejected_logps", ref_rejected_logps)):
+            V.check_float(n, t)
+            if tuple(t.shape) != (B,):
+                raise ValueError(f"{n} must have shape ({B},) (one value per pair), got "
+                                 f"{tuple(t.shape)}")
+        rc, rr = ref_chosen_logps.detach(), ref_rejected_logps.detach()
+
+    # -- the loss configuration (validated by a dry run of dpo_loss on this batch's shapes)
+    full = loss_config(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                       loss_weights=loss_weights, discopop_tau=discopop_tau,
+                       f_divergence_type=f_divergence_type,
+                       f_alpha_divergence_coef=f_alpha_divergence_coef, reduction=reduction)
+    types, beta = full.loss_types, full.beta
+    delta_fn = bco_delta if callable(bco_delta) else None
+    if delta_fn is not None and "bco_pair" not in types:
+        raise ValueError("bco_delta is only used by loss_type='bco_pair'")
+    nc, nr = lengths[:B], lengths[B:]
+    with torch.no_grad():  # the tensor checks of dpo_loss, on this batch's shapes
+        z = torch.zeros(B, dtype=acc, device=dev)
+        dpo_loss(z, z, rc, rr, target_probs=target_probs, reward_margins=reward_margins,
+                 chosen_lengths=nc, rejected_lengths=nr,
+                 bco_delta=None if delta_fn is not None else bco_delta, beta=beta,
+                 loss_type=list(types), label_smoothing=full.label_smoothing,
+                 loss_weights=list(full.loss_weights), discopop_tau=full.discopop_tau,
+                 f_divergence_type=full.f_divergence_type,
+                 f_alpha_divergence_coef=full.f_alpha_divergence_coef, reduction=reduction,
+                 validate=validate)
+    # sft is a sum over the whole batch's chosen tokens: kept out of the per-pair formulas
+    sft_w = sum(w for t, w in zip(types, full.loss_weights) if t == "sft")
+    kept = [(t, w) for t, w in zip(types, full.loss_weights) if t != "sft"]
+    cfg = dataclasses.replace(full, loss_types=tuple(t for t, _ in kept),
+                              loss_weights=tuple(w for _, w in kept))
+    r = 1.0 / B if reduction == "mean" else 1.0
+    sft_n = nc.sum().clamp(min=1)  # TRL's sft: chosen log-prob per chosen token of the batch
+    sft_scale = sft_w * (1.0 if reduction == "mean" else float(B))
+
+    def cast(t):
+        return None if t is None else t.detach().to(acc)
+
+    rc_, rr_, s_, m_ = cast(rc), cast(rr), cast(target_probs), cast(reward_margins)
+    batch_mode = delta_fn is not None or any(t in BATCH_TYPES for t in cfg.loss_types)
+    need = [torch.is_grad_enabled() and t is not None and t.requires_grad
+            for t in (hidden, weight, bias, target_probs, reward_margins)]
+    need_h, need_w, need_b, need_s, need_m = need
+
+    def compute():
+        ds = torch.zeros(B, dtype=acc, device=dev) if need_s else None
+        dm = torch.zeros(B, dtype=acc, device=dev) if need_m else None
+        acc_loss = {"pairs": torch.zeros((), dtype=acc, device=dev),
+                    "sft": torch.zeros((), dtype=acc, device=dev)}
+
+        def grads_of(j0, j1, pc_c, pr_c, delta):
+            """Loss parts and ``dL/dpc``, ``dL/dpr`` of pairs ``[j0, j1)`` (all types but sft
+            through the losses' closed forms; sft is a sum over the batch's chosen tokens)."""
+            d = {}
+            if cfg.loss_types:
+                sl = slice(j0, j1)
+                x_in = PairInputs(pc=pc_c, pr=pr_c, rc=rc_[sl], rr=rr_[sl],
+                                  s=None if s_ is None else s_[sl],
+                                  m=None if m_ is None else m_[sl],
+                                  nc=nc[sl], nr=nr[sl], bco_delta=delta)
+                per_pair, vjp = combined(x_in, cfg)
+                acc_loss["pairs"] += per_pair.sum()
+                d = vjp(torch.full((j1 - j0,), r, dtype=acc, device=dev))
+            for key, buf in (("s", ds), ("m", dm)):
+                if buf is not None and key in d:
+                    buf[j0:j1] = d[key]
+            zero = torch.zeros(j1 - j0, dtype=acc, device=dev)
+            gc, gr = d.get("pc", zero), d.get("pr", zero)
+            if sft_w:
+                acc_loss["sft"] -= sft_scale * pc_c.sum() / sft_n
+                gc = gc - sft_scale / sft_n
+            return gc, gr
+
+        delta0 = 0.0 if bco_delta is None or delta_fn is not None else bco_delta
+        if torch.is_tensor(delta0):
+            delta0 = delta0.detach().reshape(()).to(acc)
+        w_, b_ = weight.detach(), None if bias is None else bias.detach()
+        with torch.no_grad():
+            if not batch_mode:
+                def pair_grads(j0, j1, pc_c, pr_c):
+                    return grads_of(j0, j1, pc_c, pr_c, delta0)
+            else:  # first pass: every pair's log-probs, then the whole batch's pair gradients
+                pc0, pr0, *_ = run_pairs(head, pr_rows, w_, b_, chunks, None, False, False, False)
+                delta = delta0
+                if delta_fn is not None:
+                    delta = delta_fn(pc0, pr0, rc_, rr_)
+                    delta = loss_args.check_delta("bco_delta", delta)
+                    delta = delta.to(acc) if torch.is_tensor(delta) else delta
+                gc_all, gr_all = grads_of(0, B, pc0, pr0, delta)
+
+                def pair_grads(j0, j1, pc_c, pr_c):
+                    return gc_all[j0:j1], gr_all[j0:j1]
+
+            pc, pr, d_h, d_w, d_b = run_pairs(head, pr_rows, w_, b_, chunks, pair_grads,
+                                              need_h, need_w, need_b, hidden_shape=hidden.shape)
+            loss = acc_loss["pairs"] * r + acc_loss["sft"]
+        grads = (d_h, d_w, d_b, None if ds is None else ds.to(target_probs.dtype),
+                 None if dm is None else dm.to(reward_margins.dtype))
+        return loss, pc, pr, grads
+
+    loss, pc, pr = LinearPairLoss.apply(hidden, weight, bias, target_probs, reward_margins,
+                                        compute)
+    return loss, preference_metrics(pc, pr, rc, rr, beta)
+
+
+__all__ = ["linear_dpo_loss"]

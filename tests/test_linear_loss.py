@@ -1,0 +1,344 @@
+"""linear_dpo_loss: the fused LM head + pair loss with gradients formed in forward.
+
+Every loss type against dpo_loss of float64 sequence log-probs (the oracle, fastdpo.reference) under
+the tolerance rule, with fp32 eager as the low-precision baseline; the matmul count of each path
+measured with a dispatch mode (no timing); options, errors and the backward's scaling.
+"""
+
+import pytest
+import torch
+
+from fastdpo import reference as R
+from fastdpo.autograd import linear_loss as AL
+from fastdpo.linear_loss import linear_dpo_loss
+from fastdpo.losses import LOSS_TYPES, dpo_loss
+from tolerance import assert_rule
+
+LS = {"robust": 0.1, "exo_pair": 1e-3, "aot": 0.05, "aot_unpaired": 0.05}
+
+
+def batch(B=3, T=9, H=16, V=53, dtype=torch.float32, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * B, T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :3] = -100                      # prompt
+    labels[0, 6:] = -100                      # padding
+    labels[torch.rand(2 * B, T, generator=g) < 0.1] = -100
+    rc = torch.randn(B, generator=g) * 3 - 20
+    rr = torch.randn(B, generator=g) * 3 - 20
+    extra = {"target_probs": torch.rand(B, generator=g),
+             "reward_margins": torch.randn(B, generator=g)}
+    return hidden, weight, b, labels, rc, rr, extra
+
+
+def loss_kwargs(kind):
+    kinds = [kind] if isinstance(kind, str) else kind
+    return {"loss_type": kind, "label_smoothing": max(LS.get(k, 0.0) for k in kinds)}
+
+
+def oracle(hidden, weight, bias, labels, rc, rr, extra, *, dtype, kind, shift=True,
+           temperature=1.0, logit_scale=1.0, softcap=None, token_weights=None, average=False,
+           beta=0.1, reduction="mean", chunk_rows=None, **kw):
+    """dpo_loss of sequence_logps(logits) in ``dtype`` (float64: the oracle; else eager)."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_()
+              for t in (hidden, weight, bias)]
+    h, w, b = leaves
+    z = h @ w.t()
+    if b is not None:
+        z = z + b
+    z = z * logit_scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    sl = R.sequence_logps(z, labels, shift=shift, temperature=temperature,
+                          token_weights=token_weights, average=average, dtype=dtype)
+    B = labels.shape[0] // 2
+    lab = labels[:, 1:] if shift else labels
+    n = (lab != -100).sum(1).to(dtype)
+    s = extra["target_probs"].to(dtype).requires_grad_() if "soft" in kind else None
+    m = extra["reward_margins"].to(dtype).requires_grad_() if "distill" in kind else None
+    loss, metrics = dpo_loss(sl[:B], sl[B:], rc.to(dtype), rr.to(dtype), beta=beta,
+                             target_probs=s, reward_margins=m, chosen_lengths=n[:B],
+                             rejected_lengths=n[B:], reduction=reduction,
+                             **loss_kwargs(kind), **kw)
+    wrt = [t for t in leaves + [s, m] if t is not None]
+    grads = torch.autograd.grad(loss, wrt)
+    return loss, grads, metrics
+
+
+def ours(hidden, weight, bias, labels, rc, rr, extra, *, kind, backend, **kw):
+    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    b = None if bias is None else bias.detach().requires_grad_()
+    s = extra["target_probs"].clone().requires_grad_() if "soft" in kind else None
+    m = extra["reward_margins"].clone().requires_grad_() if "distill" in kind else None
+    loss, metrics = linear_dpo_loss(h, w, labels, bias=b, ref_chosen_logps=rc,
+                                    ref_rejected_logps=rr, target_probs=s, reward_margins=m,
+                                    backend=backend, **loss_kwargs(kind), **kw)
+    wrt = [t for t in (h, w, b, s, m) if t is not None]
+    return loss, torch.autograd.grad(loss, wrt), metrics
+
+
+def check_all(data, *, kind, backend, dtype=torch.float32, **kw):
+    loss, grads, metrics = ours(*data, kind=kind, backend=backend, **kw)
+    loss64, grads64, metrics64 = oracle(*data, dtype=torch.float64, kind=kind, **kw)
+    eager = torch.float32
+    loss_lo, grads_lo, _ = oracle(*data, dtype=eager, kind=kind, **kw)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_rule(loss, loss64, loss_lo, dtype, what=f"{kind} loss")
+    for i, (g, g64, glo) in enumerate(zip(grads, grads64, grads_lo)):
+        assert g.dtype == data[0].dtype or i >= 3 - (data[2] is None)
+        assert_rule(g, g64, glo, dtype, what=f"{kind} grad {i}")
+    for k in metrics64:
+        assert_rule(metrics[k], metrics64[k], metrics64[k].float(), dtype, what=k)
+
+
+@pytest.mark.parametrize("kind", LOSS_TYPES)
+def test_every_loss_type_matches_float64(kind):
+    check_all(batch(seed=LOSS_TYPES.index(kind)), kind=kind, backend="torch", chunk_rows=5)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "aot", "soft", "distill", "sft"])
+def test_every_backend(backend, kind):
+    data = batch(B=2, T=6, H=8, V=37, seed=3)
+    check_all(data, kind=kind, backend=backend, chunk_rows=4)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(softcap=2.5, temperature=0.7, logit_scale=1.3),
+    dict(temperature=3.0, reduction="sum"),
+    dict(shift=False, beta=0.5),
+    dict(average=True),
+    dict(f_divergence_type="js_divergence"),
+])
+def test_head_options_and_bias(opts):
+    check_all(batch(bias=True, seed=7), kind="sigmoid", backend="torch", chunk_rows=7, **opts)
+
+
+def test_token_weights_and_extreme_offset():
+    data = list(batch(seed=11))
+    data[0] = data[0] * 30 + 0  # sharp softmax
+    data[2] = torch.full((data[1].shape[0],), 1e4)  # a large logit offset (bias)
+    g = torch.Generator().manual_seed(1)
+    tw = torch.rand(data[3].shape, generator=g)
+    check_all(tuple(data), kind="sigmoid", backend="torch", token_weights=tw, chunk_rows=6)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 1000])
+def test_multi_loss_with_sft_any_chunking(rows):
+    check_all(batch(B=4, seed=5), kind=["sigmoid", "bco_pair", "sft"], backend="torch",
+              loss_weights=[0.8, 0.2, 1.0], chunk_rows=rows)
+
+
+def test_bf16_inputs_within_rule():
+    data = batch(dtype=torch.bfloat16, seed=2)
+    loss, grads, _ = ours(*data, kind="sigmoid", backend="torch", chunk_rows=8)
+    loss64, grads64, _ = oracle(*data, dtype=torch.float64, kind="sigmoid")
+    loss_lo, grads_lo, _ = oracle(*data, dtype=torch.bfloat16, kind="sigmoid")
+    assert_rule(loss, loss64, loss_lo, torch.bfloat16, what="loss")
+    for g, g64, glo in zip(grads, grads64, grads_lo):
+        assert g.dtype == torch.bfloat16
+        assert_rule(g, g64, glo, torch.bfloat16, what="grad")
+
+
+def test_reference_from_hidden_states():
+    h, w, b, labels, _, _, extra = batch(bias=True, seed=4)
+    g = torch.Generator().manual_seed(9)
+    rh = torch.randn(h.shape, generator=g)
+    rw = w + 0.1 * torch.randn(w.shape, generator=g)
+    with torch.no_grad():
+        rs = R.sequence_logps(rh.double() @ rw.double().t(), labels, shift=True)
+    B = h.shape[0] // 2
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = linear_dpo_loss(hh, ww, labels, ref_hidden=rh, ref_weight=rw, backend="torch")
+    gh, gw = torch.autograd.grad(loss, (hh, ww))
+    loss2, grads2, _ = ours(h, w, None, labels, rs[:B].float(), rs[B:].float(), extra,
+                            kind="sigmoid", backend="torch")
+    torch.testing.assert_close(loss, loss2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, grads2[0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gw, grads2[1], rtol=1e-4, atol=1e-7)
+
+
+def test_bco_delta_callable_sees_the_batch():
+    h, w, _, labels, rc, rr, extra = batch(seed=6)
+    seen = {}
+
+    def delta(pc, pr, rc_, rr_):
+        seen["pc"] = pc
+        return (0.1 * torch.cat([pc - rc_, pr - rr_])).mean()
+
+    hh = h.clone().requires_grad_()
+    loss, m = linear_dpo_loss(hh, w, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                              loss_type="bco_pair", bco_delta=delta, backend="torch")
+    (gh,) = torch.autograd.grad(loss, hh)
+    fixed = delta(seen["pc"], m["logps/rejected"], rc, rr)  # recompute the value used
+    hh2 = h.clone().requires_grad_()
+    d = (0.1 * torch.cat([seen["pc"] - rc, _pr(h, w, labels) - rr])).mean()
+    loss2, _ = linear_dpo_loss(hh2, w, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                               loss_type="bco_pair", bco_delta=d, backend="torch")
+    (gh2,) = torch.autograd.grad(loss2, hh2)
+    assert fixed is not None
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(gh, gh2)
+
+
+def _pr(h, w, labels):
+    B = h.shape[0] // 2
+    return R.sequence_logps(h @ w.t(), labels, shift=True, dtype=torch.float32)[B:]
+
+
+def test_backward_scales_by_incoming_gradient_and_runs_once():
+    h, w, _, labels, rc, rr, _ = batch(seed=8)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = linear_dpo_loss(hh, ww, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                              backend="torch")
+    g1 = torch.autograd.grad(loss, (hh, ww), retain_graph=True)
+    loss_b, _ = linear_dpo_loss(hh, ww, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                                backend="torch")
+    g3 = torch.autograd.grad(3.0 * loss_b, (hh, ww))
+    for a, b in zip(g1, g3):
+        torch.testing.assert_close(3.0 * a, b)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        torch.autograd.grad(loss, (hh, ww))
+
+
+def test_errors_name_the_argument():
+    h, w, _, labels, rc, rr, _ = batch()
+    ref = dict(ref_chosen_logps=rc, ref_rejected_logps=rr, backend="torch")
+    with pytest.raises(ValueError, match="reduction"):
+        linear_dpo_loss(h, w, labels, reduction="none", **ref)
+    with pytest.raises(ValueError, match="hidden must be"):
+        linear_dpo_loss(h[:5], w, labels[:5], **ref)
+    with pytest.raises(ValueError, match="reference"):
+        linear_dpo_loss(h, w, labels, ref_hidden=h, ref_weight=w, **ref)
+    with pytest.raises(ValueError, match="ref_chosen_logps must have shape"):
+        linear_dpo_loss(h, w, labels, ref_chosen_logps=rc[:2], ref_rejected_logps=rr,
+                        backend="torch")
+    with pytest.raises(ValueError, match="labels must lie"):
+        bad = labels.clone()
+        bad[1, 5] = 10_000
+        linear_dpo_loss(h, w, bad, **ref)
+    with pytest.raises(ValueError, match="target_probs"):
+        linear_dpo_loss(h, w, labels, loss_type="soft", **ref)
+    with pytest.raises(ValueError, match="softcap"):
+        linear_dpo_loss(h, w, labels, softcap=-1.0, **ref)
+
+
+# ------------------------------------------------------------------------- matmul counts
+
+
+class MatmulFlops:
+    """Counts the multiply-adds of every mm / addmm that runs (inside custom ops too), from the
+    profiler's record of each aten call and its input shapes."""
+
+    NAMES = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2)}
+
+    def __enter__(self):
+        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                           record_shapes=True)
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.prof.__exit__(*exc)
+        self.macs = 0
+        for e in self.prof.events():
+            if e.name in self.NAMES:
+                i, j = self.NAMES[e.name]
+                a, b = e.input_shapes[i], e.input_shapes[j]
+                self.macs += a[0] * a[1] * b[1]
+        return False
+
+
+def gemms(rows, H, V, **kw):
+    h, w, _, labels, rc, rr, _ = batch(B=4, T=10, H=H, V=V, seed=1)
+    n_rows = int((labels[:, 1:] != -100).sum())
+    hh = h.clone().requires_grad_(rows[0])
+    ww = w.clone().requires_grad_(rows[1])
+    ref = kw.pop("ref", None)
+    refkw = (dict(ref_hidden=h * 0.5, ref_weight=w) if ref else
+             dict(ref_chosen_logps=rc, ref_rejected_logps=rr))
+    with MatmulFlops() as fm:
+        loss, _ = linear_dpo_loss(hh, ww, labels, backend="torch", chunk_rows=7, **refkw, **kw)
+        if loss.requires_grad:
+            loss.backward()
+    return fm.macs / (n_rows * H * V)
+
+
+@pytest.mark.parametrize("rows,expected", [((True, True), 3), ((False, True), 2),
+                                           ((True, False), 2), ((False, False), 1)])
+def test_gemm_count(rows, expected):
+    assert gemms(rows, 24, 97) == expected
+
+
+def test_gemm_count_reference_and_batch_losses():
+    assert gemms((True, True), 24, 97, ref=True) == 4           # + the reference's logits
+    assert gemms((True, False), 24, 97, loss_type="aot") == 3   # a first log-prob pass
+
+
+def test_chunks_hold_whole_pairs_within_the_cap():
+    h, w, _, labels, *_ = batch(B=5, T=12)
+    lab = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1).reshape(-1)
+    weights = (lab != -100).float()
+    pr = AL.build_rows(h.reshape(-1, h.shape[-1]), lab, weights, 5, 12, torch.float32)
+    off = pr.offsets
+    for cap in (1, 10, 25, 1000):
+        chunks = AL.chunk_pairs(pr, cap)
+        assert [j for c in chunks for j in range(*c)] == list(range(5))
+        for j0, j1 in chunks:
+            n = off[j1] - off[j0] + off[5 + j1] - off[5 + j0]
+            assert n <= cap or j1 - j0 == 1
+
+
+# ------------------------------------------------------- frozen head of linear_token_logps
+
+
+@pytest.mark.parametrize("opts", [{}, dict(softcap=2.0, temperature=0.6, logit_scale=1.5)])
+def test_frozen_head_token_logps(backend, opts):
+    from fastdpo.linear import linear_token_logps
+
+    h, w, b, labels, *_ = batch(B=2, T=7, H=12, V=41, bias=True, seed=12)
+    hh = h.clone().requires_grad_()
+    with MatmulFlops() as fm:
+        lp = linear_token_logps(hh, w, labels, bias=b, shift=True, backend=backend, **opts)
+        g = torch.randn(lp.shape, generator=torch.Generator().manual_seed(0))
+        (gh,) = torch.autograd.grad(lp, hh, g)
+    n_rows = int((labels[:, 1:] != -100).sum())
+    if backend != "triton":  # Triton's row kernels hold no matmul; the head's are counted here
+        assert fm.macs == 2 * n_rows * 12 * 41
+    outs = []
+    for dtype in (torch.float64, torch.float32):
+        h2 = h.to(dtype).requires_grad_()
+        z = (h2 @ w.to(dtype).t() + b.to(dtype)) * opts.get("logit_scale", 1.0)
+        if opts.get("softcap"):
+            z = opts["softcap"] * torch.tanh(z / opts["softcap"])
+        ref = R.token_logps(z, labels, shift=True, temperature=opts.get("temperature", 1.0),
+                            dtype=dtype)
+        outs.append((ref, torch.autograd.grad(ref, h2, g.to(dtype))[0]))
+    assert_rule(lp, outs[0][0], outs[1][0], torch.float32, what="logps")
+    assert_rule(gh, outs[0][1], outs[1][1], torch.float32, what="d hidden")
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "native"])
+def test_token_logps_skips_ignored_rows(backend_name):
+    """Trainable head: forward 1 + backward 3 matmuls, over the labelled rows only."""
+    from fastdpo.linear import linear_token_logps
+
+    h, w, b, labels, *_ = batch(B=2, T=9, H=12, V=41, bias=True, seed=13)
+    hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
+    with MatmulFlops() as fm:
+        lp = linear_token_logps(hh, ww, labels, bias=bb, shift=True, backend=backend_name)
+        g = torch.randn(lp.shape, generator=torch.Generator().manual_seed(0))
+        grads = torch.autograd.grad(lp, (hh, ww, bb), g)
+    n_rows = int((labels[:, 1:] != -100).sum())
+    assert fm.macs == 4 * n_rows * 12 * 41
+    h64, w64, b64 = (t.double().requires_grad_() for t in (h, w, b))
+    ref = R.token_logps(h64 @ w64.t() + b64, labels, shift=True)
+    refg = torch.autograd.grad(ref, (h64, w64, b64), g.double())
+    h32, w32, b32 = (t.clone().requires_grad_() for t in (h, w, b))
+    lo = R.token_logps(h32 @ w32.t() + b32, labels, shift=True, dtype=torch.float32)
+    log_ = torch.autograd.grad(lo, (h32, w32, b32), g)
+    assert_rule(lp, ref, lo, torch.float32, what="logps")
+    assert torch.equal(lp[labels[:, 1:] == -100], torch.zeros_like(lp[labels[:, 1:] == -100]))
+    for a, r, e in zip(grads, refg, log_):
+        assert_rule(a, r, e, torch.float32, what="grad")

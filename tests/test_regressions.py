@@ -1,0 +1,207 @@
+"""Silently wrong results found by the adversarial API review; each test failed before its fix."""
+
+import math
+
+import pytest
+import torch
+
+import fastdpo
+from fastdpo import reference as R
+
+
+def data(B=2, T=6, V=11, H=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g) * 2
+    labels = torch.randint(0, V, (B, T), generator=g)
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / math.sqrt(H)
+    return logits, labels, hidden, weight
+
+
+def seq_fns(backend):
+    """sequence_logps over logits and over hidden states (the fused head), same data."""
+    _, _, hidden, weight = data()
+    logits = hidden @ weight.T
+
+    def on_logits(labels, **kw):
+        return fastdpo.sequence_logps(logits, labels, backend=backend, **kw)
+
+    def on_hidden(labels, **kw):
+        return fastdpo.linear_sequence_logps(hidden, weight, labels, backend=backend, **kw)
+
+    return logits, [on_logits, on_hidden]
+
+
+# ---------------------------------------------------------------- average with weights < 0
+
+
+def test_average_divides_by_a_negative_weight_sum(backend):
+    logits, fns = seq_fns(backend)
+    _, labels, _, _ = data()
+    w = -torch.rand(labels.shape) - 0.5  # every weight negative: the sum is < 0
+    tok = R.token_logps(logits, labels)
+    expect = (tok * w).sum(-1) / w.sum(-1)
+    for fn in fns:
+        out = fn(labels, token_weights=w, average=True)
+        torch.testing.assert_close(out.double(), expect.to(torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_average_mixed_signs_and_empty(backend):
+    logits, fns = seq_fns(backend)
+    _, labels, _, _ = data()
+    labels = labels.clone()
+    labels[1] = -100  # second sequence scores nothing: average 0
+    w = torch.ones(labels.shape)
+    w[0, :3] = -2.0  # weights -2, -2, -2, 1, 1, 1: sum -3
+    tok = R.token_logps(logits, labels)
+    for fn in fns:
+        out = fn(labels, token_weights=w, average=True)
+        assert out[1].item() == 0.0
+        torch.testing.assert_close(out[0].double(), (tok[0] * w[0]).sum() / -3.0,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_average_of_cancelling_weights_is_not_finite(backend):
+    """Weights summing to 0 have no mean: the result must not be a plausible number."""
+    _, fns = seq_fns(backend)
+    _, labels, _, _ = data()
+    w = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0, -2.0]).expand(2, 6)
+    for fn in fns:
+        assert not torch.isfinite(fn(labels, token_weights=w, average=True)).any()
+        # zero weights are no weights: 0
+        assert torch.equal(fn(labels, token_weights=torch.zeros(2, 6), average=True),
+                           torch.zeros(2))
+
+
+def test_average_negative_weights_packed(backend):
+    logits, labels, _, _ = data(B=1, T=9)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    w = -torch.rand(1, 9) - 0.1
+    out = fastdpo.sequence_logps(logits[0], labels[0], token_weights=w[0], average=True,
+                                 cu_seqlens=cu, backend=backend)
+    expect = R.sequence_logps(logits[0], labels[0], token_weights=w[0], cu_seqlens=cu)
+    expect = expect / torch.stack([w[0, :4].sum(), w[0, 4:].sum()]).double()
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- non-finite weights, ignored
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("average", [False, True])
+def test_ignored_tokens_ignore_their_weight(backend, poison, average):
+    _, fns = seq_fns(backend)
+    _, labels, _, _ = data()
+    labels = labels.clone()
+    labels[:, 2] = -100
+    w = torch.rand(labels.shape) + 0.5
+    for fn in fns:
+        for shift in (False, True):
+            clean = fn(labels, token_weights=w, average=average, shift=shift)
+            bad = w.clone()
+            bad[:, 2] = poison
+            if shift:  # position 0 is never scored with shift: its weight is ignored too
+                bad[:, 0] = poison
+            out = fn(labels, token_weights=bad, average=average, shift=shift)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out, clean, rtol=0, atol=0)
+
+
+def test_ignored_weight_does_not_poison_gradient(backend):
+    logits, labels, _, _ = data()
+    labels = labels.clone()
+    labels[:, -1] = -100
+    w = torch.ones(labels.shape)
+    w[:, -1] = float("nan")
+    x = logits.clone().requires_grad_(True)
+    fastdpo.sequence_logps(x, labels, token_weights=w, backend=backend).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.equal(x.grad[:, -1], torch.zeros_like(x.grad[:, -1]))
+
+
+def test_packed_sequence_start_ignores_its_weight(backend):
+    """With shift and cu_seqlens the first label of each sequence is not scored."""
+    logits, labels, _, _ = data(B=1, T=9)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    w = torch.ones(9)
+    clean = fastdpo.sequence_logps(logits[0], labels[0], token_weights=w, shift=True,
+                                   cu_seqlens=cu, backend=backend)
+    w[4] = float("nan")
+    out = fastdpo.sequence_logps(logits[0], labels[0], token_weights=w, shift=True,
+                                 cu_seqlens=cu, backend=backend)
+    torch.testing.assert_close(out, clean, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- integer flags
+
+
+@pytest.mark.parametrize("value", [2, 1, 0, 1.0, "yes", None, torch.tensor(True)])
+def test_shift_must_be_a_bool(backend, value):
+    logits, labels, hidden, weight = data()
+    calls = [lambda: fastdpo.token_logps(logits, labels, shift=value, backend=backend),
+             lambda: fastdpo.sequence_logps(logits, labels, shift=value, backend=backend),
+             lambda: fastdpo.linear_token_logps(hidden, weight, labels, shift=value,
+                                                backend=backend),
+             lambda: fastdpo.linear_sequence_logps(hidden, weight, labels, shift=value,
+                                                   backend=backend)]
+    for call in calls:
+        with pytest.raises(TypeError, match="shift must be True or False"):
+            call()
+
+
+def test_numpy_bool_is_a_bool(backend):
+    np = pytest.importorskip("numpy")
+    logits, labels, _, _ = data()
+    out = fastdpo.token_logps(logits, labels, shift=np.bool_(True), backend=backend)
+    assert torch.equal(out, fastdpo.token_logps(logits, labels, shift=True, backend=backend))
+
+
+# ---------------------------------------------------------------- validate under torch.compile
+
+
+def _bad_labels():
+    logits, labels, hidden, weight = data()
+    labels = labels.clone()
+    labels[1, 3] = logits.shape[-1] + 4
+    return logits, labels, hidden, weight
+
+
+def _compiled(fn, compiler):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=compiler, fullgraph=True)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_validate_true_checks_under_compile(compiler):
+    logits, labels, _, _ = _bad_labels()
+    f = _compiled(lambda x, y: fastdpo.sequence_logps(x, y, backend="torch", validate=True),
+                  compiler)
+    good = labels.clamp(max=logits.shape[-1] - 1)
+    torch.testing.assert_close(f(logits, good),
+                               fastdpo.sequence_logps(logits, good, backend="torch"))
+    with pytest.raises((ValueError, RuntimeError), match="labels must lie in"):
+        f(logits, labels)
+
+
+def test_validate_true_checks_fused_head_under_compile():
+    _, labels, hidden, weight = _bad_labels()
+    f = _compiled(lambda h, w, y: fastdpo.linear_token_logps(h, w, y, backend="torch",
+                                                             validate=True), "aot_eager")
+    with pytest.raises((ValueError, RuntimeError), match="labels must lie in"):
+        f(hidden, weight, labels)
+
+
+def test_validate_true_checks_cu_seqlens_under_compile():
+    logits, labels, _, _ = data(B=1, T=9)
+    f = _compiled(lambda x, y, cu: fastdpo.sequence_logps(x, y, cu_seqlens=cu, backend="torch",
+                                                          validate=True), "aot_eager")
+    with pytest.raises((ValueError, RuntimeError), match="non-decreasing"):
+        f(logits[0], labels[0], torch.tensor([0, 5, 3, 9], dtype=torch.int32))
+
+
+def test_compile_default_stays_unchecked():
+    """Without validate=True a compiled call adds no check: a bad label gives NaN (documented)."""
+    logits, labels, _, _ = _bad_labels()
+    f = _compiled(lambda x, y: fastdpo.token_logps(x, y, backend="torch"), "aot_eager")
+    out = f(logits, labels)
+    assert torch.isnan(out[1, 3]) and torch.isfinite(out[0]).all()
