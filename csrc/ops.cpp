@@ -28,10 +28,11 @@ DType dtype_of(const at::Tensor& t, const char* op) {
     case at::kFloat: return DType::kFloat32;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kHalf: return DType::kFloat16;
-    default:
+    default: {
+      const char* hint = t.scalar_type() == at::kDouble ? " (the torch backend takes float64)" : "";
       TORCH_CHECK(false, op, ": the native backend takes fp32/bf16/fp16 logits, got ",
-                  t.scalar_type(), t.scalar_type() == at::kDouble
-                                       ? " (use the torch backend for float64)" : "");
+                  t.scalar_type(), hint);
+    }
   }
 }
 
@@ -54,8 +55,8 @@ void check_rows_tensor(const at::Tensor& t, const char* op, const char* name,
               name, " must have shape (B, T) = ", logits.sizes().slice(0, 2), ", got ", t.sizes());
 }
 
-void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, double temperature,
-                         int64_t vocab_start, int64_t vocab_total, const char* op) {
+void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start,
+                         int64_t vocab_total, const char* op) {
   TORCH_CHECK(logits.defined(), op, ": logits is undefined");
   TORCH_CHECK(logits.dim() == 3, op, ": logits must be 3-D (B, T, V), got shape ", logits.sizes());
   TORCH_CHECK(logits.size(2) <= 1 || logits.stride(2) == 1, op,
@@ -65,7 +66,6 @@ void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, dou
   TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
               ": labels must be int64 or int32, got ", labels.scalar_type());
   check_rows_tensor(labels, op, "labels", logits);
-  inv_temperature(temperature, op);
   TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", vocab_start);
   TORCH_CHECK(vocab_total >= 0, op, ": vocab_total must be >= 0, got ", vocab_total);
 }
@@ -171,7 +171,8 @@ LogpsFwdParams prepare_fwd(const at::Tensor& logits, const at::Tensor& labels,
                            int64_t ignore_index, double temperature, int64_t vocab_start,
                            int64_t vocab_total, bool with_entropy, FwdOutputs& out) {
   const char* op = "native_logps_fwd";
-  check_logits_labels(logits, labels, temperature, vocab_start, vocab_total, op);
+  check_logits_labels(logits, labels, vocab_start, vocab_total, op);
+  const float c = inv_temperature(temperature, op);
   LogpsFwdParams p;
   p.dtype = dtype_of(logits, op);
   p.rows = rows_of(logits);
@@ -183,7 +184,7 @@ LogpsFwdParams prepare_fwd(const at::Tensor& logits, const at::Tensor& labels,
   p.logits = logits.data_ptr();
   p.labels = labels_of(labels);
   p.rule = LabelRule{ignore_index, vocab_start, vocab_total};
-  p.inv_temp = inv_temperature(temperature, op);
+  p.inv_temp = c;
   p.logp = out.logp.data_ptr<float>();
   p.row_max = out.row_max.data_ptr<float>();
   p.log_sum = out.log_sum.data_ptr<float>();
@@ -198,7 +199,8 @@ LogpsBwdParams prepare_bwd(const at::Tensor& grad_logp,
                            int64_t ignore_index, double temperature, int64_t vocab_start,
                            int64_t vocab_total, const at::Tensor& grad_logits) {
   const char* op = "native_logps_bwd";
-  check_logits_labels(logits, labels, temperature, vocab_start, vocab_total, op);
+  check_logits_labels(logits, labels, vocab_start, vocab_total, op);
+  const float c = inv_temperature(temperature, op);
   LogpsBwdParams p;
   p.dtype = dtype_of(logits, op);
   check_f32_rows(grad_logp, op, "grad_logp", logits);
@@ -232,7 +234,7 @@ LogpsBwdParams prepare_bwd(const at::Tensor& grad_logp,
   p.grad_stride_t = grad_logits.stride(1);
   p.labels = labels_of(labels);
   p.rule = LabelRule{ignore_index, vocab_start, vocab_total};
-  p.inv_temp = inv_temperature(temperature, op);
+  p.inv_temp = c;
   p.grad_logp = scalars_of(grad_logp);
   p.row_max = scalars_of(row_max);
   p.log_sum = scalars_of(log_sum);

@@ -61,9 +61,9 @@ State3 state_of(const std::vector<double>& values, int64_t block, bool entropy, 
     m = fastdpo::Math<A>::max(m, st.m);
     if (entropy) fastdpo::rescale<true>(st, m, c);
     else fastdpo::rescale<false>(st, m, c);
-    const A ref = fastdpo::ref_point(st.m);
+    const auto sh = fastdpo::make_shift(fastdpo::ref_point(st.m), c);
     for (int64_t i = b; i < e; ++i) {
-      const A d = fastdpo::scaled_diff(static_cast<A>(values[i]), ref, c, A(0));
+      const A d = fastdpo::scaled_diff(static_cast<A>(values[i]), sh, A(0));
       if (entropy) fastdpo::accumulate<true>(st.s, st.t, d);
       else fastdpo::accumulate<false>(st.s, st.t, d);
     }
@@ -90,8 +90,7 @@ template <class A>
 double grad_of(double x, double c, double g, double g_ent, double row_max, double log_sum,
                double ent, bool is_label) {
   const auto k = fastdpo::grad_coeffs<A>(A(g), A(g_ent), A(row_max), A(log_sum), A(ent), A(c));
-  A v = g_ent != 0.0 ? fastdpo::grad_element<true>(A(x), A(c), k)
-                     : fastdpo::grad_element<false>(A(x), A(c), k);
+  A v = g_ent != 0.0 ? fastdpo::grad_element<true>(A(x), k) : fastdpo::grad_element<false>(A(x), k);
   if (is_label) v = v + fastdpo::label_grad(A(g), A(c));
   return static_cast<double>(v);
 }

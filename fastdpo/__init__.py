@@ -2,14 +2,21 @@
 
 from . import ops  # noqa: F401  (defines the operator schemas)
 from .linear import linear_sequence_logps, linear_token_logps
+from .linear_loss import linear_dpo_loss
 from .logps import sequence_logps, token_logps
 from .losses import (
     LOSS_TYPES,
+    CPOLoss,
     DPOLoss,
+    KTOLoss,
+    ORPOLoss,
     PreferencePairs,
     PreferenceTargets,
     build_pairs,
+    cpo_loss,
     dpo_loss,
+    kto_loss,
+    orpo_loss,
     preference_probs,
     rejection_sample,
 )
@@ -18,7 +25,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "token_logps", "sequence_logps", "linear_token_logps", "linear_sequence_logps",
-    "dpo_loss", "DPOLoss", "LOSS_TYPES", "preference_probs", "PreferenceTargets",
+    "linear_dpo_loss",
+    "dpo_loss", "DPOLoss", "LOSS_TYPES", "cpo_loss", "orpo_loss", "kto_loss", "CPOLoss",
+    "ORPOLoss", "KTOLoss", "preference_probs", "PreferenceTargets",
     "rejection_sample", "build_pairs", "PreferencePairs",
     "__version__",
 ]

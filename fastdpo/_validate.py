@@ -150,7 +150,8 @@ def check_float(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (fp32, bf16, fp16 or fp64), got {t.dtype}")
+        raise TypeError(f"{name} must be a floating tensor (fp32, bf16, fp16 or fp64), got "
+                        f"{t.dtype}")
 
 
 def check_index(name: str, t) -> None:

@@ -27,8 +27,8 @@ import torch
 from . import _validate as V
 from . import backends, ops
 from .autograd.linear import flat_rows
-from .autograd.linear_loss import (Head, LinearPairLoss, build_rows, chunk_pairs, plan_rows,
-                                   run_pairs)
+from .autograd.linear_loss import (INVARIANT_TILE_ROWS, Head, LinearPairLoss, build_rows,
+                                   chunk_pairs, plan_rows, run_pairs)
 from .losses import args as loss_args
 from .losses.dpo import dpo_loss, loss_config, preference_metrics
 from .losses.functional import PairInputs, combined
@@ -108,7 +108,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                     f_alpha_divergence_coef=0.5, bco_delta=None, target_probs=None,
                     reward_margins=None, reduction="mean", ignore_index=-100, shift=True,
                     temperature=1.0, logit_scale=1.0, softcap=None, token_weights=None,
-                    average=False, backend="auto", validate=None, chunk_rows=None):
+                    average=False, backend="auto", validate=None, chunk_rows=None,
+                    batch_invariant=False):
     """DPO-family loss of a ``[chosen; rejected]`` batch from the policy's hidden states.
 
     Equals ``dpo_loss(pc, pr, rc, rr, ...)`` with ``(pc; pr) = linear_sequence_logps(hidden,
@@ -144,6 +145,11 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
             each chunk of logits.
         validate: check label values and loss targets (default on for CPU tensors).
         chunk_rows: rows per chunk (default from the memory budget); a chunk holds whole pairs.
+        batch_invariant: run every matmul and row kernel on slabs of a fixed number of rows
+            (``INVARIANT_TILE_ROWS``, the last one padded), so each pair's log-probs, loss and
+            hidden-state gradient rows are bitwise the same whatever other pairs the batch holds
+            (the weight's gradient is a sum over the batch). Costs the padding of one slab per
+            chunk and smaller matmuls.
 
     Returns:
         ``(loss, metrics)`` as :func:`fastdpo.dpo_loss` (TRL's reward and log-prob metrics).
@@ -151,7 +157,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
     _check_head(hidden, weight, labels, bias)
     V.check_index("labels", labels)
     _check_options(temperature, logit_scale, softcap, reduction, shift, labels)
-    n_ref = (ref_chosen_logps is not None or ref_rejected_logps is not None) + (ref_hidden is not None)
+    given = ref_chosen_logps is not None or ref_rejected_logps is not None
+    n_ref = given + (ref_hidden is not None)
     if n_ref != 1:
         raise ValueError("pass the reference as ref_chosen_logps + ref_rejected_logps, or as "
                          "ref_hidden + ref_weight (not both, not neither)")
@@ -170,6 +177,9 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
     pr_rows = build_rows(h2, lab, w_rows, B, T, acc)
     cap = plan_rows(h2.shape[0], V_, hidden.element_size(), bool(softcap), chunk_rows)
     chunks = chunk_pairs(pr_rows, cap)
+    if not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
+    tile = INVARIANT_TILE_ROWS if batch_invariant else 0
 
     # -- the reference's log-probs
     if ref_hidden is not None:
@@ -184,7 +194,7 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
             ref_rows = build_rows(r2, lab, w_rows, B, T, acc)
             rc, rr, *_ = run_pairs(head, ref_rows, ref_weight.detach(),
                                    None if ref_bias is None else ref_bias.detach(), chunks,
-                                   None, False, False, False)
+                                   None, False, False, False, tile=tile)
     else:
         if ref_chosen_logps is None or ref_rejected_logps is None or ref_weight is not None:
             raise ValueError("pass both ref_chosen_logps and ref_rejected_logps (and no "
@@ -273,7 +283,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                 def pair_grads(j0, j1, pc_c, pr_c):
                     return grads_of(j0, j1, pc_c, pr_c, delta0)
             else:  # first pass: every pair's log-probs, then the whole batch's pair gradients
-                pc0, pr0, *_ = run_pairs(head, pr_rows, w_, b_, chunks, None, False, False, False)
+                pc0, pr0, *_ = run_pairs(head, pr_rows, w_, b_, chunks, None, False, False, False,
+                                         tile=tile)
                 delta = delta0
                 if delta_fn is not None:
                     delta = delta_fn(pc0, pr0, rc_, rr_)
@@ -285,7 +296,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                     return gc_all[j0:j1], gr_all[j0:j1]
 
             pc, pr, d_h, d_w, d_b = run_pairs(head, pr_rows, w_, b_, chunks, pair_grads,
-                                              need_h, need_w, need_b, hidden_shape=hidden.shape)
+                                              need_h, need_w, need_b, hidden_shape=hidden.shape,
+                                              tile=tile)
             loss = acc_loss["pairs"] * r + acc_loss["sft"]
         grads = (d_h, d_w, d_b, None if ds is None else ds.to(target_probs.dtype),
                  None if dm is None else dm.to(reward_margins.dtype))

@@ -41,21 +41,27 @@ def sequence_logps(logits, labels, *, ignore_index=-100, token_weights=None, ave
     tok = token_logps(logits, labels, ignore_index=ignore_index, temperature=temperature,
                       shift=shift, dtype=dtype)
     lab = labels[..., 1:] if shift else labels
-    w = (lab != ignore_index).to(dtype)
-    if token_weights is not None:
-        w = w * (token_weights[..., 1:] if shift else token_weights).to(dtype)
+    active = lab != ignore_index
+    w = active.to(dtype)
+    if token_weights is not None:  # an ignored token's weight is never read
+        w = torch.where(active, (token_weights[..., 1:] if shift else token_weights).to(dtype), 0.0)
+    tok = torch.where(w != 0, tok, 0.0)  # a weight of 0 drops the token, even a -inf log-prob
+    nz = (w != 0).to(dtype)
     if cu_seqlens is not None:
         tok, w = tok.reshape(-1), w.reshape(-1)
         if shift:
             tok = torch.cat([tok.new_zeros(1), tok])
             w = torch.cat([w.new_zeros(1), w])
         bounds = cu_seqlens.tolist()
-        num = torch.stack([(tok * w)[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
-        den = torch.stack([w[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+        nz = torch.cat([nz.new_zeros(1), nz.reshape(-1)]) if shift else nz.reshape(-1)
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        num = torch.stack([(tok * w)[a:b].sum() for a, b in spans])
+        den = torch.stack([w[a:b].sum() for a, b in spans])
+        cnt = torch.stack([nz[a:b].sum() for a, b in spans])
     elif labels.dim() == 1:
-        num, den = (tok * w).sum(), w.sum()
+        num, den, cnt = (tok * w).sum(), w.sum(), nz.sum()
     else:
-        num, den = (tok * w).sum(-1), w.sum(-1)
-    if average:
-        num = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+        num, den, cnt = (tok * w).sum(-1), w.sum(-1), nz.sum(-1)
+    if average:  # by the weight sum, of any sign; 0 for a sequence with no weight at all
+        num = torch.where(cnt > 0, num / den, 0.0)
     return num

@@ -45,6 +45,16 @@ def lse(row_max, log_sum, temperature: float = 1.0):
     return log_sum + (ref if temperature == 1.0 else ref / temperature)
 
 
+def scaled_diff(x, ref, temperature: float):
+    """``(x - ref) / temperature``, subtracting before scaling (exact for large ``|x|``).
+
+    Formed as ``(x / 2 - ref / 2) * (2 / temperature)``: halving is exact, so the rounding is
+    that of ``x - ref``, but a row spanning more than the fp32 range (``3e38`` and ``-3e38``)
+    does not overflow before a temperature above 1 brings it back in range.
+    """
+    return (x * 0.5 - ref * 0.5) * (2.0 / temperature)
+
+
 def row_stats(x, temperature: float, with_entropy: bool):
     """``(row_max, log_sum, d, p, entropy)`` of fp32/fp64 rows ``x`` (last dimension).
 
@@ -53,9 +63,7 @@ def row_stats(x, temperature: float, with_entropy: bool):
     ``row_max = log_sum = -inf``; ``entropy`` is None unless asked for.
     """
     row_max = x.amax(dim=-1)
-    d = x - ref_point(row_max)[..., None]
-    if temperature != 1.0:
-        d = d / temperature
+    d = scaled_diff(x, ref_point(row_max)[..., None], temperature)
     log_sum = torch.log(torch.exp(d).sum(dim=-1))
     p = torch.exp(d - log_sum[..., None])
     ent = None
@@ -79,10 +87,7 @@ def combine(logp, row_max, log_sum, entropy, holder, active, temperature: float 
     are not ``active`` (ignored) are 0 in every output, as the row ops give them.
     """
     M = row_max.amax(0)
-    d = row_max - ref_point(M)
-    if temperature != 1.0:
-        d = d / temperature
-    a = d + log_sum                      # log of each part's share (relative to M); -inf if dead
+    a = scaled_diff(row_max, ref_point(M), temperature) + log_sum                      # log of each part's share (relative to M); -inf if dead
     L = torch.logsumexp(a, dim=0)
     held = torch.where(holder, logp + a, 0.0).sum(0)
     logp_g = torch.where(holder.any(0), held - L, -lse(M, L, temperature))

@@ -40,7 +40,7 @@ def loss_kwargs(kind):
 
 def oracle(hidden, weight, bias, labels, rc, rr, extra, *, dtype, kind, shift=True,
            temperature=1.0, logit_scale=1.0, softcap=None, token_weights=None, average=False,
-           beta=0.1, reduction="mean", chunk_rows=None, **kw):
+           beta=0.1, reduction="mean", chunk_rows=None, batch_invariant=False, **kw):
     """dpo_loss of sequence_logps(logits) in ``dtype`` (float64: the oracle; else eager)."""
     leaves = [None if t is None else t.detach().to(dtype).requires_grad_()
               for t in (hidden, weight, bias)]
@@ -342,3 +342,64 @@ def test_token_logps_skips_ignored_rows(backend_name):
     assert torch.equal(lp[labels[:, 1:] == -100], torch.zeros_like(lp[labels[:, 1:] == -100]))
     for a, r, e in zip(grads, refg, log_):
         assert_rule(a, r, e, torch.float32, what="grad")
+
+
+# ------------------------------------------------------------------------ batch invariance
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
+def test_batch_invariant_pair_results(backend, kind):
+    """A pair's log-probs, loss and d hidden rows are bitwise the same in any batch."""
+    h, w, _, labels, rc, rr, _ = batch(B=6, T=30, H=16, V=300, seed=21)
+    labels[0, :11] = labels[6, :13] = -100  # pair 0 alone makes a 2-row matmul
+    labels[0, 12:] = labels[6, 14:] = -100
+    labels[0, 11], labels[6, 13] = 5, 7
+    results = []
+    for pick, rows in (([0, 1], 1000), ([0, 2, 3, 4, 5, 1], 50), ([3, 0], 2)):
+        idx = torch.tensor(pick + [p + 6 for p in pick])
+        hh = h[idx].clone().requires_grad_()
+        loss, m = linear_dpo_loss(hh, w, labels[idx], ref_chosen_logps=rc[pick],
+                                  ref_rejected_logps=rr[pick], loss_type=kind, reduction="sum",
+                                  backend=backend, chunk_rows=rows, batch_invariant=True)
+        (gh,) = torch.autograd.grad(loss, hh)
+        k0 = pick.index(0)
+        results.append(gh[[k0, k0 + len(pick)]])
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+    ref = linear_dpo_loss(h[[0, 6]].clone(), w, labels[[0, 6]], ref_chosen_logps=rc[:1],
+                          ref_rejected_logps=rr[:1], loss_type=kind, backend=backend)[1]
+    assert ref["logps/chosen"].isfinite()
+
+
+def test_batch_invariant_is_accurate():
+    check_all(batch(seed=22), kind="sigmoid", backend="torch", batch_invariant=True,
+              chunk_rows=5)
+
+
+@pytest.mark.parametrize("row_backend", ["torch", "native"])
+def test_batch_invariant_fused_head_loops(row_backend):
+    """forward_loop / backward_loop / frozen_head_forward with batch_invariant: a row's outputs
+    (log-prob, row statistics, d hidden) are bitwise the same in batches of any size."""
+    from fastdpo.autograd.linear_loss import frozen_head_forward
+    from fastdpo.chunked import linear as L
+
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 300, 16, 700
+    h, w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.3
+    labels = torch.randint(0, V, (N,), generator=g)
+    gl = torch.randn(N, generator=g)
+    seen = []
+    for rows in (torch.arange(N), torch.tensor([7, 0, 5]), torch.tensor([0]),
+                 torch.arange(0, N, 2)):
+        args = (h[rows], w, None, labels[rows], -100, 1.0, 1.0, 0.0)
+        fw = L.forward_loop(row_backend, *args, 0, V, False, batch_invariant=True)
+        d_h, _, _ = L.backward_loop(L.RowKernelTiles(row_backend), gl[rows], None, h[rows], w,
+                                    None, labels[rows], fw[1], fw[2], None, -100, 1.0, 1.0, 0.0,
+                                    0, V, True, True, False, batch_invariant=True)
+        fz = frozen_head_forward(row_backend, *args, batch_invariant=True)
+        k = int((rows == 0).nonzero())
+        seen.append(torch.stack([fw[0][k], fw[1][k], fw[2][k], fz[0][k]]).tolist()
+                    + d_h[k].tolist() + fz[3][k].tolist())
+    assert all(s == seen[0] for s in seen[1:])
+    full = L.forward_loop(row_backend, h, w, None, labels, -100, 1.0, 1.0, 0.0, 0, V, False)
+    torch.testing.assert_close(torch.tensor(seen[0][0]), full[0][0])

@@ -205,3 +205,11 @@ def test_compile_default_stays_unchecked():
     f = _compiled(lambda x, y: fastdpo.token_logps(x, y, backend="torch"), "aot_eager")
     out = f(logits, labels)
     assert torch.isnan(out[1, 3]) and torch.isfinite(out[0]).all()
+
+
+def test_fastdpo_check_turns_checks_on_under_compile(monkeypatch):
+    monkeypatch.setenv("FASTDPO_CHECK", "1")
+    logits, labels, _, _ = _bad_labels()
+    f = _compiled(lambda x, y: fastdpo.token_logps(x, y, backend="torch"), "aot_eager")
+    with pytest.raises((ValueError, RuntimeError), match="labels must lie in"):
+        f(logits, labels)

@@ -156,10 +156,10 @@ FASTDPO_INLINE void fwd_chunk(const S* x, int64_t n, int64_t prefetch_n, F8 c,
   for (int64_t i = 0; i < n; i += kUnit) {
     for (int k = 0; k < kSets; ++k) m[k] = Math<F8>::max(load8(x + i + k * kVec), m[k]);
   }
-  F8 ref[kSets];
+  Shift<F8> sh[kSets];
   for (int k = 0; k < kSets; ++k) {
     rescale<kEntropy>(st[k], Math<F8>::max(m[k], st[k].m), c);
-    ref[k] = ref_point(st[k].m);
+    sh[k] = make_shift(ref_point(st[k].m), c);
   }
   const char* next = reinterpret_cast<const char*>(x + n);
   const int64_t next_bytes = prefetch_n * static_cast<int64_t>(sizeof(S));
@@ -169,21 +169,21 @@ FASTDPO_INLINE void fwd_chunk(const S* x, int64_t n, int64_t prefetch_n, F8 c,
     const int64_t pb = i * static_cast<int64_t>(sizeof(S));
     if (pb % kLine < kUnitBytes && pb < next_bytes) _mm_prefetch(next + pb, _MM_HINT_T0);
     for (int k = 0; k < kSets; ++k) {
-      accumulate<kEntropy>(st[k].s, st[k].t, scaled_diff(load8(x + i + k * kVec), ref[k], c, zero));
+      accumulate<kEntropy>(st[k].s, st[k].t, scaled_diff(load8(x + i + k * kVec), sh[k], zero));
     }
   }
 }
 
 template <bool kEntropy, bool kStream = false, class S>
-FASTDPO_INLINE void bwd_unit(const S* x, S* out, F8 c, const GradCoeffs<F8>& k) {
+FASTDPO_INLINE void bwd_unit(const S* x, S* out, const GradCoeffs<F8>& k) {
   F8 v[kSets];
-  for (int j = 0; j < kSets; ++j) v[j] = grad_element<kEntropy>(load8(x + j * kVec), c, k);
+  for (int j = 0; j < kSets; ++j) v[j] = grad_element<kEntropy>(load8(x + j * kVec), k);
   // Stores after all loads: out may be x.
   for (int j = 0; j < kSets; ++j) store8<kStream>(out + j * kVec, v[j]);
 }
 
 template <bool kEntropy, bool kStream, class S>
-FASTDPO_INLINE void bwd_body(const S* x, S* out, int64_t full, int64_t V, F8 c,
+FASTDPO_INLINE void bwd_body(const S* x, S* out, int64_t full, int64_t V,
                              const GradCoeffs<F8>& k) {
   constexpr int64_t kAhead = 4096 / static_cast<int64_t>(sizeof(S));  // elements prefetched ahead
   constexpr int64_t kPerLine = kLine / static_cast<int64_t>(sizeof(S));
@@ -191,7 +191,7 @@ FASTDPO_INLINE void bwd_body(const S* x, S* out, int64_t full, int64_t V, F8 c,
     if (i % kPerLine < kUnit && i + kAhead < V) {
       _mm_prefetch(reinterpret_cast<const char*>(x + i + kAhead), _MM_HINT_T0);
     }
-    bwd_unit<kEntropy, kStream>(x + i, out + i, c, k);
+    bwd_unit<kEntropy, kStream>(x + i, out + i, k);
   }
 }
 
@@ -227,23 +227,23 @@ struct Avx2 {
   }
 
   template <bool kEntropy, class S>
-  static void bwd_sweep(const S* x, S* out, int64_t V, float c, const GradCoeffs<float>& k) {
-    const GradCoeffs<F8> kv{F8(k.ref), F8(k.neg_log_sum), F8(k.a), F8(k.b)};
-    const F8 vc(c);
+  static void bwd_sweep(const S* x, S* out, int64_t V, const GradCoeffs<float>& k) {
+    const GradCoeffs<F8> kv{{F8(k.shift.neg_half_ref), F8(k.shift.c2)}, F8(k.neg_log_sum),
+                            F8(k.a), F8(k.b)};
     const int64_t full = V / kUnit * kUnit;
     // Out of place, the gradient goes straight to memory (non-temporal stores) when aligned: it is
     // not read again by this op, and a fresh buffer would otherwise be read in before each write.
     const bool stream = out != x && reinterpret_cast<uintptr_t>(out) % (kVec * sizeof(S)) == 0;
     if (stream) {
-      bwd_body<kEntropy, true>(x, out, full, V, vc, kv);
+      bwd_body<kEntropy, true>(x, out, full, V, kv);
       _mm_sfence();  // order the streamed lines before the ordinary stores that follow
     } else {
-      bwd_body<kEntropy, false>(x, out, full, V, vc, kv);
+      bwd_body<kEntropy, false>(x, out, full, V, kv);
     }
     if (full < V) {
       const Tail<S> tail(x + full, V - full);
       S res[kUnit];
-      bwd_unit<kEntropy>(tail.buf, res, vc, kv);
+      bwd_unit<kEntropy>(tail.buf, res, kv);
       std::memcpy(out + full, res, static_cast<size_t>(V - full) * sizeof(S));
     }
   }

@@ -21,17 +21,19 @@ struct Generic {
       float m = -INFINITY;
       for (int64_t i = c0; i < c1; ++i) m = Math<float>::max(to_acc(x[i]), m);
       rescale<kEntropy>(st, Math<float>::max(m, st.m), c);
-      const float ref = ref_point(st.m);
+      const Shift<float> sh = make_shift(ref_point(st.m), c);
       // Four fresh partial sums per chunk: short summation chains keep fp32 sums of 10^5 terms
       // accurate (one running sum loses ~sqrt(V) ulps).
       float s[4] = {0, 0, 0, 0}, t[4] = {0, 0, 0, 0};
       int64_t i = c0;
       for (; i + 4 <= c1; i += 4) {
         for (int k = 0; k < 4; ++k) {
-          accumulate<kEntropy>(s[k], t[k], scaled_diff(to_acc(x[i + k]), ref, c, 0.0f));
+          accumulate<kEntropy>(s[k], t[k], scaled_diff(to_acc(x[i + k]), sh, 0.0f));
         }
       }
-      for (; i < c1; ++i) accumulate<kEntropy>(s[0], t[0], scaled_diff(to_acc(x[i]), ref, c, 0.0f));
+      for (; i < c1; ++i) {
+        accumulate<kEntropy>(s[0], t[0], scaled_diff(to_acc(x[i]), sh, 0.0f));
+      }
       st.s = st.s + ((s[0] + s[1]) + (s[2] + s[3]));
       if constexpr (kEntropy) st.t = st.t + ((t[0] + t[1]) + (t[2] + t[3]));
     }
@@ -39,9 +41,11 @@ struct Generic {
   }
 
   template <bool kEntropy, class S>
-  static void bwd_sweep(const S* x, S* out, int64_t V, float c, const GradCoeffs<float>& k) {
+  static void bwd_sweep(const S* x, S* out, int64_t V, const GradCoeffs<float>& k) {
     // Element i is read before it is written: out may be x.
-    for (int64_t i = 0; i < V; ++i) out[i] = from_acc<S>(grad_element<kEntropy>(to_acc(x[i]), c, k));
+    for (int64_t i = 0; i < V; ++i) {
+      out[i] = from_acc<S>(grad_element<kEntropy>(to_acc(x[i]), k));
+    }
   }
 };
 

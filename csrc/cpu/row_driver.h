@@ -4,7 +4,7 @@
 //   template <bool kEntropy, class S>
 //   static SoftmaxState<float> fwd_row(const S* x, int64_t V, float c);
 //   template <bool kEntropy, class S>
-//   static void bwd_sweep(const S* x, S* out, int64_t V, float c, const GradCoeffs<float>& k);
+//   static void bwd_sweep(const S* x, S* out, int64_t V, const GradCoeffs<float>& k);
 //
 // Each kernel file includes this header where its own target options are in force (the AVX2 file
 // inside its `#pragma GCC target`) and passes a Kernel type of internal linkage, so the drivers it
@@ -69,11 +69,11 @@ void bwd_rows(const LogpsBwdParams& p, int64_t r0, int64_t r1) {
     float label_value = 0.0f;
     if (lab.kind == LabelKind::kLocal) {
       const float xl = to_acc(x[lab.local]);
-      label_value = (ent ? grad_element<true>(xl, c, k) : grad_element<false>(xl, c, k)) +
+      label_value = (ent ? grad_element<true>(xl, k) : grad_element<false>(xl, k)) +
                     label_grad(g, c);
     }
-    if (ent) Kernel::template bwd_sweep<true>(x, out, V, c, k);
-    else Kernel::template bwd_sweep<false>(x, out, V, c, k);
+    if (ent) Kernel::template bwd_sweep<true>(x, out, V, k);
+    else Kernel::template bwd_sweep<false>(x, out, V, k);
     if (lab.kind == LabelKind::kLocal) out[lab.local] = from_acc<S>(label_value);
   }
 }

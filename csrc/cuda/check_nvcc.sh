@@ -30,7 +30,10 @@ fi
 build_flags="$(dirname "$csrc")/fastdpo/native/build_flags.py"
 mapfile -t shipped < <("$PYTHON" "$build_flags" nvcc)
 mapfile -t check < <("$PYTHON" "$build_flags" check)
-[[ ${#shipped[@]} -gt 0 && ${#check[@]} -gt 0 ]] || { echo "no flags from $build_flags" >&2; exit 1; }
+if [[ ${#shipped[@]} -eq 0 || ${#check[@]} -eq 0 ]]; then
+  echo "no flags from $build_flags" >&2
+  exit 1
+fi
 flags=("${shipped[@]}" "${check[@]}" -I"$csrc/include" -I"$csrc")
 
 status=0

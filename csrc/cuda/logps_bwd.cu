@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kBlock, 1) logps_bwd_kernel(const LogpsBwdPara
     const int64_t label = lab.kind == LabelKind::kLocal ? lab.local : -1;
     const float label_g = label_grad(g, c);
     auto value = [&](float xv, int64_t i) {
-      const float d = grad_element<kEntropy>(xv, c, k);
+      const float d = grad_element<kEntropy>(xv, k);
       return i == label ? d + label_g : d;
     };
     // Vectors need logits and gradient rows equally misaligned (always so in place).

@@ -65,12 +65,12 @@ __global__ void __launch_bounds__(kBlock, 1) logps_fwd_kernel(const LogpsFwdPara
         for (int j = 0; j < kN; ++j) m = Math<float>::max(vals[k][j], m);
       }
       rescale<kEntropy>(st, Math<float>::max(m, st.m), c);
-      const float ref = ref_point(st.m);
+      const Shift<float> sh = make_shift(ref_point(st.m), c);
 #pragma unroll
       for (int k = 0; k < kUnroll; ++k) {
 #pragma unroll
         for (int j = 0; j < kN; ++j) {
-          accumulate<kEntropy>(st.s, st.t, scaled_diff(vals[k][j], ref, c, 0.0f));
+          accumulate<kEntropy>(st.s, st.t, scaled_diff(vals[k][j], sh, 0.0f));
         }
       }
     }

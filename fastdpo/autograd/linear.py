@@ -4,10 +4,10 @@ Saves the caller's own ``hidden`` / ``weight`` / ``bias`` plus O(tokens) (labels
 entropy); the backward recomputes the logits tile by tile. Gradients come back in the caller's
 shapes and dtypes; a weight used elsewhere too (tied embeddings) accumulates as usual.
 
-A frozen head (only ``hidden`` needs a gradient, no entropy, one device) takes another path: the
-forward also forms each token's ``d logp / d hidden`` (an ``(N, H)`` fp32 tensor, see
-:func:`fastdpo.chunked.linear.frozen_head_forward`) and the backward only scales it, so the pass
-costs 2 matmuls instead of 3.
+A frozen head (only ``hidden`` needs a gradient, no entropy, one device) takes another path:
+the forward also forms each token's ``d logp / d hidden`` (an ``(N, H)`` fp32 tensor, see
+:func:`fastdpo.autograd.linear_loss.frozen_head_forward`) and the backward only scales it, so the
+pass costs 2 matmuls instead of 3.
 
 ``shift`` pairs position ``t`` with label ``t + 1`` without touching ``hidden``: every row keeps its
 place and the labels move instead, the last position of each sequence getting ``ignore_index``
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..chunked.linear import frozen_head_forward
+from .linear_loss import frozen_head_forward
 from .logps import row_grads
 from .options import RowOptions, refuse_double_backward
 

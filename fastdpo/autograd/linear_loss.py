@@ -17,6 +17,9 @@ chunk's logits. A loss whose pair gradient depends on the whole batch runs step 
 chunks first (``pair_grads=None``: log-probs only), then the full loop: one GEMM more.
 
 The backward of :class:`LinearPairLoss` multiplies the stored gradients by the incoming scalar.
+
+:func:`frozen_head_forward` applies the same full-row chunks to per-token log-probs when only
+the hidden states need a gradient (:class:`fastdpo.autograd.linear.LinearTokenLogps`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops, rows
-from ..chunked.linear import logits_tile, mm_acc, operand_dtype
+from ..chunked.linear import logits_tile, mm_acc, operand_dtype, pad_rows
 from .options import refuse_double_backward
 
 # Extra memory for one chunk's logits, as a fraction of the full (rows, V) logits in the hidden
@@ -37,6 +40,8 @@ from .options import refuse_double_backward
 CHUNK_FRACTION = float(os.environ.get("FASTDPO_LINEAR_MEMORY_FRACTION", "0.05"))
 MIN_CHUNK_BYTES = 16 << 20
 MIN_CHUNK_ROWS = 128
+# Rows of every matmul and row-kernel call under batch invariance (a fixed shape, whatever N).
+INVARIANT_TILE_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -105,9 +110,13 @@ PairGrads = Callable[[int, int, torch.Tensor, torch.Tensor], tuple]
 
 
 def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Optional[PairGrads],
-              need_h: bool, need_w: bool, need_b: bool, hidden_shape=None):
+              need_h: bool, need_w: bool, need_b: bool, hidden_shape=None, tile: int = 0):
     """The chunk loop (module docstring). Returns ``(pc, pr, d_hidden, d_weight, d_bias)``: the
-    sequence log-probs ``(B,)`` and the gradients (None where not needed or no ``pair_grads``)."""
+    sequence log-probs ``(B,)`` and the gradients (None where not needed or no ``pair_grads``).
+
+    ``tile > 0`` (batch invariance): every matmul and row op runs on slabs of exactly ``tile``
+    rows (the last one padded with ignored rows), so no shape depends on the batch and a row's
+    results are bitwise the same whatever else the batch holds."""
     h2 = pr.h2
     dev, V = h2.device, weight.shape[0]
     acc = ops.acc_dtype(h2.dtype)
@@ -131,36 +140,54 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
         d_w = torch.zeros(weight.shape, dtype=acc, device=dev)
     if grads and need_b:
         d_b = torch.zeros(V, dtype=acc, device=dev)
-    max_rows = max([off[j1] - off[j0] + off[B + j1] - off[B + j0] for j0, j1 in chunks] + [0])
+    def padded(n):
+        return n if not tile else -(-n // tile) * tile
+
+    max_rows = max([padded(off[j1] - off[j0] + off[B + j1] - off[B + j0]) for j0, j1 in chunks]
+                   + [0])
     buf = torch.empty(max_rows * V, dtype=acc, device=dev)
     tbuf = torch.empty(max_rows * V if (grads and softcap) else 0, dtype=acc, device=dev)
     for j0, j1 in chunks:
         P = j1 - j0
         sel = torch.cat([pr.order[off[j0]:off[j1]], pr.order[off[B + j0]:off[B + j1]]])
-        seq = torch.cat([pr.seq[off[j0]:off[j1]] - j0, pr.seq[off[B + j0]:off[B + j1]] - B - j0 + P])
+        seq = torch.cat([pr.seq[off[j0]:off[j1]] - j0,
+                         pr.seq[off[B + j0]:off[B + j1]] - B - j0 + P])
         R = sel.numel()
+        Rp = padded(R)
+        slabs = [(s0, min(Rp, s0 + (tile or Rp))) for s0 in range(0, Rp, tile or max(Rp, 1))]
         sums = torch.zeros(2 * P, dtype=acc, device=dev)
         if R:
-            h = pr.h2.index_select(0, sel).to(opd)
-            lab = pr.labels.index_select(0, sel).view(1, R)
+            h = pad_rows(pr.h2.index_select(0, sel).to(opd), Rp, 0)
+            lab = pad_rows(pr.labels.index_select(0, sel), Rp, ii).view(1, Rp)
             scale = pr.scale.index_select(0, sel)
-            x = buf[:R * V].view(R, V)
-            t = tbuf[:R * V].view(R, V) if (grads and softcap) else None
-            logits_tile(h, w, b, head.logit_scale, softcap, x, t)
-            lp, rmax, lsum, _ = row_fwd(x.view(1, R, V), lab, ii, T, 0, V, False)
-            sums.index_add_(0, seq, lp.view(R) * scale)
+            x = buf[:Rp * V].view(Rp, V)
+            t = tbuf[:Rp * V].view(Rp, V) if (grads and softcap) else None
+            stats = []
+            for s0, s1 in slabs:  # fixed-shape slabs under batch invariance, else one
+                logits_tile(h[s0:s1], w, b, head.logit_scale, softcap, x[s0:s1],
+                            None if t is None else t[s0:s1])
+                stats.append(row_fwd(x[s0:s1].view(1, s1 - s0, V), lab[:, s0:s1], ii, T, 0, V,
+                                     False)[:3])
+            lp, rmax, lsum = (torch.cat(c, 1) if len(c) > 1 else c[0] for c in zip(*stats))
+            sums.index_add_(0, seq, lp.view(Rp)[:R] * scale)
         pc[j0:j1], pr_[j0:j1] = sums[:P], sums[P:]
         if pair_grads is None:
             continue
         gc, gr = pair_grads(j0, j1, sums[:P], sums[P:])
         if not grads or not R:
             continue
-        g_row = (torch.cat([gc, gr]).to(acc).index_select(0, seq) * scale).view(1, R)
-        row_bwd(g_row, None, x.view(1, R, V), lab, rmax, lsum, None, ii, T, 0, V, x.view(1, R, V))
+        g_row = torch.cat([gc, gr]).to(acc).index_select(0, seq) * scale
+        g_row = pad_rows(g_row, Rp, 0).view(1, Rp)
+        for s0, s1 in slabs:
+            xs = x[s0:s1].view(1, s1 - s0, V)
+            row_bwd(g_row[:, s0:s1], None, xs, lab[:, s0:s1], rmax[:, s0:s1], lsum[:, s0:s1],
+                    None, ii, T, 0, V, xs)
         dz = rows.transform_grad_(x, t, head.logit_scale, softcap)
         dz = dz if dz.dtype == opd else dz.to(opd)
         if need_h:
-            d_h.index_copy_(0, sel, mm_acc(dz, w).to(d_h.dtype))
+            dh = [mm_acc(dz[s0:s1], w) for s0, s1 in slabs]
+            dh = torch.cat(dh) if len(dh) > 1 else dh[0]
+            d_h.index_copy_(0, sel, dh[:R].to(d_h.dtype))
         if need_w:
             mm_acc(dz.t(), h, out=d_w, accumulate=True)
         if need_b:
@@ -172,6 +199,63 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     if d_b is not None and d_b.dtype != bias.dtype:
         d_b = d_b.to(bias.dtype)
     return pc, pr_, d_h, d_w, d_b
+
+
+# ------------------------------------------------ frozen head of the per-token log-probs
+
+
+def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
+                        logit_scale, softcap, *, chunk_rows=None, batch_invariant=False):
+    """Forward of a head whose weight (and bias) need no gradient, with each token's gradient
+    direction formed in the same pass: ``u = d logp / d hidden = a'(.) W^T (onehot - p) / T``.
+
+    Chunks of labelled rows hold their full vocabulary row of logits (``(R, V)`` fp32), so the row
+    op gives the final statistics at once and ``logps_bwd`` (with ``grad_logp = 1``) the
+    ``d logits``; one more matmul turns them into ``u``. Two matmuls in all, over the labelled
+    rows only; the backward is ``grad_logp * u``. Returns ``(logp, row_max, log_sum, u)``, ``u``
+    ``(N, H)`` fp32 (0 on ignored rows).
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    acc = ops.acc_dtype(hidden.dtype)
+    opd = operand_dtype(hidden.dtype, dev)
+    row_fwd, row_bwd = ops.get_op(row_backend, "logps_fwd"), ops.get_op(row_backend, "logps_bwd")
+    logp = torch.zeros(N, dtype=acc, device=dev)
+    row_max, log_sum = torch.zeros_like(logp), torch.zeros_like(logp)
+    u = torch.zeros((N, H), dtype=acc, device=dev)
+    sel_all = torch.nonzero(labels != ignore_index).squeeze(1)
+    n_act = sel_all.numel()
+    if batch_invariant:
+        chunk_rows = MIN_CHUNK_ROWS
+    elif chunk_rows is None:
+        budget = max(MIN_CHUNK_BYTES, int(CHUNK_FRACTION * N * V * hidden.element_size()))
+        chunk_rows = max(MIN_CHUNK_ROWS, budget // (V * 4 * (2 if softcap else 1)))
+    R_max = chunk_rows if batch_invariant else max(1, min(chunk_rows, n_act))
+    buf = torch.empty(R_max * V, dtype=acc, device=dev)
+    tbuf = torch.empty(R_max * V if softcap else 0, dtype=acc, device=dev)
+    w = weight if weight.dtype == opd else weight.to(opd)
+    b = None if bias is None else bias.to(acc)
+    ones = torch.ones((1, R_max), dtype=acc, device=dev)
+    T = float(temperature)
+    for r0 in range(0, n_act, R_max):
+        sel = sel_all[r0:r0 + R_max]
+        n = sel.numel()
+        R = R_max if batch_invariant else n
+        x = buf[:R * V].view(R, V)
+        t = tbuf[:R * V].view(R, V) if softcap else None
+        lab = pad_rows(labels.index_select(0, sel), R, ignore_index).view(1, R)
+        h = pad_rows(hidden.index_select(0, sel).to(opd), R, 0)
+        logits_tile(h, w, b, logit_scale, softcap, x, t)
+        lp, m, ls, _ = row_fwd(x.view(1, R, V), lab, ignore_index, T, 0, V, False)
+        row_bwd(ones[:, :R], None, x.view(1, R, V), lab, m, ls, None, ignore_index, T, 0, V,
+                x.view(1, R, V))
+        dz = rows.transform_grad_(x, t, logit_scale, softcap)
+        u.index_copy_(0, sel, mm_acc(dz if dz.dtype == opd else dz.to(opd), w)[:n])
+        logp.index_copy_(0, sel, lp.view(R)[:n])
+        row_max.index_copy_(0, sel, m.view(R)[:n])
+        log_sum.index_copy_(0, sel, ls.view(R)[:n])
+    return logp, row_max, log_sum, u
 
 
 class LinearPairLoss(torch.autograd.Function):

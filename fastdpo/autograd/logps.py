@@ -120,8 +120,7 @@ class LabelSetLogps(torch.autograd.Function):
         dummy = torch.where(row_active, 0, opts.ignore_index)
         dopts = replace(opts, vocab_start=V, vocab_total=2 * V)
         _, row_max, log_sum, ent = forward_rows(dopts, x3, dummy)
-        ref = rows.ref_point(row_max)[..., None]
-        d = xk - ref if opts.temperature == 1.0 else (xk - ref) / opts.temperature
+        d = rows.scaled_diff(xk, rows.ref_point(row_max)[..., None], opts.temperature)
         logp = torch.where(parts.valid, d - log_sum[..., None], float("nan"))
         logp = torch.where(parts.active, logp, 0.0)
         lse = torch.where(row_active, rows.lse(row_max, log_sum, opts.temperature), 0.0)
@@ -142,7 +141,7 @@ class LabelSetLogps(torch.autograd.Function):
             return None, None, None
         x3, l3 = rows_view(logits, labels, opts.shift)
         V = x3.shape[-1]
-        parts = rows.classify_labels(l3, opts.ignore_index, 0, V, V)
+        xk, parts = _label_logits(x3, l3, opts)  # read before an in-place gradient overwrites
         acc = row_max.dtype
         g_k = (torch.zeros(parts.active.shape, dtype=acc, device=row_max.device)
                if grad_logp is None else torch.where(parts.local, grad_logp.to(acc), 0.0))
@@ -155,10 +154,20 @@ class LabelSetLogps(torch.autograd.Function):
         grad_full = logits if opts.inplace_backward else torch.empty_like(logits)
         dopts = replace(opts, vocab_start=V, vocab_total=2 * V)
         backward_into(dopts, grad_full, coef, grad_entropy, logits, dummy, row_max, log_sum, ent)
+        # The label columns get their whole gradient recomputed in fp32 and written once (adding
+        # g_k to an already rounded bf16 value would round twice where the terms cancel).
+        same = (parts.index[..., :, None] == parts.index[..., None, :]) & parts.local[..., None, :]
+        g_col = (same.to(acc) * g_k[..., None, :]).sum(-1)  # every g_k of the same column
+        logp_k = rows.scaled_diff(xk, rows.ref_point(row_max)[..., None], opts.temperature)
+        logp_k = logp_k - log_sum[..., None]
+        p_k = torch.exp(logp_k)
+        val = g_col - coef[..., None] * p_k
+        if grad_entropy is not None:
+            val = val - grad_entropy[..., None] * p_k * (logp_k + ent[..., None])
         g3, _ = rows_view(grad_full, labels, opts.shift)
         b, t, k = torch.nonzero(parts.local, as_tuple=True)
-        vals = g_k[b, t, k] / opts.temperature
-        g3.index_put_((b, t, parts.index[b, t, k]), vals.to(g3.dtype), accumulate=True)
+        vals = val[b, t, k] / opts.temperature
+        g3.index_put_((b, t, parts.index[b, t, k]), vals.to(g3.dtype))
         if opts.inplace_backward:
             torch.autograd.graph.increment_version(logits)
         return grad_full, None, None

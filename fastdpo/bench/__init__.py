@@ -2,11 +2,11 @@
 ``fastdpo memory`` and ``fastdpo inspect``.
 
 One concept per module: :mod:`.machine` (what ran it), :mod:`.timing` (median and spread of
-repeats), :mod:`.workloads` (steps and their inputs), :mod:`.presets` (what ``--quick``/``--full``/``--gpu``
-run), :mod:`.impls` (fastdpo backends and the peers, each with the reason when it can't run),
-:mod:`.ceilings` (same-run copy bandwidth and bare GEMMs), :mod:`.progress` (estimates and
-progress lines), :mod:`.runner` (timed sweeps), :mod:`.memory` (peak memory and bytes saved for
-backward), :mod:`.report` (JSON, CSV, PNG), :mod:`.jobs` (the CLI jobs), :mod:`.scripting` (the
-scripts under benchmarks/) and :mod:`.inspect` (memory traffic under the Triton interpreter,
-ahead-of-time register/SASS analysis, roofline estimates).
+repeats), :mod:`.workloads` (steps and their inputs), :mod:`.presets` (what ``--quick``,
+``--full`` and ``--gpu`` run), :mod:`.impls` (fastdpo backends and the peers, each with the reason
+when it can't run), :mod:`.ceilings` (same-run copy bandwidth and bare GEMMs), :mod:`.progress`
+(estimates and progress lines), :mod:`.runner` (timed sweeps), :mod:`.memory` (peak memory and
+bytes saved for backward), :mod:`.report` (JSON, CSV, PNG), :mod:`.jobs` (the CLI jobs),
+:mod:`.scripting` (the scripts under benchmarks/) and :mod:`.inspect` (memory traffic under the
+Triton interpreter, ahead-of-time register/SASS analysis, roofline estimates).
 """

@@ -28,7 +28,6 @@ def copy_bandwidth(device, nbytes: int | None = None, repeats: int = 20) -> dict
     src = torch.ones(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t = measure(lambda _: dst.copy_(src), device=device, warmup=3, repeats=repeats)
-    del src, dst
     return {"bytes": n, "median_s": t.median_s, "gbps": 2 * n / t.median_s / 1e9,
             "iqr_rel": t.iqr_rel, "repeats": t.repeats}
 

@@ -10,9 +10,13 @@ loop with its own fused tile kernel. No ``(N, V)`` buffer ever exists:
   column (so a label in another tile counts 0), and merged into per-token running statistics
   (online log-sum-exp). Only O(N) survives the loop.
 * backward: the same tiles are rebuilt and turned into ``d logits`` in place by the row kernel
-  (given the global row statistics and entropy), then multiplied into ``d_hidden`` / ``d_weight`` / ``d_bias``.
+  (given the global row statistics and entropy), then multiplied into ``d_hidden`` /
+  ``d_weight`` / ``d_bias``.
   ``d_weight`` of a vocabulary chunk is accumulated in fp32 over all tokens and written once,
   ``d_hidden`` of a token block in fp32 over all vocabulary chunks.
+
+Fully ignored rows are left out before the loops (CPU). ``batch_invariant`` fixes the plan and
+pads every token tile to full, so no shape depends on the batch (:func:`invariant_plan`).
 
 Chunk sizes come from a memory budget of ``BUDGET_FRACTION`` of what the ``(N, V)`` logits would
 take in the hidden states' dtype (at least ``MIN_BUDGET``): a third for the fp32 ``d_hidden``
@@ -74,6 +78,25 @@ def plan(N: int, V: int, H: int, itemsize: int, *, tile_bytes: int = 4 * TILE_CO
     return Plan(block_rows, rows, cols)
 
 
+# Batch invariance: the plan of this many tokens whatever N, and every token tile padded to full
+# (ignored rows), so no matmul or row-kernel shape depends on the batch: a row's results are
+# bitwise the same in any batch (the weight's gradient, a sum over the batch, is not a row's).
+INVARIANT_PLAN_ROWS = 4096
+
+
+def invariant_plan(V: int, H: int, itemsize: int, **kw) -> Plan:
+    return plan(INVARIANT_PLAN_ROWS, V, H, itemsize, **kw)
+
+
+def pad_rows(t, n: int, value):
+    """``t`` with rows appended up to ``n`` (filled with ``value``)."""
+    if t.shape[0] == n:
+        return t
+    out = t.new_full((n,) + tuple(t.shape[1:]), value)
+    out[:t.shape[0]] = t
+    return out
+
+
 # --------------------------------------------------------------------------- matmul helpers
 
 
@@ -127,9 +150,17 @@ def logits_tile(h, w, b, logit_scale, softcap, out, tanh_out=None):
 
 
 def forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
-                 logit_scale, softcap, vocab_start, vocab_total, with_entropy, *, plan_=None):
+                 logit_scale, softcap, vocab_start, vocab_total, with_entropy, *, plan_=None,
+                 batch_invariant=False):
     N, H = hidden.shape
     V = weight.shape[0]
+    if batch_invariant:  # a fixed plan, every tile full: see invariant_plan
+        p = invariant_plan(V, H, hidden.element_size(), hidden_acc=False)
+        n_pad = -(-N // p.tile_rows) * p.tile_rows
+        out = forward_loop(row_backend, pad_rows(hidden, n_pad, 0), weight, bias,
+                           pad_rows(labels, n_pad, ignore_index), ignore_index, temperature,
+                           logit_scale, softcap, vocab_start, vocab_total, with_entropy, plan_=p)
+        return tuple(t[:N] if t.numel() else t for t in out)
     dev = hidden.device
     acc = acc_dtype(hidden.dtype)
     opd = operand_dtype(hidden.dtype, dev)
@@ -210,7 +241,8 @@ class RowKernelTiles:
 
 def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, row_max, log_sum,
                   entropy, ignore_index, temperature, logit_scale, softcap, vocab_start,
-                  vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad, *, plan_=None):
+                  vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad, *, plan_=None,
+                  batch_invariant=False):
     """Gradients of the fused head; ``tiles.grad_tile`` turns a chunk into ``d logits``.
 
     One sweep over the tiles when the fp32 ``d_hidden`` accumulator of all tokens fits the budget
@@ -230,6 +262,19 @@ def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, 
     if not (need_hidden_grad or need_weight_grad or need_bias_grad) or N == 0:
         return d_h, d_w, d_b
     hidden_acc = need_hidden_grad and d_h.dtype != acc
+    if batch_invariant:  # a fixed plan, every tile full: see invariant_plan
+        p = invariant_plan(V, H, hidden.element_size(), tile_bytes=tiles.tile_bytes,
+                           hidden_acc=hidden_acc)
+        n_pad = -(-N // p.tile_rows) * p.tile_rows
+        padded = [None if t is None or t.numel() == 0 else pad_rows(t, n_pad, 0)
+                  for t in (grad_logp, grad_entropy, hidden, row_max, log_sum, entropy)]
+        g, ge, h, m, ls, ent = padded
+        d_h2, d_w, d_b = backward_loop(tiles, g, ge, h, weight, bias,
+                                       pad_rows(labels, n_pad, ignore_index), m, ls, ent,
+                                       ignore_index, temperature, logit_scale, softcap,
+                                       vocab_start, vocab_total, need_hidden_grad,
+                                       need_weight_grad, need_bias_grad, plan_=p)
+        return (d_h2[:N] if need_hidden_grad else d_h2), d_w, d_b
     p = plan_ or plan(N, V, H, hidden.element_size(), tile_bytes=tiles.tile_bytes,
                       hidden_acc=hidden_acc)
     tiles.reserve(p.tile_rows * p.tile_cols)
@@ -292,62 +337,6 @@ def _sweep(tiles, p, block_rows, hidden, weight, bias, row_data, consts, d_h, d_
                 d_b[v0:v1].copy_(db_acc)
         if hidden_acc:
             d_h[s0:s1].copy_(dh_acc)
-
-
-# ------------------------------------------------------------------ frozen head: one pass
-
-
-FROZEN_MIN_ROWS = 128  # rows per chunk at least: smaller GEMMs lose speed
-
-
-def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
-                        logit_scale, softcap, *, chunk_rows=None):
-    """Forward of a head whose weight (and bias) need no gradient, with each token's gradient
-    direction formed in the same pass: ``u = d logp / d hidden = a'(.) W^T (onehot - p) / T``.
-
-    Chunks of labelled rows hold their full vocabulary row of logits (``(R, V)`` fp32), so the row
-    op gives the final statistics at once and ``logps_bwd`` (with ``grad_logp = 1``) the
-    ``d logits``; one more matmul turns them into ``u``. Two matmuls in all, over the labelled
-    rows only; the backward is ``grad_logp * u``. Returns ``(logp, row_max, log_sum, u)``, ``u``
-    ``(N, H)`` fp32 (0 on ignored rows).
-    """
-    N, H = hidden.shape
-    V = weight.shape[0]
-    dev = hidden.device
-    acc = acc_dtype(hidden.dtype)
-    opd = operand_dtype(hidden.dtype, dev)
-    row_fwd, row_bwd = ops.get_op(row_backend, "logps_fwd"), ops.get_op(row_backend, "logps_bwd")
-    logp = torch.zeros(N, dtype=acc, device=dev)
-    row_max, log_sum = torch.zeros_like(logp), torch.zeros_like(logp)
-    u = torch.zeros((N, H), dtype=acc, device=dev)
-    sel_all = torch.nonzero(labels != ignore_index).squeeze(1)
-    n_act = sel_all.numel()
-    if chunk_rows is None:
-        budget = max(MIN_BUDGET, int(BUDGET_FRACTION * N * V * hidden.element_size()))
-        chunk_rows = max(FROZEN_MIN_ROWS, budget // (V * 4 * (2 if softcap else 1)))
-    R_max = max(1, min(chunk_rows, n_act))
-    buf = torch.empty(R_max * V, dtype=acc, device=dev)
-    tbuf = torch.empty(R_max * V if softcap else 0, dtype=acc, device=dev)
-    w = weight if weight.dtype == opd else weight.to(opd)
-    b = None if bias is None else bias.to(acc)
-    ones = torch.ones((1, R_max), dtype=acc, device=dev)
-    T = float(temperature)
-    for r0 in range(0, n_act, R_max):
-        sel = sel_all[r0:r0 + R_max]
-        R = sel.numel()
-        x = buf[:R * V].view(R, V)
-        t = tbuf[:R * V].view(R, V) if softcap else None
-        lab = labels.index_select(0, sel).view(1, R)
-        logits_tile(hidden.index_select(0, sel).to(opd), w, b, logit_scale, softcap, x, t)
-        lp, m, ls, _ = row_fwd(x.view(1, R, V), lab, ignore_index, T, 0, V, False)
-        row_bwd(ones[:, :R], None, x.view(1, R, V), lab, m, ls, None, ignore_index, T, 0, V,
-                x.view(1, R, V))
-        dz = rows.transform_grad_(x, t, logit_scale, softcap)
-        u.index_copy_(0, sel, mm_acc(dz if dz.dtype == opd else dz.to(opd), w))
-        logp.index_copy_(0, sel, lp.view(R))
-        row_max.index_copy_(0, sel, m.view(R))
-        log_sum.index_copy_(0, sel, ls.view(R))
-    return logp, row_max, log_sum, u
 
 
 # ------------------------------------------------------------------------------ registration

@@ -50,9 +50,7 @@ def logps_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy
     for b, t0, t1 in row_blocks(B, T, V):
         x = logits[b, t0:t1].to(acc)  # read before grad_logits (maybe the same storage) is written
         lab = rows.classify_labels(labels[b, t0:t1], ignore_index, vocab_start, vocab_total, V)
-        d = x - rows.ref_point(row_max[b, t0:t1, None].to(acc))
-        if temperature != 1.0:
-            d = d / temperature
+        d = rows.scaled_diff(x, rows.ref_point(row_max[b, t0:t1, None].to(acc)), temperature)
         d = d - log_sum[b, t0:t1, None].to(acc)  # log p, exact for large |x| and low temperature
         p = torch.exp(d)
         g = torch.where(lab.active, grad_logp[b, t0:t1].to(acc), 0.0)[:, None]

@@ -95,6 +95,11 @@ class FastDPOConfig(DPOConfig):
     reward_ensemble: str = field(
         default="mean_prob", metadata={"help": "How ensemble members combine: mean_prob, "
                                                "mean_margin, lower_quantile, mean_minus_std."})
+    entropy_metrics: bool = field(
+        default=True, metadata={"help": "Log TRL's entropy and entropy/chosen, entropy/rejected "
+                                        "(token means of the softmax entropy over each side's "
+                                        "completions), computed in the log-prob pass with "
+                                        "nothing kept for backward; set False to skip them."})
     token_metrics: bool = field(
         default=True, metadata={"help": "Log TRL's logits/chosen, logits/rejected and "
                                         "mean_token_accuracy. They need the max and mean over "
@@ -235,7 +240,7 @@ class FastDPOTrainer(DPOTrainer):
         rows = hidden[:, :-1][mask].to(weight.device)
         lab = shift_labels[mask].to(weight.device)
         kw = dict(bias=bias, softcap=softcap, logit_scale=logit_scale, backend=self._fd_backend)
-        want_entropy = stats
+        want_entropy = stats and getattr(self.args, "entropy_metrics", True)
         out = linear_token_logps(rows, weight, lab, return_entropy=want_entropy, **kw)
         lp, ent = out if want_entropy else (out, None)
 
@@ -389,6 +394,9 @@ class FastDPOTrainer(DPOTrainer):
 
         if pol.entropy is not None:
             metrics["entropy"].append(ratio((pol.entropy * mask).sum(), mask.sum()))
+            for side, ent, m in zip(("chosen", "rejected"), pol.entropy.chunk(2, dim=0),
+                                    mask.chunk(2, dim=0)):
+                metrics[f"entropy/{side}"].append(ratio((ent * m).sum(), m.sum()))
         if mode == "train":
             n = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += n // self._tp_size

@@ -2,6 +2,7 @@
 targets, and the ``DPOLoss`` module."""
 
 from .dpo import RewardRunningMean, dpo_loss, preference_metrics
+from .family_modules import CPOLoss, KTOLoss, ORPOLoss
 from .formulas import CPO_LOSS_TYPES, KTO_LOSS_TYPES
 from .functional import LOSS_TYPES, TRL_LOSS_TYPES
 from .kto import kto_loss
@@ -13,4 +14,4 @@ from .reference_free import cpo_loss, orpo_loss
 __all__ = ["dpo_loss", "DPOLoss", "preference_probs", "rejection_sample", "build_pairs",
            "PreferenceTargets", "PreferencePairs", "RejectionSample", "RewardRunningMean",
            "preference_metrics", "LOSS_TYPES", "TRL_LOSS_TYPES", "cpo_loss", "orpo_loss",
-           "kto_loss", "CPO_LOSS_TYPES", "KTO_LOSS_TYPES"]
+           "kto_loss", "CPO_LOSS_TYPES", "KTO_LOSS_TYPES", "CPOLoss", "ORPOLoss", "KTOLoss"]

@@ -1,23 +1,26 @@
 """Everything the Triton backend does only because of ``TRITON_INTERPRET=1`` (CPU tests).
 
-The kernels themselves carry no interpreter code; the launchers route their tensors through these
-helpers, which are no-ops for compiled kernels:
+The kernels and launchers carry no interpreter code. :func:`install` (run when the kernel modules
+are imported under the interpreter) corrects three places where the interpreter departs from
+what a GPU computes, so that the CPU tests check the GPU's semantics:
 
-* :func:`quiet`: numpy warns about the IEEE inf/NaN arithmetic the kernels rely on.
-* :func:`dot_operands`: the interpreter's ``tl.dot`` multiplies the raw bit patterns of bf16
-  operands (Triton issue 11584), so bf16 matmul operands are handed over as fp32 (exact).
-* :func:`rounded_output`: the interpreter truncates fp32 -> bf16 where GPUs round to nearest
-  even, so bf16 outputs are written as fp32 and rounded by torch.
-* :func:`install`: Triton 3.6's interpreter turns a loop bound (a shape ``(1,)`` array) into an
-  int with ``int(array)``, which numpy >= 2.4 refuses; 3.9 squeezes first. The same fix here.
+* fp32 -> bf16 casts truncate; GPUs round to nearest even (``cvt.rn.bf16.f32``).
+* ``tl.dot`` multiplies the raw bit patterns of bf16 operands (Triton issue 11584); GPUs
+  multiply the values exactly and accumulate in fp32.
+* Triton 3.6 turns a loop bound (a shape ``(1,)`` array) into an int with ``int(array)``, which
+  numpy >= 2.4 refuses; later releases take the array's single item, as here.
+
+The patches touch only the interpreter's builder, so they act on every interpreted kernel of the
+process (more faithfully to the GPU for all of them), never on compiled ones. :func:`quiet`
+silences numpy's warnings about the IEEE inf/NaN arithmetic the kernels rely on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
-import torch
 
 from .. import backends
 
@@ -33,47 +36,59 @@ def quiet():
     return contextlib.nullcontext()
 
 
-def dot_operands(a, b):
-    """``tl.dot(a, b.to(a.dtype))`` operands: unchanged, or under the interpreter for bf16 ``a``
-    the values a GPU would multiply (``b`` rounded to bf16), as fp32."""
-    if active() and a.dtype == torch.bfloat16:
-        return a.float(), b.to(torch.bfloat16).float()
-    return a, b
+def bf16_bits_rtne(x) -> np.ndarray:
+    """fp32 values -> bf16 bit patterns, rounded to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+    quiet_nan = (bits >> 16) | np.uint32(0x40)
+    return np.where(np.isnan(x), quiet_nan, rounded).astype(np.uint16)
 
 
-@contextlib.contextmanager
-def rounded_output(out: torch.Tensor):
-    """Yields the tensor a kernel should write ``out``'s values into: ``out`` itself, or under the
-    interpreter for bf16 an fp32 buffer that is rounded into ``out`` on exit."""
-    if not (active() and out.dtype == torch.bfloat16):
-        yield out
-        return
-    buf = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-    yield buf
-    out.copy_(buf)
+def _patch_builder(interpreter, tl) -> None:
+    builder = interpreter.InterpreterBuilder
+    cast, dot = builder.cast_impl, builder.create_dot
+
+    @functools.wraps(cast)
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(bf16_bits_rtne(src.data), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    @functools.wraps(dot)
+    def create_dot(self, a, b, d, *args, **kwargs):
+        if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):
+            a, b = (cast(self, t, tl.float32) if t.dtype.scalar == tl.bfloat16 else t
+                    for t in (a, b))
+        return dot(self, a, b, d, *args, **kwargs)
+
+    builder.cast_impl, builder.create_dot = cast_impl, create_dot
 
 
-def _needs_index_fix() -> bool:
+def _patch_index(interpreter) -> None:
     try:
         int(np.zeros(1))
+        return  # numpy still converts size-1 arrays
     except TypeError:
-        return True
-    return False
+        pass
+    patch = interpreter._patch_lang_tensor
 
-
-def install() -> None:
-    """Patch the interpreter's tensor-to-int conversion when it cannot take shape (1,) arrays."""
-    if not active() or not _needs_index_fix():
-        return
-    from triton.runtime import interpreter
-
-    patch = getattr(interpreter, "_patch_lang_tensor", None)
-    if patch is None or getattr(patch, "_fastdpo_fixed", False):
-        return
-
+    @functools.wraps(patch)
     def fixed(tensor, scope):
         patch(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).item()))
 
-    fixed._fastdpo_fixed = True
     interpreter._patch_lang_tensor = fixed
+
+
+def install() -> None:
+    """Apply the corrections once per process, only under the interpreter."""
+    if not active():
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_fastdpo_patched", False):
+        return
+    _patch_builder(interpreter, tl)
+    _patch_index(interpreter)
+    interpreter._fastdpo_patched = True

@@ -182,7 +182,8 @@ def _config(dtype, device, interpreted=None):
     if interpreted or device.type == "cpu":  # (meta tensors: ahead-of-time specs for GPUs)
         return 16, 32, 16, 4, 1  # small tiles keep the interpreter fast
     if dtype == torch.float32:
-        return 64, 128, 32, 8, 3
+        # full-precision products run on FMAs; BLOCK_K 32 spills with the entropy terms (sm_90)
+        return 64, 128, 16, 8, 3
     return 128, 128, 64, 8, 3
 
 
@@ -264,9 +265,8 @@ def linear_logps_fwd(hidden, weight, bias, labels, ignore_index, temperature, lo
     BN, BV = _config(hidden.dtype, dev)[:2]
     S, per = _splits(triton.cdiv(N, BN), triton.cdiv(V, BV), dev)
     stats = torch.empty((4, S, N), dtype=torch.float32, device=dev)
-    h, w = _interpreter.dot_operands(hidden, weight)
     if N > 0:
-        _launch.run(*fwd_launch(h, w, bias, labels, stats, ignore_index, temperature,
+        _launch.run(*fwd_launch(hidden, weight, bias, labels, stats, ignore_index, temperature,
                                 logit_scale, softcap, vocab_start, with_entropy, per=per))
     out = _merge(stats, labels, ignore_index, temperature, vocab_start, vocab_total, V, per * BV,
                  with_entropy)
@@ -291,13 +291,10 @@ class TritonTiles:
             self.buf = torch.empty(self._cap, dtype=opd, device=h.device)
         dz = self.buf[: n * v].view(n, v)
         has_ge = grad_entropy is not None
-        h, w = _interpreter.dot_operands(h, w)
-        with _interpreter.rounded_output(dz) as out:
-            _launch.run(*grad_launch(
-                h, w, b, labels, row_max.float(), log_sum.float(),
-                ent.float() if has_ge else None, grad_logp.float(),
-                grad_entropy.float() if has_ge else None, out, ignore_index, temperature,
-                logit_scale, softcap, vocab_start, vocab_total))
+        _launch.run(*grad_launch(
+            h, w, b, labels, row_max.float(), log_sum.float(), ent.float() if has_ge else None,
+            grad_logp.float(), grad_entropy.float() if has_ge else None, dz, ignore_index,
+            temperature, logit_scale, softcap, vocab_start, vocab_total))
         return dz
 
 

@@ -279,10 +279,9 @@ def logps_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy
         if entropy is None:
             raise ValueError("grad_entropy needs the forward's entropy")
         grad_entropy, entropy = grad_entropy.contiguous(), entropy.contiguous()
-    with _interpreter.rounded_output(grad_logits) as out:
-        _launch.run(*bwd_launch(grad_logp, grad_entropy, logits, labels, row_max, log_sum,
-                                entropy, ignore_index, temperature, vocab_start, vocab_total, out,
-                                block_v=block_v, num_warps=num_warps))
+    _launch.run(*bwd_launch(grad_logp, grad_entropy, logits, labels, row_max, log_sum, entropy,
+                            ignore_index, temperature, vocab_start, vocab_total, grad_logits,
+                            block_v=block_v, num_warps=num_warps))
 
 
 def compile_spec(op: str, V: int, dtype: torch.dtype, label_dtype: torch.dtype = torch.int64,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fastdpo.bench import impls, machine, report, runner, timing, workloads
+from fastdpo.bench import ceilings, impls, machine, presets, report, runner, timing, workloads
 from fastdpo.bench.workloads import Case
 
 
@@ -131,16 +131,55 @@ def test_timed_sweep_and_report_files(tmp_path):
 
 
 def test_presets_hold_the_native_target():
-    quick = workloads.preset("quick", "cpu")
-    assert quick.cases[0] == workloads.NATIVE_TARGET
-    t = workloads.NATIVE_TARGET
+    quick = presets.preset("quick", "cpu")
+    assert quick.cases[0] == presets.NATIVE_TARGET
+    t = presets.NATIVE_TARGET
     assert (t.workload, t.dtype, t.tokens, t.vocab) == ("logps_fwd_bwd", "float32", 2048, 128256)
-    full = workloads.preset("full", "cpu")
+    full = presets.preset("full", "cpu")
     assert {c.vocab for c in full.cases} == set(workloads.VOCABS)
 
 
+def test_minimum_bytes_and_gemm_shapes_of_each_workload():
+    c = Case("logps_fwd_bwd", vocab=100, tokens=8)
+    assert c.logits_passes() == 3 and c.logits_bytes() == 8 * 100 * 4  # read, read, write
+    assert Case("logps_ref", 100, 8).logits_passes() == 1
+    assert Case("dpo_step", 100, 8, batch=2).logits_passes() == 4  # + the reference logits
+    lin = Case("linear_fwd_bwd", vocab=100, tokens=8, hidden=16)
+    assert lin.gemms() == ((8, 100, 16), (8, 16, 100), (100, 16, 8))
+    assert lin.flops() == 6 * 8 * 100 * 16
+    assert len(Case("linear_dpo_step", 100, 8, batch=2, hidden=16).gemms()) == 4
+    assert c.gemms() == () and c.flops() == 0
+
+
+def test_rows_relate_to_the_same_runs_ceilings():
+    ceil = ceilings.Ceilings("cpu", log=None, copy_bytes=8 << 20)
+    assert ceil.copy["gbps"] > 0 and ceil.copy["bytes"] == 8 << 20
+    fb = Case("logps_fwd_bwd", vocab=1000, tokens=64)
+    row = runner.time_case(fb, impls.by_name(["eager"])[0], "cpu", warmup=0, repeats=2,
+                           max_seconds=None, ceiling=ceil)
+    assert row["min_bytes"] == 3 * fb.logits_bytes()
+    assert row["copy_fraction"] == pytest.approx(row["achieved_gbps"] / ceil.copy["gbps"])
+    lin = Case("linear_fwd_bwd", vocab=300, tokens=32, hidden=16)
+    row = runner.time_case(lin, impls.by_name(["eager"])[0], "cpu", warmup=0, repeats=2,
+                           max_seconds=None, ceiling=ceil)
+    g = ceil.gemm_for(lin)
+    assert row["x_gemm"] == pytest.approx(row["median_s"] / g["median_s"])
+    assert row["flops"] == lin.flops() and row["tflops"] > 0
+    got = ceilings.goals([{**row, "family": "fastdpo", "status": "ok", "x_gemm": 1.1}],
+                         presets.GPU_GOALS)
+    assert got[0]["measure"] == "x_gemm" and got[0]["met"]
+
+
+def test_time_limit_skips_the_rest_and_says_why():
+    p = presets.preset("gpu", "cpu")
+    rows = runner.run_preset(p, impls.by_name(["eager"]), "cpu", log=None, deadline=0.0)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 1 and ok[0]["workload"] == p.cases[0].workload  # the first always runs
+    assert all("time limit" in r["reason"] for r in rows if r["status"] == "skipped")
+
+
 def test_native_target_summary_judges_the_goals():
-    t = workloads.NATIVE_TARGET
+    t = presets.NATIVE_TARGET
     base = {**t.to_dict(), "device": "cpu", "status": "ok"}
     rows = [{**base, "impl": n, "median_s": s} for n, s in
             (("fastdpo[native]", 1.0), ("eager", 9.0), ("torch.compile", 4.0),

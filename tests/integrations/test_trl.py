@@ -156,6 +156,33 @@ def test_sft_with_length_normalised_loss_on_empty_prompts(tokenizer, loss_type):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_entropy_per_side_on_demand(tokenizer):
+    """entropy/chosen and entropy/rejected come from the log-prob pass (token means over each
+    side's completions; TRL's entropy is their token-weighted mean); entropy_metrics=False
+    skips the entropy in the kernel and logs none of them."""
+    tr = make_trainer(FastDPOTrainer, tokenizer, dataset("none"), steps=1,
+                      fastdpo_backend="torch")
+    tr.model.train()
+    batch = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+    tr.compute_loss(tr.model, batch)
+    m = {k: v[-1] for k, v in tr._metrics["train"].items()}
+    mask = batch["completion_mask"][:, 1:].float()
+    nc, nr = (x.sum().item() for x in mask.chunk(2))
+    assert m["entropy/chosen"] > 0 and m["entropy/rejected"] > 0
+    assert m["entropy"] == pytest.approx(
+        (m["entropy/chosen"] * nc + m["entropy/rejected"] * nr) / (nc + nr), rel=1e-6)
+    with torch.no_grad():  # against eager entropy of the model's own logits
+        logits = tr.model(input_ids=batch["input_ids"],
+                          attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    chosen = (ent[:2] * mask[:2]).sum() / mask[:2].sum()
+    assert m["entropy/chosen"] == pytest.approx(chosen.item(), rel=1e-5)
+    off = make_trainer(FastDPOTrainer, tokenizer, dataset("none"), steps=1,
+                       fastdpo_backend="torch", entropy_metrics=False)
+    log = train_log(off)
+    assert not any(k.startswith("entropy") for k in log[0])
+
+
 def test_saves_less_for_backward_than_trl(tokenizer):
     """Only the completion positions' hidden rows are kept for the LM head's backward (TRL's
     CPU path keeps a copy of every position's), and no logits are saved at all."""

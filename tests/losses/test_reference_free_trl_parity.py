@@ -239,3 +239,34 @@ def test_kto_kl_is_not_differentiated():
     loss.backward()
     assert kl_p.grad is None and pol.grad is not None
     assert m["kl"].item() == pytest.approx((kl_p + 5).mean().item())
+
+
+@pytest.mark.parametrize("which", ["cpo-simpo", "orpo"])
+def test_loss_modules_match_trl_trainers_from_logits(which):
+    """CPOLoss / ORPOLoss straight from the logits (fastdpo's log-prob kernels) against TRL."""
+    batch, logits = paired_batch(seed=2)
+    logits = logits.float().double()  # values exact in fp32 too
+    theirs = logits.clone().requires_grad_(True)
+    model = lambda *a, **k: SimpleNamespace(logits=theirs)  # noqa: E731
+    if which == "orpo":
+        tr = stand_in(ORPOTrainer, beta=0.3)
+    else:
+        tr = stand_in(CPOTrainer, beta=0.3, label_smoothing=0.0, loss_type="simpo",
+                      cpo_alpha=0.5, simpo_gamma=0.5, alpha=0.0)
+    loss_t, _ = tr.get_batch_loss_metrics(model, batch)
+    loss_t.backward()
+    ours = logits.clone().requires_grad_(True)
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    if which == "orpo":
+        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        loss, _ = L.ORPOLoss(beta=0.3, backend="torch")(
+            ours, labels, nll_labels=ids.masked_fill(att == 0, -100))
+        tol = dict(rtol=1e-5, atol=1e-8)  # TRL's odds ratio runs in fp32
+    else:
+        loss, _ = L.CPOLoss(beta=0.3, loss_type="simpo", cpo_alpha=0.5, backend="torch")(
+            ours, labels)
+        tol = dict(rtol=1e-10, atol=1e-12)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_t.detach(), **tol)
+    torch.testing.assert_close(ours.grad, theirs.grad, **tol)

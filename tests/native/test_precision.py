@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from tolerance import ATOL, assert_rule
 
 from fastdpo import ops
+from tolerance import ATOL, assert_rule
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TIGHT = 1e-6  # atol of fp32 results: eager-level, where x * c - lse loses ~2e-5 at offset 1000
@@ -105,7 +105,7 @@ def test_constant_row(kernel, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0, math.e])
 def test_logits_near_the_largest_finite(kernel, dtype, temperature):
     big = torch.finfo(dtype).max * 0.9
     x, _ = sample(2, 4, 37, seed=2)
@@ -129,6 +129,15 @@ def test_logits_near_the_largest_finite(kernel, dtype, temperature):
     e_grad = torch.where(torch.isfinite(e32[3]), e32[3].double(), ref[3]).to(dtype)
     assert_rule(grad, ref[3], e_grad, dtype, atol=TIGHT if dtype == torch.float32 else ATOL[dtype],
                 what="grad")
+
+
+def test_row_spanning_more_than_the_fp32_range(kernel):
+    # x - max overflows here; (x - max) / T does not, and eager (x / T first) is finite.
+    x = torch.tensor([[[3.0e38, -3.0e38, 1.0, 2.0e38]]])
+    for temperature in (math.e, 2.0):
+        logp = fwd(x, torch.tensor([[1]]), -100, temperature, 0, 4, False)[0]
+        want = (-3.0e38 - 3.0e38) / temperature  # log_sum is 0: one term dominates
+        assert logp.item() == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,7 +1,8 @@
 // Online log-sum-exp (and entropy) over a row of raw logits x with scale c = 1 / temperature, one
 // element or one block at a time, as a state that partial results merge into.
 //
-// State (m, s, t) over the elements seen so far, with r = ref_point(m) and d = (x - r) * c:
+// State (m, s, t) over the elements seen so far, with r = ref_point(m) and d = (x - r) * c
+// (scaled_diff):
 //   m = max x (raw units, before the temperature),   s = sum exp(d),   t = sum exp(d) * d
 // so that log_sum = log s, lse = r * c + log_sum and the entropy H = log s - t / s. Everything
 // stays relative to the running max: d is exact to fp32 rounding at any logit offset or
@@ -9,8 +10,8 @@
 #pragma once
 
 #include "common.h"
-#include "row_math.h"
 #include "params.h"
+#include "row_math.h"
 
 namespace fastdpo {
 
@@ -32,7 +33,8 @@ FASTDPO_HOST_DEVICE FASTDPO_INLINE SoftmaxState<T> state_init() {
   return SoftmaxState<T>{T(-INFINITY), T(0.0f), T(0.0f)};
 }
 
-// Add one element given its d = (x - ref_point(m)) * c, with x <= m (the state holds x's max).
+// Add one element given its d = scaled_diff(x, make_shift(ref_point(m), c), 0), with x <= m (the
+// state already holds x's max).
 template <bool kEntropy, class T>
 FASTDPO_HOST_DEVICE FASTDPO_INLINE void accumulate(T& s, T& t, T d) {
   T e = Math<T>::exp(d);
@@ -44,7 +46,7 @@ FASTDPO_HOST_DEVICE FASTDPO_INLINE void accumulate(T& s, T& t, T d) {
 template <bool kEntropy, class T>
 FASTDPO_HOST_DEVICE FASTDPO_INLINE void rescale(SoftmaxState<T>& st, T m_new, T c) {
   // (ref(m) - ref(m_new)) * c; written with st.m so an empty state (m = -inf) gets scale 0.
-  T delta = scaled_diff(st.m, ref_point(m_new), c, T(0.0f));
+  T delta = scaled_diff(st.m, make_shift(ref_point(m_new), c), T(0.0f));
   T scale = Math<T>::exp(delta);
   if constexpr (kEntropy) {
     st.t = scale * Math<T>::fma(Math<T>::max(T(kLowestExpArg), delta), st.s, st.t);
@@ -57,7 +59,7 @@ FASTDPO_HOST_DEVICE FASTDPO_INLINE void rescale(SoftmaxState<T>& st, T m_new, T 
 template <bool kEntropy, class T>
 FASTDPO_HOST_DEVICE FASTDPO_INLINE void update(SoftmaxState<T>& st, T x, T c) {
   rescale<kEntropy>(st, Math<T>::max(x, st.m), c);
-  accumulate<kEntropy>(st.s, st.t, scaled_diff(x, ref_point(st.m), c, T(0.0f)));
+  accumulate<kEntropy>(st.s, st.t, scaled_diff(x, make_shift(ref_point(st.m), c), T(0.0f)));
 }
 
 // The state of the union of two disjoint sets of elements.
@@ -83,8 +85,9 @@ struct MergeOp {
 
 // log_sum = log s, entropy = log s - t / s. As log_softmax: a row of only -inf gives
 // row_max = log_sum = -inf (entropy NaN); a +inf or NaN logit makes log_sum and entropy NaN (it
-// reaches the sum as (inf - inf) * c or NaN). The max skips NaN, so a NaN row reports row_max NaN
-// here (a +inf row keeps +inf, as amax would). Scalar T only.
+// reaches the sum as inf - inf or NaN). The running max skips NaN, so row_max is set to NaN here
+// when the sum is NaN without a +inf max (a NaN logit), and stays +inf for a +inf row: as amax.
+// Scalar T only.
 template <class T>
 FASTDPO_HOST_DEVICE FASTDPO_INLINE RowStats<T> finalize(const SoftmaxState<T>& st) {
   T log_s = Math<T>::log(st.s);
@@ -99,14 +102,7 @@ FASTDPO_HOST_DEVICE FASTDPO_INLINE T label_logp(LabelKind kind, T x_label, const
                                                 T c) {
   if (kind == LabelKind::kInvalid) return T(NAN);
   const T x = kind == LabelKind::kLocal ? x_label : T(0.0f);
-  const T ref = ref_point(r.row_max);
-  const T logp = scaled_diff(x, ref, c, T(0.0f) - r.log_sum);
-  // Finite logits of opposite signs near the largest float: x - ref overflows where (x - ref) * c
-  // may not (c < 1). Scaling first loses no digit that matters at that magnitude.
-  if (logp == T(-INFINITY) && x > T(-INFINITY) && ref < T(INFINITY)) {
-    return x * c - ref * c - r.log_sum;
-  }
-  return logp;
+  return scaled_diff(x, make_shift(ref_point(r.row_max), c), T(0.0f) - r.log_sum);
 }
 
 }  // namespace fastdpo

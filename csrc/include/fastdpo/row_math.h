@@ -16,11 +16,25 @@ FASTDPO_HOST_DEVICE FASTDPO_INLINE T ref_point(T m) {
 }
 
 // (x - ref) * c + offset, c = 1 / temperature: every exponent of the row math is formed here.
-// The max is subtracted before scaling, so x - ref is exact for the logits that matter (those
-// near the max) at any offset; x * c - ref * c would lose the digits of |x * c| instead.
+// The max is subtracted before scaling, so the difference is exact for the logits that matter
+// (those near the max) at any offset; x * c - ref * c would lose the digits of |x * c|. It is
+// formed as (x / 2 - ref / 2) * 2c: halving and doubling are exact, so the rounding is that of
+// (x - ref) * c, but finite logits of opposite signs near the largest float do not overflow
+// where x - ref would. Two fmas, with the row's constants -ref / 2 and 2c computed once.
 template <class T>
-FASTDPO_HOST_DEVICE FASTDPO_INLINE T scaled_diff(T x, T ref, T c, T offset) {
-  return Math<T>::fma(x - ref, c, offset);
+struct Shift {
+  T neg_half_ref;  // -ref / 2
+  T c2;            // 2c
+};
+
+template <class T>
+FASTDPO_HOST_DEVICE FASTDPO_INLINE Shift<T> make_shift(T ref, T c) {
+  return Shift<T>{ref * T(-0.5f), c * T(2.0f)};
+}
+
+template <class T>
+FASTDPO_HOST_DEVICE FASTDPO_INLINE T scaled_diff(T x, const Shift<T>& sh, T offset) {
+  return Math<T>::fma(Math<T>::fma(x, T(0.5f), sh.neg_half_ref), sh.c2, offset);
 }
 
 }  // namespace fastdpo

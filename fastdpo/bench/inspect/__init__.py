@@ -31,11 +31,12 @@ NOT_COUNTED = {
 def launch_jobs(traffic_rows) -> list[dict]:
     """One recorded launch per (implementation, op, dtype, kernel), from the largest vocabulary
     (test shapes like V = 5003 leave rows unaligned, which no real vocabulary does). fastdpo's
-    log-prob kernels are left out: they are built from ``compile_spec``."""
+    kernels are left out: they are built from the launchers' own specs (:mod:`fastdpo.triton.aot`)
+    at real shapes."""
     best: dict[tuple, tuple] = {}
     for r in traffic_rows:
         for ln in r.get("_launches", []):
-            if ln["module"].startswith("fastdpo.triton.logps"):
+            if ln["module"].startswith("fastdpo."):
                 continue
             key = (r["impl"], r["op"], r["dtype"], ln["module"], ln["qualname"])
             if key not in best or r["V"] > best[key][0]:
@@ -60,6 +61,9 @@ def run(quick: bool = True, archs=static.ARCHS, cuda_root: str | None = None, lo
     trows = traffic.measure(traffic_cases(quick))
     log(f"  {len(trows)} cases in {time.perf_counter() - t0:.0f} s")
     jobs = static.fastdpo_spec_jobs(dtypes=("float32", "bfloat16") if quick else
+                                    static.TRITON_DTYPES)
+    # Every fused-linear variant (and the logits kernels again) at a real shape.
+    jobs += static.fastdpo_aot_jobs([(1, 4096, 4096, 128256)], dtypes=("bfloat16",) if quick else
                                     static.TRITON_DTYPES)
     jobs += launch_jobs(trows)
     t1 = time.perf_counter()

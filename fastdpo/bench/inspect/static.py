@@ -6,10 +6,10 @@ sizes) the JIT would use on a GPU:
 
 * fastdpo's log-prob kernels from ``fastdpo.triton.logps.compile_spec`` (the launchers' own
   configuration), at a representative vocabulary;
-* every other kernel (fastdpo's fused-linear ones, the peers') from a launch recorded under the
-  interpreter (:mod:`.traffic`), re-typed exactly as the JIT types arguments; fastdpo's fused-linear
-  tiles are switched to their GPU configuration when ``fastdpo.triton.linear._config`` says what
-  it is, and the row says which configuration was compiled.
+* every variant fastdpo's launchers can pick at a real shape (fused linear included), from
+  :func:`fastdpo.triton.aot.compile_specs` (``--variants`` prints them for one architecture);
+* the peers' kernels from a launch recorded under the interpreter (:mod:`.traffic`), re-typed
+  exactly as the JIT types arguments.
 
 CUDA C++ kernels under ``csrc/cuda`` are built with ``nvcc -cubin``. For each kernel and
 architecture: registers, spill bytes (``ptxas -v``), static + dynamic shared memory, local-memory
@@ -118,24 +118,6 @@ def _unwrap_jit(obj):
     return obj
 
 
-def _linear_gpu_override(launch: dict) -> tuple[dict, str]:
-    """fastdpo fused-linear kernels: their GPU tile configuration instead of the interpreter's."""
-    if not launch["module"].startswith("fastdpo.triton.linear"):
-        return {}, "as launched under the interpreter"
-    try:
-        import torch
-
-        lin = importlib.import_module("fastdpo.triton.linear")
-        dt = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}
-        first_ptr = next(p["type"] for p in launch["params"].values() if "type" in p)
-        BN, BV, BK, warps, stages = lin._config(dt.get(first_ptr, torch.float32),
-                                                torch.device("cuda"))
-    except Exception as exc:  # noqa: BLE001 - keep the launched configuration
-        return {}, f"as launched under the interpreter (GPU config unknown: {exc})"
-    const = {"BLOCK_N": BN, "BLOCK_V": BV, "BLOCK_K": BK, "UPCAST": False}
-    return {"const": const, "num_warps": warps, "num_stages": stages}, "GPU configuration"
-
-
 def compile_job(job: dict, cc: int, workdir: Path) -> dict:
     """Compile one job (a ``compile_spec`` request or a recorded launch) for ``sm_<cc>``."""
     if job["source"] == "spec":
@@ -155,7 +137,6 @@ def compile_job(job: dict, cc: int, workdir: Path) -> dict:
         for part in job["qualname"].split("."):
             obj = getattr(obj, part)
         fn = _unwrap_jit(obj)
-        override, config = _linear_gpu_override(job)
         sig, const, attrs = {}, {}, {}
         for i, name in enumerate(fn.arg_names):
             p = job["params"].get(name)
@@ -163,15 +144,15 @@ def compile_job(job: dict, cc: int, workdir: Path) -> dict:
                 raise ValueError(f"launch of {job['qualname']} has no argument {name!r}")
             if "constexpr" in p:
                 sig[name] = "constexpr"
-                const[name] = override.get("const", {}).get(name, p["constexpr"])
+                const[name] = p["constexpr"]
             else:
                 sig[name] = p["type"]
                 if p.get("spec") == "D":
                     attrs[(i,)] = [["tt.divisibility", 16]]
-        opts = {"num_warps": override.get("num_warps", job["options"].get("num_warps", 4)),
-                "num_stages": override.get("num_stages", job["options"].get("num_stages", 3))}
+        opts = {"num_warps": job["options"].get("num_warps", 4),
+                "num_stages": job["options"].get("num_stages", 3)}
         label = {"impl": job.get("impl", job["module"]), "op": job.get("op"),
-                 "dtype": job.get("dtype"), "V": job.get("V"), "config": config,
+                 "dtype": job.get("dtype"), "V": job.get("V"), "config": "as launched",
                  "constexprs": const, "options": opts}
     t0 = time.perf_counter()
     compiled = _compile(fn, sig, const, attrs, opts, cc)
@@ -319,9 +300,8 @@ def main(argv=None) -> int:
         ap = argparse.ArgumentParser(prog="python -m fastdpo.bench.inspect.static --variants")
         ap.add_argument("--variants", action="store_true")
         ap.add_argument("--arch", default="90")
-        ap.add_argument("--shapes", default="1,4096,4096,32000;1,4096,4096,128256;"
-                        "1,4096,4096,152064;1,4096,4096,256000;1,16384,4096,128256",
-                        help="B,T,H,V;... (default: the GPU bench's shapes)")
+        ap.add_argument("--shapes", default="1,4096,4096,128256;1,16384,4096,256000",
+                        help="B,T,H,V;... (default: the GPU bench's smallest and largest)")
         ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
         a = ap.parse_args(argv)
         shapes = [tuple(int(x) for x in s.split(",")) for s in a.shapes.split(";")]
