@@ -74,7 +74,9 @@ def native_build():
             "(or set FASTDPO_NO_NATIVE=1 to install without the native backend).") from exc
 
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    # -ffp-contract=off: GCC would otherwise fuse a * b + c into an fma where it sees fit, so the
+    # same formula could round differently in two instantiations (entropy on/off) of a kernel.
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     kwargs = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp"])
     if _want_cuda(torch, CUDA_HOME):
         # The one definition of the nvcc flags (also used by csrc/cuda/check_nvcc.sh and

@@ -6,7 +6,8 @@ bare matmuls of the same shapes measured in the same run, the previous fused pat
 Every variant runs once per round, rounds interleaved, and the minimum over rounds is reported
 (a shared machine inflates the others). Rows are fully labelled (no prompt), so the matmul floor is
 ``rows x H x V`` per GEMM: the DPO step (reference + policy forward and backward) is 4 GEMMs, the
-frozen-head policy pass 2.
+frozen-head policy pass 2. On a shared machine prefer ``--threads 1``: with every core busy, a
+multi-threaded run mostly measures how long each parallel region waits for a descheduled thread.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import torch
 
 from fastdpo import reference as R
-from fastdpo.linear import linear_sequence_logps
+from fastdpo.linear import linear_sequence_logps, linear_token_logps
 from fastdpo.linear_loss import linear_dpo_loss
 from fastdpo.losses import dpo_loss
 
@@ -49,10 +50,10 @@ def variants(hidden, weight, labels, ref_hidden, backend):
         torch.mm(h2, weight.t(), out=logits_buf)
         torch.mm(logits_buf, weight)
 
-    def fused_grad_in_forward():
+    def fused_grad_in_forward(batch_invariant=False):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         loss, _ = linear_dpo_loss(h, w, labels, ref_hidden=ref_hidden, ref_weight=weight,
-                                  backend=backend)
+                                  backend=backend, batch_invariant=batch_invariant)
         loss.backward()
 
     def previous_fused():
@@ -80,9 +81,15 @@ def variants(hidden, weight, labels, ref_hidden, backend):
                                   backend=backend)
         loss.backward()
 
+    def frozen_token_logps():
+        h = hidden.clone().requires_grad_()
+        linear_token_logps(h, weight, labels, shift=True, backend=backend).sum().backward()
+
     return {"4 GEMMs": gemms4, "fastdpo linear_dpo_loss": fused_grad_in_forward,
+            "fastdpo linear_dpo_loss invariant": lambda: fused_grad_in_forward(True),
             "fastdpo previous fused": previous_fused, "eager": eager,
-            "2 GEMMs": gemms2, "fastdpo frozen-head policy": frozen_policy}
+            "2 GEMMs": gemms2, "fastdpo frozen-head policy": frozen_policy,
+            "fastdpo frozen-head token logps": frozen_token_logps}
 
 
 def main(argv=None):
@@ -93,21 +100,25 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", default="native")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="process CPU time instead of wall time (with --threads 1: what a busy "
+                         "machine's descheduling does not inflate)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     fns = variants(*make(a.n, a.h, a.v), a.backend)
     best = {k: float("inf") for k in fns}
+    clock = time.process_time if a.cpu_time else time.perf_counter
     for _ in range(a.repeats):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            best[k] = min(best[k], time.perf_counter() - t0)
+            best[k] = min(best[k], clock() - t0)
     print(f"N={a.n} H={a.h} V={a.v} threads={torch.get_num_threads()} backend={a.backend} "
-          f"(min of {a.repeats} interleaved rounds)")
+          f"({'CPU' if a.cpu_time else 'wall'} time, min of {a.repeats} interleaved rounds)")
     for k, t in best.items():
         floor = best["2 GEMMs"] if ("frozen" in k or k == "2 GEMMs") else best["4 GEMMs"]
-        print(f"  {k:28s} {t * 1e3:9.1f} ms  {t / floor:5.2f}x its GEMM floor")
+        print(f"  {k:32s} {t * 1e3:9.1f} ms  {t / floor:5.2f}x its GEMM floor")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def linear_token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, 
             copied (unless its leading dimensions cannot be merged into one).
         return_entropy: also return each token's softmax entropy (same pass).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
-        validate: check label values (default: on for CPU tensors, off for CUDA ones).
+        validate: check label values (default: on for CPU tensors, off for CUDA ones;
+            ``validate=True`` also checks inside ``torch.compile``).
         process_group: vocabulary-parallel group; ``weight`` (and ``bias``) hold this rank's
             shard (contiguous rows, in rank order, any sizes).
 

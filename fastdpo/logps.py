@@ -58,6 +58,7 @@ def token_logps(logits, labels, *, ignore_index=-100, temperature=1.0, shift=Fal
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
         validate: check label values (and ``cu_seqlens``). Default: on for CPU tensors, off for
             CUDA ones (it would synchronise the host). Unchecked out-of-range labels give NaN.
+            ``validate=True`` also checks inside ``torch.compile`` (an asynchronous assertion).
         process_group: vocabulary-parallel group; the logits hold this rank's vocabulary shard
             (contiguous, in rank order, any sizes).
 

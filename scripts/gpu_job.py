@@ -170,7 +170,12 @@ print("PROBE " + json.dumps(info))
 
 def stage_env(job: Job, args) -> callable:
     def run(timeout):
-        job.py = make_venv(args.python, args.venv)
+        fallback = ""
+        try:
+            job.py = make_venv(args.python, args.venv)
+        except (OSError, subprocess.CalledProcessError) as exc:  # no venv module, say
+            job.py = Path(args.python)
+            fallback = f"; no venv ({type(exc).__name__}): installing into {args.python} itself"
         rc, tail = job.run([job.py, "-c", PROBE], timeout)
         line = [ln for ln in tail.splitlines() if ln.startswith("PROBE ")]
         if rc != 0 or not line:
@@ -178,7 +183,7 @@ def stage_env(job: Job, args) -> callable:
         job.facts = json.loads(line[-1][6:])
         f = job.facts
         note = (f"python {f['python']}, torch {f['torch']} (CUDA {f['torch_cuda']}), triton "
-                f"{f['triton']}, {f.get('gpu') or 'no GPU'}, {f['cpus']} CPUs")
+                f"{f['triton']}, {f.get('gpu') or 'no GPU'}, {f['cpus']} CPUs{fallback}")
         if not job.dry and not f["cuda_available"]:
             return "fail", note + ": torch sees no CUDA device"
         return "pass", note
@@ -190,10 +195,19 @@ def stage_peers(job: Job, args) -> callable:
         wheels = sorted((ROOT / ".whl").glob("*.whl"))
         notes = []
         status = "pass"
-        if wheels:
-            rc, _ = job.run([job.py, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                             "--no-compile", "--no-cache-dir", "--disable-pip-version-check",
-                             *wheels], timeout)
+        pip = [job.py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+               "--no-cache-dir", "--disable-pip-version-check"]
+        if wheels and job.dry:  # this python need not be the GPU's 3.12: check, install nothing
+            rc, _ = job.run([*pip, "--dry-run", "--target", job.work / "whl-check",
+                             "--only-binary=:all:", "--python-version", "3.12", "--implementation",
+                             "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
+                             "manylinux2014_x86_64", *wheels], timeout)
+            if rc != 0:
+                status = "fail"
+            notes.append(f"{len(wheels)} wheels in .whl/ " + (
+                "would install on cp312 manylinux" if rc == 0 else f"do not install (exit {rc})"))
+        elif wheels:
+            rc, _ = job.run([*pip, *wheels], timeout)
             if rc != 0:
                 status = "fail"
                 notes.append(f"pip install of {len(wheels)} wheels from .whl/ failed (exit {rc})")

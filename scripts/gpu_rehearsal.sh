@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU machine's stack, rehearsed on CPU: a venv (.venv-rehearsal) with exactly its versions
 # (python 3.12, torch 2.11.0 -- the registry's CUDA 13.0 build, several GB --, triton 3.6.0,
-# transformers 5.17.0, plus the peers' wheels from .whl/ when present), then
+# transformers 5.17.0, the other packages of that image the peers need, and the peers' wheels
+# from .whl/ when present), then
 #   1. build and import the CUDA extension (FASTDPO_FORCE_CUDA=1, sm_90, nvcc from CUDA_HOME),
 #   2. compile every Triton kernel variant the launchers can pick, for sm_90, at the GPU bench's
-#      shapes, and report registers and spills (python -m fastdpo.bench.inspect.static --variants),
+#      shapes, and report registers and spills (fastdpo inspect --variants --arch 90),
 #   3. run the whole suite under the Triton interpreter: it must end with 0 failures.
 # Heavy: not part of CI. Run it whenever kernels or the build change.
 #   bash scripts/run gpu-rehearsal [pytest args...]     (REHEARSAL_PYTHON: a python 3.12)
@@ -29,7 +30,8 @@ setup() {
   [ -x "$V/bin/python" ] || "$PY" -m venv "$V" || return 1
   "$V/bin/python" -m pip install -q --upgrade pip &&
   "$V/bin/python" -m pip install -q "torch==2.11.0" "triton==3.6.0" "transformers==5.17.0" \
-    numpy pytest pytest-xdist hypothesis psutil matplotlib pybind11 ninja "setuptools<82" wheel ||
+    numpy pytest pytest-xdist pytest-timeout hypothesis psutil matplotlib pybind11 ninja \
+    "setuptools<82" wheel accelerate pandas pyarrow xxhash pyyaml jinja2 fsspec requests tqdm ||
     return 1
   if compgen -G ".whl/*.whl" >/dev/null; then
     "$V/bin/python" -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || return 1
@@ -51,8 +53,8 @@ build() {
 
 run_step setup setup
 run_step build build
-run_step aot_sm90 env TRITON_INTERPRET=0 "$V/bin/python" -m fastdpo.bench.inspect.static \
-  --variants --arch 90 --json "$LOG/variants-sm90.json"
+run_step aot_sm90 env TRITON_INTERPRET=0 "$V/bin/python" -m fastdpo.cli.main inspect \
+  --variants --arch 90 --out "$LOG"
 run_step suite "$V/bin/python" -m pytest tests --require-backends all -q -p no:cacheprovider \
   -n "$(nproc)" "$@"
 

@@ -403,3 +403,38 @@ def test_batch_invariant_fused_head_loops(row_backend):
     assert all(s == seen[0] for s in seen[1:])
     full = L.forward_loop(row_backend, h, w, None, labels, -100, 1.0, 1.0, 0.0, 0, V, False)
     torch.testing.assert_close(torch.tensor(seen[0][0]), full[0][0])
+
+
+def test_extra_memory_is_one_chunk_of_logits(monkeypatch):
+    """Beyond the gradients it returns, the pass holds one chunk's fp32 logits plus O(rows * H)."""
+    from test_linear import LiveBytes
+
+    monkeypatch.setattr(AL, "MIN_CHUNK_BYTES", 0)
+    monkeypatch.setattr(AL, "MIN_CHUNK_ROWS", 1)
+    h, w, _, labels, rc, rr, _ = batch(B=8, T=40, H=32, V=4096, seed=30)
+    N, H, V = 16 * 40, 32, 4096
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with LiveBytes() as m:
+        loss, _ = linear_dpo_loss(hh, ww, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                                  backend="native")
+        peak = m.peak
+    lab = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1).reshape(-1)
+    pr = AL.build_rows(h.reshape(N, H), lab, (lab != -100).float(), 8, 40, torch.float32)
+    cap = AL.plan_rows(N, V, 4, False)
+    assert cap < N // 10  # the budget really splits the batch
+    chunk = max(pr.offsets[j1] - pr.offsets[j0] + pr.offsets[8 + j1] - pr.offsets[8 + j0]
+                for j0, j1 in AL.chunk_pairs(pr, cap))
+    grads = (N * H + V * H) * 4
+    assert peak - grads <= chunk * V * 4 + 8 * N * H * 4, (peak, grads, chunk * V * 4)
+    assert chunk * V * 4 <= max(0.05 * N * V * 4, 2 * 40 * V * 4)  # 5%, or one pair
+
+
+def test_masked_vocabulary_and_strided_hidden(backend):
+    """-inf bias entries (a masked vocabulary) and hidden states that are not contiguous."""
+    h, w, b, labels, rc, rr, extra = batch(B=2, T=8, H=10, V=40, bias=True, seed=31)
+    b[::3] = float("-inf")
+    labels[labels % 3 == 0] = 1  # labels only on unmasked entries
+    h_strided = torch.cat([h, h], -1)[..., ::2]
+    assert not h_strided.is_contiguous()
+    check_all((h_strided, w, b, labels, rc, rr, extra), kind="sigmoid", backend=backend,
+              chunk_rows=3)

@@ -215,3 +215,17 @@ def test_gradcheck_float64():
                                                backend="torch")
 
     assert torch.autograd.gradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_logps_do_not_depend_on_return_entropy(backend, temperature):
+    """Bitwise: a trainer asking for the entropy in the policy pass only must see the same log-probs
+    as the reference pass (an exact tie at step 0), so no variant may round differently."""
+    g = torch.Generator().manual_seed(0)
+    for V in (36, 3600):
+        x = torch.randn(40, V, generator=g) * 3
+        y = torch.randint(0, V, (40,), generator=g)
+        a = fastdpo.token_logps(x, y, temperature=temperature, backend=backend)
+        b, _ = fastdpo.token_logps(x, y, temperature=temperature, return_entropy=True,
+                                   backend=backend)
+        assert torch.equal(a, b)

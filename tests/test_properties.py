@@ -299,7 +299,7 @@ def sequence_cases(draw, backend):
                 V=draw(st.sampled_from(VOCABS)), cu=[0] + cuts + [T],
                 offset=draw(offsets(dtype)), temperature=draw(temperatures()),
                 ignore=draw(st.sampled_from(["none", "some", "all"])),
-                weights=draw(st.sampled_from([None, "positive", "with_zeros"])),
+                weights=draw(st.sampled_from([None, "positive", "with_zeros", "negative"])),
                 average=draw(st.booleans()), shift=draw(st.booleans()),
                 seed=draw(st.integers(0, 2 ** 20)))
 
@@ -311,7 +311,9 @@ def check_sequence_case(backend, c):
     labels = make_labels(g, B, T, V, c["ignore"], -100, False)
     w = None
     if c["weights"]:
-        w = torch.rand(B, T, generator=g) * 2
+        w = torch.rand(B, T, generator=g) * 2 + 0.01
+        if c["weights"] == "negative":  # average divides by a negative sum
+            w = -w
         if c["weights"] == "with_zeros":
             w[torch.rand(B, T, generator=g) < 0.3] = 0.0
             w[labels == -100] = float("nan")  # never read: the token is ignored

@@ -57,7 +57,8 @@ class LinearTokenLogps(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         ctx.unit = None
         if (need_h and not need_w and not (need_b and bias is not None) and not opts.with_entropy
-                and opts.shards is None and opts.vocab_start == 0):
+                and opts.shards is None and opts.vocab_start == 0
+                and not torch.compiler.is_compiling()):  # data-dependent row selection
             logp, row_max, log_sum, ctx.unit = frozen_head_forward(
                 opts.backend, h2, weight, bias, lab, opts.ignore_index, opts.temperature,
                 opts.logit_scale, opts.softcap)

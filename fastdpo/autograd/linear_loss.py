@@ -41,7 +41,7 @@ CHUNK_FRACTION = float(os.environ.get("FASTDPO_LINEAR_MEMORY_FRACTION", "0.05"))
 MIN_CHUNK_BYTES = 16 << 20
 MIN_CHUNK_ROWS = 128
 # Rows of every matmul and row-kernel call under batch invariance (a fixed shape, whatever N).
-INVARIANT_TILE_ROWS = 64
+INVARIANT_TILE_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,8 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     op gives the final statistics at once and ``logps_bwd`` (with ``grad_logp = 1``) the
     ``d logits``; one more matmul turns them into ``u``. Two matmuls in all, over the labelled
     rows only; the backward is ``grad_logp * u``. Returns ``(logp, row_max, log_sum, u)``, ``u``
-    ``(N, H)`` fp32 (0 on ignored rows).
+    ``(N, H)`` fp32 (0 on ignored rows). ``batch_invariant``: chunks of exactly
+    ``MIN_CHUNK_ROWS`` rows, the last one padded with ignored rows.
     """
     N, H = hidden.shape
     V = weight.shape[0]

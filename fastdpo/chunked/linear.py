@@ -49,6 +49,14 @@ MIN_BUDGET = 16 << 20
 # fp32 copies of one logits tile alive at once in the torch row kernel (tile, tanh buffer, the
 # kernel's own exp / product temporaries); the native and Triton tile kernels need fewer.
 TILE_COPIES = 5
+# Fewest token rows worth a tile of whole vocabulary rows (smaller matmuls lose speed).
+FULL_ROWS_MIN = 64
+
+
+def tile_bytes_of(row_backend: str, softcap) -> int:
+    """Bytes per logits-tile element: the C++ row kernels work in place (the tile, plus the tanh
+    kept for the chain rule under soft-capping); the torch one makes copies."""
+    return 4 * TILE_COPIES if row_backend == "torch" else 4 * (2 if softcap else 1)
 
 
 @dataclass(frozen=True)
@@ -59,17 +67,25 @@ class Plan:
 
 
 def plan(N: int, V: int, H: int, itemsize: int, *, tile_bytes: int = 4 * TILE_COPIES,
-         hidden_acc: bool = True, budget: int | None = None) -> Plan:
+         hidden_acc: bool = True, budget: int | None = None, weight_direct: bool = False) -> Plan:
     """Chunk sizes keeping the extra memory near ``budget`` bytes (see the module docstring).
 
     ``tile_bytes``: bytes of temporaries per logits-tile element; ``hidden_acc``: whether
     ``d_hidden`` needs a separate fp32 accumulator (it does not when the hidden states are fp32).
+    ``weight_direct``: the weight is used as is and its gradient (if any) accumulated in place,
+    so no weight chunk is copied: then whole vocabulary rows per tile when at least
+    ``FULL_ROWS_MIN`` rows fit, which makes one matmul and one row-kernel call per token chunk
+    (a few long parallel regions, no merging of tiles) instead of one per tile.
     """
     if budget is None:
         budget = max(MIN_BUDGET, int(BUDGET_FRACTION * N * V * itemsize))
     part = budget // 3
     H = max(H, 1)
     block_rows = max(1, min(N, part // (4 * H))) if hidden_acc else max(N, 1)
+    if weight_direct:
+        full = (budget - (part if hidden_acc else 0)) // (V * tile_bytes + 4 * H)
+        if full >= min(FULL_ROWS_MIN, max(N, 1)):
+            return Plan(block_rows, max(1, min(full, block_rows, max(N, 1))), V)
     cols = part // (8 * H)  # fp32 weight chunk + fp32 d_weight accumulator
     cols = V if cols >= V else max(64, cols // 64 * 64)
     cols = min(cols, V)
@@ -164,7 +180,9 @@ def forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temper
     dev = hidden.device
     acc = acc_dtype(hidden.dtype)
     opd = operand_dtype(hidden.dtype, dev)
-    p = plan_ or plan(N, V, H, hidden.element_size(), hidden_acc=False)
+    p = plan_ or plan(N, V, H, hidden.element_size(), hidden_acc=False,
+                      tile_bytes=tile_bytes_of(row_backend, 0.0),
+                      weight_direct=weight.dtype == opd)
     row_fwd = ops.get_op(row_backend, "logps_fwd")
     # running row statistics over the tiles seen so far (the contract's values for no column)
     logp = torch.zeros(N, dtype=acc, device=dev)
@@ -186,8 +204,13 @@ def forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temper
             logits_tile(hidden[n0:n1].to(opd), w, b, logit_scale, softcap, x[0])
             tile = row_fwd(x, lab2[:, n0:n1], ignore_index, float(temperature), vocab_start + v0,
                            vocab_total, with_entropy)
-            here = lab.local[n0:n1] & (col[n0:n1] >= v0) & (col[n0:n1] < v1)
             sl = slice(n0, n1)
+            if p.tile_cols == V:  # whole rows: the row kernel's statistics are final
+                logp[sl], m[sl], log_s[sl] = (t[0] for t in tile[:3])
+                if with_entropy:
+                    ent[sl] = tile[3][0]
+                continue
+            here = lab.local[n0:n1] & (col[n0:n1] >= v0) & (col[n0:n1] < v1)
             parts = [torch.stack([run[sl], new[0]]) for run, new in
                      zip((logp, m, log_s), tile[:3])]
             e2 = torch.stack([ent[sl], tile[3][0]]) if with_entropy else None
@@ -211,10 +234,11 @@ class RowKernelTiles:
     """Gradient tiles from a row kernel (``torch`` or ``native``): build the tile of logits,
     run ``<row_backend>_logps_bwd`` on it in place, apply the chain rule of the transform."""
 
-    tile_bytes = 4 * TILE_COPIES
+    whole_rows = True  # takes tiles of whole vocabulary rows (see plan)
 
-    def __init__(self, row_backend: str):
+    def __init__(self, row_backend: str, softcap=0.0):
         self.row_bwd = ops.get_op(row_backend, "logps_bwd")
+        self.tile_bytes = tile_bytes_of(row_backend, softcap)
         self.buf = self.tbuf = None
 
     def grad_tile(self, h, w, b, labels, grad_logp, grad_entropy, row_max, log_sum, ent,
@@ -275,8 +299,12 @@ def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, 
                                        vocab_start, vocab_total, need_hidden_grad,
                                        need_weight_grad, need_bias_grad, plan_=p)
         return (d_h2[:N] if need_hidden_grad else d_h2), d_w, d_b
+    opd = operand_dtype(hidden.dtype, hidden.device)
+    direct = (getattr(tiles, "whole_rows", False) and weight.dtype == opd
+              and not ((need_weight_grad and d_w.dtype != acc)
+                       or (need_bias_grad and d_b.dtype != acc)))
     p = plan_ or plan(N, V, H, hidden.element_size(), tile_bytes=tiles.tile_bytes,
-                      hidden_acc=hidden_acc)
+                      hidden_acc=hidden_acc, weight_direct=direct)
     tiles.reserve(p.tile_rows * p.tile_cols)
     row_data = (labels, grad_logp.to(acc),
                 None if grad_entropy is None else grad_entropy.to(acc), row_max, log_sum, entropy)
@@ -391,10 +419,10 @@ def make_impls(row_backend: str):
             rows_in = tuple(t if t is None or t.numel() == 0 else t.index_select(0, sel)
                             for t in rows_in)
         g, ge, h, lab, m, ls, ent = rows_in
-        d_h, d_w, d_b = backward_loop(RowKernelTiles(row_backend), g, ge, h, weight, bias, lab,
-                                      m, ls, ent, ignore_index, temperature, logit_scale, softcap,
-                                      vocab_start, vocab_total, need_hidden_grad,
-                                      need_weight_grad, need_bias_grad)
+        d_h, d_w, d_b = backward_loop(RowKernelTiles(row_backend, softcap), g, ge, h, weight,
+                                      bias, lab, m, ls, ent, ignore_index, temperature,
+                                      logit_scale, softcap, vocab_start, vocab_total,
+                                      need_hidden_grad, need_weight_grad, need_bias_grad)
         if sel is not None and need_hidden_grad:
             d_h = _scatter_rows(d_h, sel, labels.shape[0])
         return d_h, d_w, d_b

@@ -86,6 +86,17 @@ def logit_transform(model) -> tuple[float | None, float]:
     return (float(softcap) if softcap else None), scale
 
 
+def head_params(model):
+    """``(weight, bias, softcap, logit_scale)`` of ``model``'s LM head; FSDP2's sharded
+    (DTensor) weight and bias are gathered, differentiably."""
+    head = head_of(model)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if hasattr(weight, "full_tensor"):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    return (weight, bias, *logit_transform(model))
+
+
 def lm_head_inputs(model, **model_kwargs) -> LMHeadInputs:
     """Run the decoder of a causal LM (not its LM head) and return what the fused head needs.
 

@@ -70,7 +70,7 @@ from trl.trainer.utils import use_adapter  # noqa: E402
 from ..linear import linear_token_logps  # noqa: E402
 from ..losses import dpo_loss, preference_probs  # noqa: E402
 from ..losses.functional import LABEL_SMOOTHING_TYPES  # noqa: E402
-from .hf import head_of, lm_head_inputs, logit_transform  # noqa: E402
+from .hf import head_params, lm_head_inputs  # noqa: E402
 
 __all__ = ["FastDPOTrainer", "FastDPOConfig", "RewardColumnsCollator", "check_trl_version"]
 
@@ -225,12 +225,7 @@ class FastDPOTrainer(DPOTrainer):
         else:
             head = lm_head_inputs(unwrapped, **model_kwargs)
             hidden, outputs = head.hidden, head.outputs
-        lm_head = head_of(unwrapped)
-        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: gather (differentiably) once
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
-        softcap, logit_scale = logit_transform(unwrapped)
+        weight, bias, softcap, logit_scale = head_params(unwrapped)
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones.
         hidden = hidden[:, -labels.shape[1]:]
         shift_labels = labels[:, 1:]

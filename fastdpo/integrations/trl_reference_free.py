@@ -26,7 +26,7 @@ import torch
 
 from ..linear import linear_token_logps
 from ..losses import cpo_loss, orpo_loss
-from .hf import head_of, logit_transform
+from .hf import head_params
 from .trl import _logit_stats, check_trl_version
 
 check_trl_version()
@@ -65,14 +65,8 @@ class _FusedConcatenatedForward:
         keep = torch.zeros(0, dtype=torch.long, device=ids.device)
         outputs = model(ids, attention_mask=att, use_cache=False, output_hidden_states=True,
                         logits_to_keep=keep, **kw)
-        hidden = outputs.hidden_states[-1]
-        unwrapped = self.accelerator.unwrap_model(model)
-        lm_head = head_of(unwrapped)
-        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: gather (differentiably) once
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
-        softcap, logit_scale = logit_transform(unwrapped)
+        hidden = outputs.hidden_states[-1][:, -ids.shape[1]:]  # past PEFT's virtual tokens
+        weight, bias, softcap, logit_scale = head_params(self.accelerator.unwrap_model(model))
         nll_labels = self._fd_nll_labels(ids[:n], att[:n], labels[:n])
         # one pass scores both: the NLL's labels agree with the pair labels where those are set
         pass_labels = labels if nll_labels is None else torch.cat([nll_labels, labels[n:]])

@@ -1,8 +1,8 @@
-"""The autograd Function of the DPO-family losses: closed-form backward, no graph in the formula.
+"""The autograd Function of the losses: closed-form backward, no graph through the formulas.
 
-Forward evaluates the per-pair losses together with their derivatives (``functional.combined``) in
-fp32 (fp64 when an input is fp64) and keeps the ``O(B)`` derivative tensors; backward scales them by
-the upstream gradient. Inputs that need no gradient get ``None``.
+Forward evaluates the per-example losses together with their derivatives in fp32 (fp64 when an
+input is fp64) and keeps the ``O(B)`` derivative tensors; backward scales them by the upstream
+gradient. Inputs that need no gradient get ``None``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from .functional import LossConfig, PairInputs, combined
 
-# Positional order of the differentiable inputs, and their names in the VJP dicts.
+# Positional order of the differentiable DPO-family inputs, and their names in the VJP dicts.
 _NAMES = ("pc", "pr", "rc", "rr", "s", "m")
 
 
@@ -20,52 +20,12 @@ def compute_dtype(*tensors) -> torch.dtype:
             else torch.float32)
 
 
-def _reduce(per_pair: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(per: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
-        return per_pair.mean()
+        return per.mean()
     if reduction == "sum":
-        return per_pair.sum()
-    return per_pair.contiguous()  # sft's per-pair loss is an expanded scalar
-
-
-class PreferenceLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pc, pr, rc, rr, s, m, nc, nr, bco_delta, cfg: LossConfig):
-        dt = compute_dtype(pc, pr, rc, rr, s, m)
-
-        def cast(t):
-            return None if t is None else t.detach().to(dt)
-
-        x_in = PairInputs(pc=cast(pc), pr=cast(pr), rc=cast(rc), rr=cast(rr), s=cast(s), m=cast(m),
-                          nc=cast(nc), nr=cast(nr),
-                          bco_delta=cast(bco_delta) if torch.is_tensor(bco_delta) else bco_delta)
-        per_pair, vjp = combined(x_in, cfg)
-        ctx.vjp = vjp
-        ctx.batch = pc.shape[0]
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (pc, pr, rc, rr, s, m))
-        ctx.reduction = cfg.reduction
-        return _reduce(per_pair, cfg.reduction)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        if ctx.reduction == "none":
-            g = grad
-        else:
-            g = grad.expand(ctx.batch)
-            if ctx.reduction == "mean":
-                g = g / ctx.batch
-        grads = ctx.vjp(g)  # kept: a retain_graph=True graph may run backward again
-        out = []
-        for i, name in enumerate(_NAMES):
-            v = grads.get(name)
-            if not ctx.needs_input_grad[i]:
-                out.append(None)
-            elif v is None:
-                out.append(torch.zeros(ctx.batch, dtype=ctx.dtypes[i], device=grad.device))
-            else:
-                out.append(v.to(ctx.dtypes[i]))
-        return (*out, None, None, None, None)
+        return per.sum()
+    return per.contiguous()  # an NLL / sft per-pair loss is an expanded scalar
 
 
 class ClosedFormLoss(torch.autograd.Function):
@@ -100,3 +60,19 @@ class ClosedFormLoss(torch.autograd.Function):
             else:
                 out.append(v.to(ctx.dtypes[i]).expand(ctx.shapes[i]))
         return (None, None, *out)
+
+
+def preference_loss(pc, pr, rc, rr, s, m, nc, nr, bco_delta, cfg: LossConfig) -> torch.Tensor:
+    """The DPO-family loss (``functional.combined``) of the pair inputs, reduced as configured;
+    ``nc``/``nr`` (lengths) and ``bco_delta`` are not differentiated."""
+    def formula(pc, pr, rc, rr, s, m):
+        dt = pc.dtype
+
+        def cast(t):
+            return t.detach().to(dt) if torch.is_tensor(t) else t
+
+        per, vjp = combined(PairInputs(pc=pc, pr=pr, rc=rc, rr=rr, s=s, m=m, nc=cast(nc),
+                                       nr=cast(nr), bco_delta=cast(bco_delta)), cfg)
+        return per, lambda g: tuple(map(vjp(g).get, _NAMES))
+
+    return ClosedFormLoss.apply(formula, cfg.reduction, pc, pr, rc, rr, s, m)

@@ -10,7 +10,7 @@ import torch
 
 from .. import _validate
 from . import args
-from .autograd import PreferenceLoss, compute_dtype
+from .autograd import compute_dtype, preference_loss
 from .functional import (F_DIVERGENCE_TYPES, F_DIVERGENCES, LABEL_SMOOTHING_TYPES,
                          LOSS_TYPES, NORM_TYPES, LossConfig)
 
@@ -39,26 +39,21 @@ def _validate_tensors(pc, pr, rc, rr, types, target_probs, reward_margins, chose
                       rejected_lengths, bco_delta, validate):
     args.check_logps(("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
                       "ref_rejected_logps"), (pc, pr, rc, rr))
-    if "soft" in types:
-        if target_probs is None:
-            raise ValueError("loss_type='soft' needs target_probs (the preference probability "
-                             "of chosen over rejected per pair, e.g. from "
-                             "fastdpo.preference_probs)")
-        args.check_pair_tensor("target_probs", target_probs, pc)
-        args.require_values(validate, pc, lambda: ((target_probs >= 0) & (target_probs <= 1)).all(),
-                            "target_probs must lie in [0, 1] (and not be NaN)")
-    elif target_probs is not None:
-        raise ValueError("target_probs is only used by loss_type='soft'")
-    if "distill" in types:
-        if reward_margins is None:
-            raise ValueError("loss_type='distill' needs reward_margins (the reward model's "
-                             "r(chosen) - r(rejected) per pair, e.g. from "
-                             "fastdpo.preference_probs)")
-        args.check_pair_tensor("reward_margins", reward_margins, pc)
-        args.require_values(validate, pc, lambda: torch.isfinite(reward_margins).all(),
-                            "reward_margins must be finite")
-    elif reward_margins is not None:
-        raise ValueError("reward_margins is only used by loss_type='distill'")
+    targets = (  # the per-pair targets of 'soft' and 'distill' and their value checks
+        ("soft", "target_probs", target_probs, "the preference probability of chosen over "
+         "rejected", lambda t: ((t >= 0) & (t <= 1)).all(), "lie in [0, 1] (and not be NaN)"),
+        ("distill", "reward_margins", reward_margins, "the reward model's r(chosen) - "
+         "r(rejected)", lambda t: torch.isfinite(t).all(), "be finite"))
+    for kind, name, t, what, ok, rule in targets:
+        if kind not in types:
+            if t is not None:
+                raise ValueError(f"{name} is only used by loss_type={kind!r}")
+            continue
+        if t is None:
+            raise ValueError(f"loss_type={kind!r} needs {name} ({what} per pair, e.g. from "
+                             f"fastdpo.preference_probs)")
+        args.check_pair_tensor(name, t, pc)
+        args.require_values(validate, pc, lambda: ok(t), f"{name} must {rule}")
     args.check_lengths(chosen_lengths, rejected_lengths, pc)
     if "sft" in types and chosen_lengths is None:
         raise ValueError("loss_type='sft' needs chosen_lengths (completion token counts): it is "
@@ -155,8 +150,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     _validate_tensors(pc, pr, rc, rr, cfg.loss_types, target_probs, reward_margins,
                       chosen_lengths, rejected_lengths, bco_delta, validate)
     delta = 0.0 if bco_delta is None else args.check_delta("bco_delta", bco_delta)
-    loss = PreferenceLoss.apply(pc, pr, rc, rr, target_probs, reward_margins, chosen_lengths,
-                                rejected_lengths, delta, cfg)
+    loss = preference_loss(pc, pr, rc, rr, target_probs, reward_margins, chosen_lengths,
+                           rejected_lengths, delta, cfg)
     return loss, preference_metrics(pc, pr, rc, rr, cfg.beta, reduce=reduction != "none")
 
 

@@ -10,7 +10,7 @@ from .autograd import ClosedFormLoss, compute_dtype
 from .formulas import KTO_LOSS_TYPES, kto_kl, kto_terms
 
 
-def _check_kl(loss_type, policy_kl_logps, ref_kl_logps, kl, like):
+def _check_kl(loss_type, policy_kl_logps, ref_kl_logps, kl, like, dt):
     given = [n for n, v in (("policy_kl_logps", policy_kl_logps), ("ref_kl_logps", ref_kl_logps),
                             ("kl", kl)) if v is not None]
     if loss_type == "apo_zero_unpaired":
@@ -28,7 +28,7 @@ def _check_kl(loss_type, policy_kl_logps, ref_kl_logps, kl, like):
                          "each prompt with the next example's completion), or kl")
     args.check_logps(("policy_kl_logps", "ref_kl_logps"), (policy_kl_logps, ref_kl_logps))
     _validate.check_same_device(policy_logps=like, policy_kl_logps=policy_kl_logps)
-    return kto_kl(policy_kl_logps, ref_kl_logps)
+    return kto_kl(policy_kl_logps.to(dt), ref_kl_logps.to(dt))
 
 
 def kto_loss(policy_logps, ref_logps, desirable, *, policy_kl_logps=None, ref_kl_logps=None,
@@ -79,8 +79,8 @@ def kto_loss(policy_logps, ref_logps, desirable, *, policy_kl_logps=None, ref_kl
         raise ValueError(f"desirable must have shape {tuple(policy_logps.shape)} (one flag per "
                          f"example), got {tuple(desirable.shape)}")
     _validate.check_same_device(policy_logps=policy_logps, desirable=desirable)
-    kl_value = _check_kl(kind, policy_kl_logps, ref_kl_logps, kl, policy_logps)
     dt = compute_dtype(policy_logps, ref_logps)
+    kl_value = _check_kl(kind, policy_kl_logps, ref_kl_logps, kl, policy_logps, dt)
     kl_t = torch.zeros((), dtype=dt, device=policy_logps.device) if kl_value is None else (
         torch.as_tensor(kl_value).to(device=policy_logps.device, dtype=dt))
 

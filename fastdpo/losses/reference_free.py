@@ -74,6 +74,31 @@ def _pair_metrics(rc, rr, ac, ar, reduce: bool):
     return {k: v.mean() for k, v in out.items()} if reduce else out
 
 
+def _pair_loss(pc, pr, norm_c, norm_r, nll: _Nll, terms, reduction):
+    """The closed-form pair loss ``terms(a_c, a_r)`` (a :class:`PairTerms`-like result) of the
+    log-probs, per token where lengths are given, plus the NLL term; also the detached log-probs
+    the loss saw and the NLL's value, for the metrics."""
+    own = nll.logps is pc  # the NLL of the chosen log-probs themselves: pass them once
+
+    def formula(pc, pr, nl):
+        (ac, sc), (ar, sr) = _per_token(pc, norm_c), _per_token(pr, norm_r)
+        t = terms(ac, ar)
+        per, nll_vjp, _ = nll.add(t.loss, pc if own else nl)
+
+        def vjp(g):
+            gc, gn = g * t.d_chosen * sc, nll_vjp(g)
+            return (gc + gn, g * t.d_rejected * sr, None) if own else (gc, g * t.d_rejected * sr,
+                                                                        gn)
+        return per, vjp
+
+    loss = ClosedFormLoss.apply(formula, reduction, pc, pr, None if own else nll.logps)
+    with torch.no_grad():
+        dt = compute_dtype(pc, pr)
+        ac, ar = (_per_token(t.detach().to(dt), n)[0] for t, n in ((pc, norm_c), (pr, norm_r)))
+        nl = None if nll.logps is None else nll.logps.detach().to(dt)
+        return loss, ac, ar, nll.add(ac.new_zeros(()), nl)[2]
+
+
 def cpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta=0.1, loss_type="sigmoid",
              simpo_gamma=0.5, alpha=0.0, label_smoothing=0.0, cpo_alpha=1.0, chosen_lengths=None,
              rejected_lengths=None, nll_logps=None, nll_lengths=None, reduction="mean",
@@ -132,20 +157,10 @@ def cpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta=0.1, loss_type=
     nll = _Nll(cpo_alpha, "cpo_alpha", pc, chosen_lengths, nll_logps, nll_lengths,
                sums=not averaged or norm_c is not None)
 
-    def formula(pc, pr, nl):
-        (ac, sc), (ar, sr) = _per_token(pc, norm_c), _per_token(pr, norm_r)
-        t = cpo_terms(ac, ar, cfg)
-        per, nll_vjp, _ = nll.add(t.loss, nl)
-        return per, lambda g: (g * t.d_chosen * sc, g * t.d_rejected * sr, nll_vjp(g))
-
-    loss = ClosedFormLoss.apply(formula, reduction, pc, pr, nll.logps)
-    with torch.no_grad():
-        dt = compute_dtype(pc, pr)
-        ac, ar = (_per_token(t.detach().to(dt), n)[0] for t, n in ((pc, norm_c), (pr, norm_r)))
-        rc, rr = cpo_rewards(ac, ar, cfg)
-        metrics = _pair_metrics(rc, rr, ac, ar, reduction != "none")
-        nl = None if nll.logps is None else nll.logps.detach().to(dt)
-        metrics["nll_loss"] = nll.add(ac.new_zeros(()), nl)[2]
+    loss, ac, ar, nll_value = _pair_loss(pc, pr, norm_c, norm_r, nll,
+                                         lambda a, b: cpo_terms(a, b, cfg), reduction)
+    metrics = _pair_metrics(*cpo_rewards(ac, ar, cfg), ac, ar, reduction != "none")
+    metrics["nll_loss"] = nll_value
     return loss, metrics
 
 
@@ -185,23 +200,13 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta=0.1, chosen_le
     args.require_values(validate, pc, lambda: ((pc <= 0) & (pr <= 0)).all(),
                         "policy_chosen_logps and policy_rejected_logps must be log-probabilities "
                         "(<= 0, not NaN)")
-
-    def formula(pc, pr, nl):
-        (ac, sc), (ar, sr) = _per_token(pc, chosen_lengths), _per_token(pr, rejected_lengths)
-        t = orpo_terms(ac, ar, beta)
-        per, nll_vjp, _ = nll.add(t.loss, nl)
-        return per, lambda g: (g * t.d_chosen * sc, g * t.d_rejected * sr, nll_vjp(g))
-
-    loss = ClosedFormLoss.apply(formula, reduction, pc, pr, nll.logps)
+    loss, ac, ar, nll_value = _pair_loss(pc, pr, chosen_lengths, rejected_lengths, nll,
+                                         lambda a, b: orpo_terms(a, b, beta), reduction)
     with torch.no_grad():
-        dt = compute_dtype(pc, pr)
-        ac, ar = (_per_token(t.detach().to(dt), n)[0]
-                  for t, n in ((pc, chosen_lengths), (pr, rejected_lengths)))
         t = orpo_terms(ac, ar, beta)
         reduce = reduction != "none"
         metrics = _pair_metrics(beta * ac, beta * ar, ac, ar, reduce)
-        nl = None if nll.logps is None else nll.logps.detach().to(dt)
-        metrics["nll_loss"] = nll.add(ac.new_zeros(()), nl)[2]
+        metrics["nll_loss"] = nll_value
         metrics["log_odds_ratio"] = t.ratio.mean() if reduce else t.ratio
         metrics["log_odds_chosen"] = t.log_odds.mean() if reduce else t.log_odds
     return loss, metrics

@@ -1,8 +1,10 @@
-"""Running a kernel launch on its tensors' device."""
+"""Running a kernel launch on its tensors' device, or specialising it for ahead-of-time
+compilation exactly as the JIT would."""
 
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
@@ -29,3 +31,58 @@ def run(kernel, grid, args, meta, **options) -> None:
     first = next(a for a in args if isinstance(a, torch.Tensor))
     with device_of(first), _interpreter.quiet():
         kernel[grid](*args, **meta, enable_fp_fusion=True, **options)
+
+
+class Spec(NamedTuple):
+    """What :func:`triton.compile` needs to build one kernel variant ahead of time."""
+
+    name: str
+    kernel: object  # the triton JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+
+
+def meta_tensor(shape, dtype, aligned: bool = True) -> torch.Tensor:
+    """A storage-less stand-in for a launch argument; ``aligned=False`` starts it one element
+    into its storage (a row start that is not 16-byte aligned)."""
+    if aligned:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    n = 1
+    for d in shape:
+        n *= d
+    return torch.empty(n + 1, dtype=dtype, device="meta")[1:].view(shape)
+
+
+def specialize(name, kernel, args, meta) -> Spec:
+    """The spec of ``kernel[grid](*args, **meta)`` as the JIT would compile it: each argument's
+    type, 16-divisibility and the integers equal to 1 that become constants."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    if type(kernel).__name__ == "InterpretedFunction" or not hasattr(kernel, "arg_names"):
+        raise RuntimeError("ahead-of-time compilation needs a process without TRITON_INTERPRET=1 "
+                           "(the kernels were built for the interpreter)")
+    meta = dict(meta)
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+    options["enable_fp_fusion"] = True
+    names = list(kernel.arg_names)
+    missing = [n for n in names[len(args):] if n not in meta]
+    if missing or len(args) > len(names):
+        raise ValueError(f"{name}: arguments do not match {names} (missing {missing})")
+    values = dict(zip(names, args))
+    sig, const, attrs = {}, {}, {}
+    for i, arg in enumerate(names):
+        if arg in meta:
+            sig[arg], const[arg] = "constexpr", meta[arg]
+            continue
+        ty, spec = native_specialize_impl(BaseBackend, values[arg], False, True, True)
+        if ty == "constexpr":
+            sig[arg], const[arg] = "constexpr", spec
+        else:
+            sig[arg] = ty
+            parsed = BaseBackend.parse_attr(spec) if isinstance(spec, str) else []
+            if parsed:
+                attrs[(i,)] = parsed
+    return Spec(name, kernel, sig, const, attrs, options)

@@ -1,7 +1,8 @@
 """Triton kernels of the fused LM head (``linear_logps_fwd`` / ``linear_logps_bwd``).
 
 Forward: one program owns ``BLOCK_N`` tokens and a contiguous range of ``BLOCK_V``-wide vocabulary
-tiles (the vocabulary is split over a second grid axis so that short batches still fill the GPU).
+tiles (the vocabulary is split over a second grid axis so that short batches still fill the GPU;
+the splits have a fixed width, so a token's result does not depend on the batch it is in).
 Each tile of logits is a ``tl.dot`` over the hidden dimension in ``BLOCK_K`` steps with fp32
 accumulation, goes through bias / scale / soft-cap in registers, and is folded into per-token
 online statistics (:func:`._tiles.fold`: max of the raw logits, base-2 sums relative to it, the
@@ -182,20 +183,20 @@ def _config(dtype, device, interpreted=None):
     if interpreted or device.type == "cpu":  # (meta tensors: ahead-of-time specs for GPUs)
         return 16, 32, 16, 4, 1  # small tiles keep the interpreter fast
     if dtype == torch.float32:
-        # full-precision products run on FMAs; BLOCK_K 32 spills with the entropy terms (sm_90)
-        return 64, 128, 16, 8, 3
+        # full-precision products run on FMAs; BLOCK_K 32 or a third stage spill some variants
+        # (entropy, soft-cap) on sm_90 with one ptxas or another
+        return 64, 128, 16, 8, 2
     return 128, 128, 64, 8, 3
 
 
-def _splits(n_row_tiles: int, n_vtiles: int, device, sms: int | None = None):
-    """``(splits, tiles per split)`` of the vocabulary: about two programs per SM."""
-    if sms is None:
-        if device.type == "cuda" and not backends.triton_interpreted():
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-        else:
-            sms = 1  # two splits: exercises the merge in tests
-    want = max(1, min(n_vtiles, triton.cdiv(2 * sms, max(n_row_tiles, 1))))
-    per = triton.cdiv(n_vtiles, want)
+def _splits(n_vtiles: int, interpreted=None):
+    """``(splits, tiles per split)`` of the vocabulary. A fixed width (eight 128-wide tiles on
+    GPUs: 126 splits of a 128k vocabulary, enough programs for one row tile) that depends on
+    neither the batch nor the device, so a row's result is bitwise the same in any batch. Under
+    the interpreter two 32-wide tiles, so the tests' small vocabularies exercise the merge."""
+    if interpreted is None:
+        interpreted = backends.triton_interpreted()
+    per = 2 if interpreted else 8
     return triton.cdiv(n_vtiles, per), per
 
 
@@ -262,8 +263,8 @@ def linear_logps_fwd(hidden, weight, bias, labels, ignore_index, temperature, lo
     V = weight.shape[0]
     dev = hidden.device
     acc = ops.acc_dtype(hidden.dtype)
-    BN, BV = _config(hidden.dtype, dev)[:2]
-    S, per = _splits(triton.cdiv(N, BN), triton.cdiv(V, BV), dev)
+    BV = _config(hidden.dtype, dev)[1]
+    S, per = _splits(triton.cdiv(V, BV))
     stats = torch.empty((4, S, N), dtype=torch.float32, device=dev)
     if N > 0:
         _launch.run(*fwd_launch(hidden, weight, bias, labels, stats, ignore_index, temperature,
@@ -306,6 +307,58 @@ def linear_logps_bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, row_
         TritonTiles(hidden.dtype, hidden.device), grad_logp, grad_entropy, hidden, weight, bias,
         labels, row_max, log_sum, entropy, ignore_index, temperature, logit_scale, softcap,
         vocab_start, vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad)
+
+
+# --------------------------------------------------------------- ahead-of-time specifications
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+          torch.int32: "i32", torch.int64: "i64"}
+_META = torch.device("meta")
+
+
+def _tag(dtype, label_dtype, bias, softcap, entropy, extra=""):
+    flags = "".join(f",{n}" for n, on in (("bias", bias), ("softcap", softcap),
+                                          ("entropy", entropy)) if on)
+    return f"{_SHORT[dtype]}{extra},{_SHORT[label_dtype]}{flags}"
+
+
+def fwd_spec(N, H, V, dtype, weight_dtype=None, bias=True, softcap=False, with_entropy=False,
+             label_dtype=torch.int64) -> _launch.Spec:
+    """The forward kernel as launched on a GPU."""
+    mk = _launch.meta_tensor
+    weight_dtype = weight_dtype or dtype
+    BN, BV = _config(dtype, _META, interpreted=False)[:2]
+    S, per = _splits(triton.cdiv(V, BV), interpreted=False)
+    k, _, args, meta = fwd_launch(
+        mk((N, H), dtype), mk((V, H), weight_dtype), mk((V,), dtype) if bias else None,
+        mk((N,), label_dtype), mk((4, S, N), torch.float32), -100, 1.0, 1.0,
+        3.0 if softcap else 0.0, 0, with_entropy, per=per, interpreted=False)
+    extra = "" if weight_dtype == dtype else f",w={_SHORT[weight_dtype]}"
+    tag = _tag(dtype, label_dtype, bias, softcap, with_entropy, extra)
+    return _launch.specialize(f"linear_fwd[{tag}](N={N},H={H},V={V})", k, args, meta)
+
+
+def grad_specs(N, H, V, dtype, bias=True, softcap=False, with_entropy=False,
+               label_dtype=torch.int64) -> list:
+    """The gradient-tile kernel at every chunk shape the backward loop uses for ``(N, H, V)``
+    (full chunks and the remainders, whose sizes change the specialisation)."""
+    mk = _launch.meta_tensor
+    size = torch.empty((), dtype=dtype).element_size()
+    p = chunked.plan(N, V, H, size, tile_bytes=size, hidden_acc=dtype != torch.float32)
+    sizes_n = sorted({min(p.tile_rows, N), N % p.tile_rows or min(p.tile_rows, N)})
+    sizes_v = sorted({min(p.tile_cols, V), V % p.tile_cols or min(p.tile_cols, V)})
+    out = []
+    for n in sizes_n:
+        for v in sizes_v:
+            row = mk((n,), torch.float32)
+            ge = row if with_entropy else None
+            k, _, args, meta = grad_launch(
+                mk((n, H), dtype), mk((v, H), dtype), mk((v,), dtype) if bias else None,
+                mk((n,), label_dtype), row, row, ge, row, ge, mk((n, v), dtype), -100, 1.0, 1.0,
+                3.0 if softcap else 0.0, 0, V, interpreted=False)
+            tag = _tag(dtype, label_dtype, bias, softcap, with_entropy)
+            out.append(_launch.specialize(f"linear_grad_tile[{tag}](n={n},H={H},v={v})", k,
+                                          args, meta))
+    return out
 
 
 ops.register_impl("triton", "linear_logps_fwd", linear_logps_fwd)

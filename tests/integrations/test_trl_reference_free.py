@@ -5,7 +5,9 @@ import os
 import pytest
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-from test_trl import assert_logs_close, dataset, one_thread, tiny_llama, tokenizer  # noqa: E402,F401
+# the tiny tokenizer / Llama / dataset of the DPO trainer tests (fixtures are used by name)
+from test_trl import (assert_logs_close, dataset, one_thread, tiny_llama,  # noqa: E402,F401
+                      tokenizer)
 
 from fastdpo.integrations.trl_reference_free import (CPOConfig, CPOTrainer,  # noqa: E402
                                                      FastCPOTrainer, FastORPOTrainer,
@@ -52,9 +54,10 @@ def test_no_full_logits_in_the_forward(tokenizer):
     V = tr.model.config.vocab_size
     B2, T = 2 * batch["chosen_input_ids"].shape[0], max(batch["chosen_input_ids"].shape[1],
                                                           batch["rejected_input_ids"].shape[1])
-    info = saved_for_backward(lambda b: tr.compute_loss(tr.model, b), (batch,),
-                              exclude=list(tr.model.parameters()))
-    theirs = saved_for_backward(lambda b: CPOTrainer.compute_loss(tr, tr.model, b), (batch,),
-                                exclude=list(tr.model.parameters()))
+    params = list(tr.model.parameters())
+    info = saved_for_backward(lambda b: tr.concatenated_forward(tr.model, b), (batch,),
+                              exclude=params)
+    theirs = saved_for_backward(lambda b: CPOTrainer.concatenated_forward(tr, tr.model, b),
+                                (batch,), exclude=params)
     assert info["saved_bytes_extra"] <= theirs["saved_bytes_extra"] - B2 * T * V * 4 // 2, \
         (info, theirs)

@@ -54,6 +54,19 @@ def stand_in(cls, **attrs):
     return ns
 
 
+def run_trl(tr, batch, logits):
+    """TRL's ``get_batch_loss_metrics`` with a stand-in model returning ``logits``: the loss, the
+    metrics and d loss / d logits."""
+    x = logits.clone().requires_grad_(True)
+    loss, metrics = tr.get_batch_loss_metrics(lambda *a, **k: SimpleNamespace(logits=x), batch)
+    loss.backward()
+    return loss.detach(), metrics, x.grad
+
+
+def pair_labels(batch):
+    return torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+
+
 def seq_logps(logits, labels):
     """Summed log-probs of the shifted non-ignored labels, and their count (fp64, plain torch)."""
     lab = labels[:, 1:]
@@ -69,22 +82,17 @@ def seq_logps(logits, labels):
 def test_cpo_matches_trl_trainer_from_logits(loss_type, alpha, ls, cpo_alpha):
     batch, logits = paired_batch()
     beta, gamma = 0.7, 0.6
-    theirs_logits = logits.clone().requires_grad_(True)
     tr = stand_in(CPOTrainer, beta=beta, label_smoothing=ls, loss_type=loss_type,
                   cpo_alpha=cpo_alpha, simpo_gamma=gamma, alpha=alpha)
-    model = lambda *a, **k: SimpleNamespace(logits=theirs_logits)  # noqa: E731
-    loss_t, metrics_t = tr.get_batch_loss_metrics(model, batch)
-    loss_t.backward()
-
+    loss_t, metrics_t, grad_t = run_trl(tr, batch, logits)
     ours_logits = logits.clone().requires_grad_(True)
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    s, n = seq_logps(ours_logits, labels)
+    s, n = seq_logps(ours_logits, pair_labels(batch))
     loss, metrics = L.cpo_loss(s[:B], s[B:], beta=beta, loss_type=loss_type, simpo_gamma=gamma,
                                alpha=alpha, label_smoothing=ls, cpo_alpha=cpo_alpha,
                                chosen_lengths=n[:B], rejected_lengths=n[B:])
     loss.backward()
-    torch.testing.assert_close(loss, loss_t.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ours_logits.grad, theirs_logits.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss, loss_t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_logits.grad, grad_t, rtol=1e-10, atol=1e-12)
     for k, v in metrics.items():
         rel = 1e-7 if k == "rewards/accuracies" else 1e-10  # TRL's is .float()
         assert metrics_t[k] == pytest.approx(v.item(), rel=rel, abs=1e-12), k
@@ -122,22 +130,16 @@ def orpo_nll_inputs(batch, logits):
 def test_orpo_matches_trl_trainer_from_logits():
     batch, logits = paired_batch(seed=1)
     beta = 0.4
-    theirs_logits = logits.clone().requires_grad_(True)
-    tr = stand_in(ORPOTrainer, beta=beta)
-    model = lambda *a, **k: SimpleNamespace(logits=theirs_logits)  # noqa: E731
-    loss_t, metrics_t = tr.get_batch_loss_metrics(model, batch)
-    loss_t.backward()
-
+    loss_t, metrics_t, grad_t = run_trl(stand_in(ORPOTrainer, beta=beta), batch, logits)
     ours_logits = logits.clone().requires_grad_(True)
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    s, n = seq_logps(ours_logits, labels)
+    s, n = seq_logps(ours_logits, pair_labels(batch))
     nll_s, nll_n = orpo_nll_inputs(batch, ours_logits)
     loss, metrics = L.orpo_loss(s[:B], s[B:], beta=beta, chosen_lengths=n[:B],
                                 rejected_lengths=n[B:], nll_logps=nll_s, nll_lengths=nll_n)
     loss.backward()
     # TRL's odds_ratio_loss casts to fp32 (``.float()``): agreement to fp32 precision
-    torch.testing.assert_close(loss, loss_t.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(ours_logits.grad, theirs_logits.grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(loss, loss_t, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours_logits.grad, grad_t, rtol=1e-5, atol=1e-8)
     for k, v in metrics.items():
         assert metrics_t[k] == pytest.approx(v.item(), rel=1e-6, abs=1e-7), k
 
@@ -246,17 +248,14 @@ def test_loss_modules_match_trl_trainers_from_logits(which):
     """CPOLoss / ORPOLoss straight from the logits (fastdpo's log-prob kernels) against TRL."""
     batch, logits = paired_batch(seed=2)
     logits = logits.float().double()  # values exact in fp32 too
-    theirs = logits.clone().requires_grad_(True)
-    model = lambda *a, **k: SimpleNamespace(logits=theirs)  # noqa: E731
     if which == "orpo":
         tr = stand_in(ORPOTrainer, beta=0.3)
     else:
         tr = stand_in(CPOTrainer, beta=0.3, label_smoothing=0.0, loss_type="simpo",
                       cpo_alpha=0.5, simpo_gamma=0.5, alpha=0.0)
-    loss_t, _ = tr.get_batch_loss_metrics(model, batch)
-    loss_t.backward()
+    loss_t, _, grad_t = run_trl(tr, batch, logits)
     ours = logits.clone().requires_grad_(True)
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    labels = pair_labels(batch)
     if which == "orpo":
         ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
@@ -268,5 +267,5 @@ def test_loss_modules_match_trl_trainers_from_logits(which):
             ours, labels)
         tol = dict(rtol=1e-10, atol=1e-12)
     loss.backward()
-    torch.testing.assert_close(loss, loss_t.detach(), **tol)
-    torch.testing.assert_close(ours.grad, theirs.grad, **tol)
+    torch.testing.assert_close(loss, loss_t, **tol)
+    torch.testing.assert_close(ours.grad, grad_t, **tol)

@@ -8,7 +8,6 @@ kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py) on CPU tensors.
 
 import math
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -456,6 +455,22 @@ def test_launch_config_shapes(K, device):
         K.logps_fwd(torch.zeros(1, 1, 8, device=device),
                     torch.zeros(1, 1, dtype=torch.long, device=device), -100, 1.0, 0, 8, False,
                     block_v=48)
+
+
+def test_launch_runs_on_the_tensors_device(K, monkeypatch):
+    """Launches are guarded by the tensor's device (Triton launches on the current one), and a
+    CPU tensor without the interpreter is refused naming the argument."""
+    from types import SimpleNamespace
+
+    from fastdpo.triton import _launch
+
+    guard = _launch.device_of(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(_launch.device_of(torch.zeros(1)), torch.cuda.device)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="logits"):
+        K.logps_fwd(torch.zeros(1, 1, 8), torch.zeros(1, 1, dtype=torch.long), -100, 1.0, 0, 8,
+                    False)
 
 
 AOT_SCRIPT = textwrap.dedent("""

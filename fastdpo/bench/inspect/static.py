@@ -11,7 +11,8 @@ sizes) the JIT would use on a GPU:
 * the peers' kernels from a launch recorded under the interpreter (:mod:`.traffic`), re-typed
   exactly as the JIT types arguments.
 
-CUDA C++ kernels under ``csrc/cuda`` are built with ``nvcc -cubin``. For each kernel and
+CUDA C++ kernels under ``csrc/cuda`` are built with ``nvcc -cubin`` and the shipped build's flags
+(:mod:`fastdpo.native.build_flags`, one architecture at a time). For each kernel and
 architecture: registers, spill bytes (``ptxas -v``), static + dynamic shared memory, local-memory
 instructions in the SASS, and the widest/narrowest global load and store inside loops.
 
@@ -290,32 +291,16 @@ def variants_table(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    """Child mode (a JSON job list on stdin), or ``--variants``: compile every fastdpo Triton
-    variant at the GPU bench's shapes for ``--arch`` and print the table; exit 1 on any error."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--variants":
-        import argparse
+GPU_BENCH_SHAPES = ((1, 4096, 4096, 128256), (1, 16384, 4096, 256000))  # (B, T, H, V)
 
-        ap = argparse.ArgumentParser(prog="python -m fastdpo.bench.inspect.static --variants")
-        ap.add_argument("--variants", action="store_true")
-        ap.add_argument("--arch", default="90")
-        ap.add_argument("--shapes", default="1,4096,4096,128256;1,16384,4096,256000",
-                        help="B,T,H,V;... (default: the GPU bench's smallest and largest)")
-        ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
-        a = ap.parse_args(argv)
-        shapes = [tuple(int(x) for x in s.split(",")) for s in a.shapes.split(";")]
-        t0 = time.perf_counter()
-        rows = compile_all(fastdpo_aot_jobs(shapes), tuple(int(x) for x in a.arch.split(",")))
-        print(variants_table(rows))
-        bad = [r for r in rows if "error" in r]
-        spills = [r for r in rows if (r.get("spill_store_bytes") or 0) + (r.get("spill_load_bytes")
-                                                                          or 0)]
-        print(f"\n{len(rows)} variants compiled in {time.perf_counter() - t0:.0f} s: "
-              f"{len(bad)} errors, {len(spills)} with spills")
-        if a.json:
-            a.json.write_text(json.dumps(rows, indent=1, default=str))
-        return 1 if bad or not rows else 0
+
+def variants(shapes=GPU_BENCH_SHAPES, archs=(90,)) -> list[dict]:
+    """Every fastdpo Triton variant at ``shapes`` compiled for ``archs`` (``fastdpo inspect
+    --variants``)."""
+    return compile_all(fastdpo_aot_jobs(shapes), tuple(archs))
+
+
+def main() -> int:
     spec = json.loads(sys.stdin.read())
     res = run_jobs(spec["jobs"], tuple(spec["archs"]), spec.get("cuda_root"))
     print(json.dumps(res, default=str))
