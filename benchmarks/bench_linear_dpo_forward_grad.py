@@ -39,6 +39,11 @@ def variants(hidden, weight, labels, ref_hidden, backend):
     h2 = hidden.reshape(-1, hdim)[:n]
     logits_buf = torch.empty(n, weight.shape[0])
     B = hidden.shape[0] // 2
+    leaf_h, leaf_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+
+    def leaves(weight_grad=True):  # fresh gradients each call, no copies timed
+        leaf_h.grad = leaf_w.grad = None
+        return leaf_h, (leaf_w if weight_grad else weight)
 
     def gemms4():
         torch.mm(h2, weight.t(), out=logits_buf)          # reference logits
@@ -51,13 +56,13 @@ def variants(hidden, weight, labels, ref_hidden, backend):
         torch.mm(logits_buf, weight)
 
     def fused_grad_in_forward(batch_invariant=False):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        h, w = leaves()
         loss, _ = linear_dpo_loss(h, w, labels, ref_hidden=ref_hidden, ref_weight=weight,
                                   backend=backend, batch_invariant=batch_invariant)
         loss.backward()
 
     def previous_fused():
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        h, w = leaves()
         pol = linear_sequence_logps(h, w, labels, shift=True, backend=backend)
         with torch.no_grad():
             ref = linear_sequence_logps(ref_hidden, weight, labels, shift=True, backend=backend)
@@ -65,7 +70,7 @@ def variants(hidden, weight, labels, ref_hidden, backend):
         loss.backward()
 
     def eager():
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        h, w = leaves()
         pol = R.sequence_logps(h @ w.t(), labels, shift=True, dtype=torch.float32)
         with torch.no_grad():
             ref = R.sequence_logps(ref_hidden @ weight.t(), labels, shift=True,
@@ -76,13 +81,13 @@ def variants(hidden, weight, labels, ref_hidden, backend):
     rc = torch.zeros(B)
 
     def frozen_policy():
-        h = hidden.clone().requires_grad_()
+        h, _ = leaves(False)
         loss, _ = linear_dpo_loss(h, weight, labels, ref_chosen_logps=rc, ref_rejected_logps=rc,
                                   backend=backend)
         loss.backward()
 
     def frozen_token_logps():
-        h = hidden.clone().requires_grad_()
+        h, _ = leaves(False)
         linear_token_logps(h, weight, labels, shift=True, backend=backend).sum().backward()
 
     return {"4 GEMMs": gemms4, "fastdpo linear_dpo_loss": fused_grad_in_forward,

@@ -18,9 +18,10 @@ from .sequences import check_reduction, mask_sequence_starts, reduce_sequences
 
 
 def _check(hidden, weight, labels, bias, *, ignore_index, temperature, logit_scale, softcap,
-           backend, validate, shift, return_entropy):
+           backend, validate, shift, return_entropy, batch_invariant):
     _validate.check_options(ignore_index=ignore_index, temperature=temperature, backend=backend,
-                            validate=validate, shift=shift, return_entropy=return_entropy)
+                            validate=validate, shift=shift, return_entropy=return_entropy,
+                            batch_invariant=batch_invariant)
     _validate.check_float("hidden", hidden)
     _validate.check_float("weight", weight)
     _validate.check_index("labels", labels)
@@ -46,7 +47,7 @@ def _check(hidden, weight, labels, bias, *, ignore_index, temperature, logit_sca
 
 def linear_token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0,
                        logit_scale=1.0, softcap=None, shift=False, return_entropy=False,
-                       backend="auto", validate=None, process_group=None):
+                       backend="auto", validate=None, process_group=None, batch_invariant=False):
     """Per-token log-probabilities of ``labels`` under the logits ``hidden @ weight.T``, without
     storing those logits.
 
@@ -70,6 +71,9 @@ def linear_token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, 
             ``validate=True`` also checks inside ``torch.compile``).
         process_group: vocabulary-parallel group; ``weight`` (and ``bias``) hold this rank's
             shard (contiguous rows, in rank order, any sizes).
+        batch_invariant: a token's results (and its gradients' share) are bitwise the same
+            whatever batch it is in: fixed tile shapes, padded, on every backend. Costs up to one
+            tile of padding per call (see ``fastdpo bench``).
 
     Returns:
         log-probs shaped like ``labels`` (like ``labels[..., 1:]`` with ``shift``), 0 where
@@ -78,7 +82,7 @@ def linear_token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, 
     """
     _check(hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
            logit_scale=logit_scale, softcap=softcap, backend=backend, validate=validate,
-           shift=shift, return_entropy=return_entropy)
+           shift=shift, return_entropy=return_entropy, batch_invariant=batch_invariant)
     dev = hidden.device
     checked = _validate.checked_mode(validate, dev)
     shards = None
@@ -94,7 +98,8 @@ def linear_token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, 
                       ignore_index=ignore_index, temperature=float(temperature),
                       vocab_start=vocab_start, vocab_total=vocab_total,
                       with_entropy=return_entropy, shift=shift, logit_scale=float(logit_scale),
-                      softcap=float(softcap) if softcap else 0.0, shards=shards)
+                      softcap=float(softcap) if softcap else 0.0, shards=shards,
+                      batch_invariant=batch_invariant)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
@@ -114,7 +119,7 @@ def linear_sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-10
                           temperature=1.0, logit_scale=1.0, softcap=None, shift=False,
                           return_entropy=False, backend="auto", validate=None,
                           process_group=None, token_weights=None,
-                          average=False, cu_seqlens=None):
+                          average=False, cu_seqlens=None, batch_invariant=False):
     """Per-sequence log-probabilities from hidden states: :func:`linear_token_logps` reduced like
     :func:`fastdpo.sequence_logps` (``token_weights``, ``average``, packed ``cu_seqlens``; with
     ``shift`` and ``cu_seqlens`` the first label of each sequence is ignored).
@@ -124,7 +129,7 @@ def linear_sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-10
     """
     _check(hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
            logit_scale=logit_scale, softcap=softcap, backend=backend, validate=validate,
-           shift=shift, return_entropy=return_entropy)
+           shift=shift, return_entropy=return_entropy, batch_invariant=batch_invariant)
     check_reduction(labels, token_weights=token_weights, average=average, cu_seqlens=cu_seqlens,
                     validate=validate)
     if cu_seqlens is not None and shift:
@@ -132,7 +137,8 @@ def linear_sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-10
     out = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                              temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                              shift=shift, return_entropy=return_entropy, backend=backend,
-                             validate=validate, process_group=process_group)
+                             validate=validate, process_group=process_group,
+                             batch_invariant=batch_invariant)
     red = dict(ignore_index=ignore_index, token_weights=token_weights, average=average,
                shift=shift, cu_seqlens=cu_seqlens, validate=validate)
     if return_entropy:

@@ -35,7 +35,8 @@ ignore_index, temperature, vocab_start, vocab_total, grad_logits) -> ()``
 ``x = transform(hidden @ weight.T + bias)`` (:func:`fastdpo.rows.transform_logits`) never exist
 in full. ``hidden`` is ``(N, H)``, ``weight`` ``(V, H)``, ``bias`` ``(V,)`` or None, ``labels``
 ``(N,)``; outputs ``(N,)``. The backward returns ``(d_hidden, d_weight, d_bias)`` (empty where not
-needed).
+needed). ``batch_invariant``: a row's results are bitwise the same whatever the other rows (fixed
+tile shapes and reduction order, no size-dependent matmul choices).
 
 The native schemas are defined here and implemented in C++ (``csrc/registration.cpp``); the torch
 and triton implementations are registered by their own modules through :func:`register_impl`.
@@ -61,13 +62,14 @@ _LOGPS_BWD = (
 _LINEAR_FWD = (
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
     "float temperature, float logit_scale, float softcap, int vocab_start, int vocab_total, "
-    "bool with_entropy) -> (Tensor, Tensor, Tensor, Tensor)"
+    "bool with_entropy, bool batch_invariant) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _LINEAR_BWD = (
     "(Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, "
     "Tensor labels, Tensor row_max, Tensor log_sum, Tensor? entropy, int ignore_index, "
     "float temperature, float logit_scale, float softcap, int vocab_start, int vocab_total, "
-    "bool need_hidden_grad, bool need_weight_grad, bool need_bias_grad) -> (Tensor, Tensor, Tensor)"
+    "bool need_hidden_grad, bool need_weight_grad, bool need_bias_grad, bool batch_invariant) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 
 SCHEMAS = {
@@ -130,7 +132,7 @@ def _fake_logps_bwd(grad_logp, grad_entropy, logits, labels, row_max, log_sum, e
 
 
 def _fake_linear_fwd(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
-                     softcap, vocab_start, vocab_total, with_entropy):
+                     softcap, vocab_start, vocab_total, with_entropy, batch_invariant):
     torch._check(hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1],
                  lambda: f"hidden {hidden.shape} and weight {weight.shape} must be (N, H), (V, H)")
     torch._check(labels.shape == hidden.shape[:1],
@@ -140,7 +142,8 @@ def _fake_linear_fwd(hidden, weight, bias, labels, ignore_index, temperature, lo
 
 def _fake_linear_bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, row_max, log_sum,
                      entropy, ignore_index, temperature, logit_scale, softcap, vocab_start,
-                     vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad):
+                     vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad,
+                     batch_invariant):
     torch._check(row_max.shape == labels.shape and log_sum.shape == labels.shape,
                  lambda: "row statistics do not match labels")
     d_h = torch.empty_like(hidden) if need_hidden_grad else hidden.new_empty((0,))

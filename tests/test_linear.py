@@ -320,3 +320,24 @@ def test_compile_fullgraph():
     torch.testing.assert_close(out, ref)
     for a, c in ((h1, h2), (w1, w2), (b1, b2)):
         torch.testing.assert_close(a.grad, c.grad)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_batch_invariant_public_api(backend, frozen):
+    """batch_invariant=True: a token's log-prob and its d_hidden row are bitwise the same whether
+    it is scored alone, in a batch of 5 or in a batch of 37 (every backend, fused head)."""
+    g = torch.Generator().manual_seed(21)
+    H, V = 16, 150
+    hidden = torch.randn(37, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / 4
+    labels = torch.randint(0, V, (37,), generator=g)
+    outs = []
+    for n in (1, 5, 37):
+        h = hidden[:n].clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(not frozen)
+        lp = linear_token_logps(h, w, labels[:n], softcap=7.0, batch_invariant=True,
+                                backend=backend)
+        lp.sum().backward()
+        outs.append((lp[0].detach(), h.grad[0]))
+    for lp0, dh0 in outs[1:]:
+        assert torch.equal(lp0, outs[0][0]) and torch.equal(dh0, outs[0][1])

@@ -87,8 +87,9 @@ def test_opcheck_linear_ops(backend):
     b, y = torch.randn(21, generator=g), torch.randint(0, 21, (6,), generator=g)
     y[1] = -100
     fwd = ops.get_op(backend, "linear_logps_fwd")
-    torch.library.opcheck(fwd, (h, w, b, y, -100, 0.9, 1.0, 2.0, 0, 21, True))
-    lp, m, s, ent = fwd(h, w, b, y, -100, 0.9, 1.0, 2.0, 0, 21, True)
-    args = (torch.randn(6, generator=g), torch.randn(6, generator=g), h, w, b, y, m, s, ent, -100,
-            0.9, 1.0, 2.0, 0, 21, True, True, True)
-    torch.library.opcheck(ops.get_op(backend, "linear_logps_bwd"), args)
+    for bi in (False, True):
+        torch.library.opcheck(fwd, (h, w, b, y, -100, 0.9, 1.0, 2.0, 0, 21, True, bi))
+        lp, m, s, ent = fwd(h, w, b, y, -100, 0.9, 1.0, 2.0, 0, 21, True, bi)
+        args = (torch.randn(6, generator=g), torch.randn(6, generator=g), h, w, b, y, m, s, ent,
+                -100, 0.9, 1.0, 2.0, 0, 21, True, True, True, bi)
+        torch.library.opcheck(ops.get_op(backend, "linear_logps_bwd"), args)

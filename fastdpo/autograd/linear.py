@@ -42,7 +42,7 @@ def forward_rows(opts: RowOptions, h2, weight, bias, lab):
     out = ops.get_op(opts.backend, "linear_logps_fwd")(
         h2, weight, bias, lab, opts.ignore_index, float(opts.temperature),
         float(opts.logit_scale), float(opts.softcap), opts.vocab_start, opts.vocab_total,
-        opts.with_entropy)
+        opts.with_entropy, opts.batch_invariant)
     if opts.shards is not None:  # vocabulary-parallel head: global row statistics
         out = opts.shards.combine(*out, lab, opts.temperature, opts.with_entropy)
     return out
@@ -61,7 +61,7 @@ class LinearTokenLogps(torch.autograd.Function):
                 and not torch.compiler.is_compiling()):  # data-dependent row selection
             logp, row_max, log_sum, ctx.unit = frozen_head_forward(
                 opts.backend, h2, weight, bias, lab, opts.ignore_index, opts.temperature,
-                opts.logit_scale, opts.softcap)
+                opts.logit_scale, opts.softcap, batch_invariant=opts.batch_invariant)
             ctx.hidden_meta = (hidden.shape, hidden.dtype)
             ctx.set_materialize_grads(False)
             ent = logp.new_empty((0,))
@@ -98,7 +98,8 @@ class LinearTokenLogps(torch.autograd.Function):
         d_h, d_w, d_b = ops.get_op(opts.backend, "linear_logps_bwd")(
             grad_logp, grad_entropy, h2, weight, bias, lab, row_max, log_sum, ent,
             opts.ignore_index, float(opts.temperature), float(opts.logit_scale),
-            float(opts.softcap), opts.vocab_start, opts.vocab_total, need_h, need_w, need_b)
+            float(opts.softcap), opts.vocab_start, opts.vocab_total, need_h, need_w, need_b,
+            opts.batch_invariant)
         if opts.shards is not None and need_h:  # each shard holds part of the vocabulary sum
             opts.shards.reduce_hidden_grad(d_h)
         return ((d_h.view(hidden.shape) if need_h else None), (d_w if need_w else None),

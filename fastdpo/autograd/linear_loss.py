@@ -137,7 +137,8 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     if grads and need_h:
         d_h = torch.zeros(h2.shape, dtype=h2.dtype, device=dev)
     if grads and need_w:
-        d_w = torch.zeros(weight.shape, dtype=acc, device=dev)
+        d_w = torch.empty(weight.shape, dtype=acc, device=dev)  # the first matmul writes it
+    w_written = False
     if grads and need_b:
         d_b = torch.zeros(V, dtype=acc, device=dev)
     def padded(n):
@@ -189,11 +190,14 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
             dh = torch.cat(dh) if len(dh) > 1 else dh[0]
             d_h.index_copy_(0, sel, dh[:R].to(d_h.dtype))
         if need_w:
-            mm_acc(dz.t(), h, out=d_w, accumulate=True)
+            mm_acc(dz.t(), h, out=d_w, accumulate=w_written)
+            w_written = True
         if need_b:
             d_b += x.sum(0, dtype=acc)
     if d_h is not None and hidden_shape is not None:
         d_h = d_h.view(hidden_shape)
+    if d_w is not None and not w_written:
+        d_w.zero_()
     if d_w is not None and d_w.dtype != weight.dtype:
         d_w = d_w.to(weight.dtype)
     if d_b is not None and d_b.dtype != bias.dtype:
@@ -284,10 +288,13 @@ class LinearPairLoss(torch.autograd.Function):
                                "gradients were formed in forward and are released after the "
                                "first backward (do not use retain_graph with it)")
         ctx.grads = None
+        # a unit gradient (loss.backward()) needs no pass over the stored gradients; the check
+        # is free on CPU only (elsewhere it would synchronise the device)
+        unit = grad is not None and grad.device.type == "cpu" and bool(grad == 1)
         out = []
         for i, g in enumerate(grads):
             if g is None or grad is None or not ctx.needs_input_grad[i]:
                 out.append(None)
             else:  # in place: the stored gradient is not used again
-                out.append(g.mul_(grad.to(g.dtype)))
+                out.append(g if unit else g.mul_(grad.to(g.dtype)))
         return (*out, None)

@@ -26,6 +26,7 @@ class RowOptions:
     inplace_backward: bool = False   # logits path only
     logit_scale: float = 1.0         # fused LM head only
     softcap: float = 0.0             # fused LM head only; 0 = off
+    batch_invariant: bool = False    # fused LM head only (the logits path always is)
     shards: Any = None
 
     def row_args(self):

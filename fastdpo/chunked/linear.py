@@ -398,20 +398,21 @@ def _scatter_rows(t, sel, n):
 
 def make_impls(row_backend: str):
     def fwd(hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap,
-            vocab_start, vocab_total, with_entropy):
+            vocab_start, vocab_total, with_entropy, batch_invariant):
         _checked(row_backend, hidden.device)
         args = (ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total,
                 with_entropy)
         sel = labelled_rows(labels, ignore_index)
         if sel is None:
-            return forward_loop(row_backend, hidden, weight, bias, labels, *args)
+            return forward_loop(row_backend, hidden, weight, bias, labels, *args,
+                                batch_invariant=batch_invariant)
         out = forward_loop(row_backend, hidden.index_select(0, sel), weight, bias,
-                           labels.index_select(0, sel), *args)
+                           labels.index_select(0, sel), *args, batch_invariant=batch_invariant)
         return tuple(_scatter_rows(t, sel, labels.shape[0]) for t in out)
 
     def bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, row_max, log_sum, entropy,
             ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total,
-            need_hidden_grad, need_weight_grad, need_bias_grad):
+            need_hidden_grad, need_weight_grad, need_bias_grad, batch_invariant):
         _checked(row_backend, hidden.device)
         sel = labelled_rows(labels, ignore_index)
         rows_in = (grad_logp, grad_entropy, hidden, labels, row_max, log_sum, entropy)
@@ -422,7 +423,8 @@ def make_impls(row_backend: str):
         d_h, d_w, d_b = backward_loop(RowKernelTiles(row_backend, softcap), g, ge, h, weight,
                                       bias, lab, m, ls, ent, ignore_index, temperature,
                                       logit_scale, softcap, vocab_start, vocab_total,
-                                      need_hidden_grad, need_weight_grad, need_bias_grad)
+                                      need_hidden_grad, need_weight_grad, need_bias_grad,
+                                      batch_invariant=batch_invariant)
         if sel is not None and need_hidden_grad:
             d_h = _scatter_rows(d_h, sel, labels.shape[0])
         return d_h, d_w, d_b

@@ -183,21 +183,21 @@ def _config(dtype, device, interpreted=None):
     if interpreted or device.type == "cpu":  # (meta tensors: ahead-of-time specs for GPUs)
         return 16, 32, 16, 4, 1  # small tiles keep the interpreter fast
     if dtype == torch.float32:
-        # full-precision products run on FMAs; BLOCK_K 32 or a third stage spill some variants
-        # (entropy, soft-cap) on sm_90 with one ptxas or another
-        return 64, 128, 16, 8, 2
+        # Full-precision products run on FMAs. Tiles of 64 x 128, BLOCK_K 32 or a third stage
+        # leave ptxas (Triton 3.6 or 3.9, sm_90) spilling some variants; this spills none.
+        return 128, 64, 16, 8, 2
     return 128, 128, 64, 8, 3
 
 
-def _splits(n_vtiles: int, interpreted=None):
-    """``(splits, tiles per split)`` of the vocabulary. A fixed width (eight 128-wide tiles on
-    GPUs: 126 splits of a 128k vocabulary, enough programs for one row tile) that depends on
-    neither the batch nor the device, so a row's result is bitwise the same in any batch. Under
-    the interpreter two 32-wide tiles, so the tests' small vocabularies exercise the merge."""
+def _splits(V: int, block_v: int, interpreted=None):
+    """``(splits, tiles per split)`` of the vocabulary. A fixed width (1024 columns on GPUs: 126
+    splits of a 128k vocabulary, enough programs for one row tile) that depends on neither the
+    batch nor the device, so a row's result is bitwise the same in any batch. Under the
+    interpreter two tiles, so the tests' small vocabularies exercise the merge."""
     if interpreted is None:
         interpreted = backends.triton_interpreted()
-    per = 2 if interpreted else 8
-    return triton.cdiv(n_vtiles, per), per
+    per = 2 if interpreted else max(1, 1024 // block_v)
+    return triton.cdiv(triton.cdiv(V, block_v), per), per
 
 
 def _consts(temperature, logit_scale, softcap):
@@ -257,14 +257,15 @@ def _merge(stats, labels, ignore_index, temperature, vocab_start, vocab_total, V
 
 
 def linear_logps_fwd(hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap,
-                     vocab_start, vocab_total, with_entropy):
+                     vocab_start, vocab_total, with_entropy, batch_invariant=False):
+    # Batch-invariant whatever the flag: a row's tiles and the vocabulary splits depend on V only.
     _launch.check_device("hidden", hidden)
     N, _ = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     acc = ops.acc_dtype(hidden.dtype)
     BV = _config(hidden.dtype, dev)[1]
-    S, per = _splits(triton.cdiv(V, BV))
+    S, per = _splits(V, BV)
     stats = torch.empty((4, S, N), dtype=torch.float32, device=dev)
     if N > 0:
         _launch.run(*fwd_launch(hidden, weight, bias, labels, stats, ignore_index, temperature,
@@ -301,12 +302,14 @@ class TritonTiles:
 
 def linear_logps_bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, row_max, log_sum,
                      entropy, ignore_index, temperature, logit_scale, softcap, vocab_start,
-                     vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad):
+                     vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad,
+                     batch_invariant=False):
     _launch.check_device("hidden", hidden)
     return chunked.backward_loop(
         TritonTiles(hidden.dtype, hidden.device), grad_logp, grad_entropy, hidden, weight, bias,
         labels, row_max, log_sum, entropy, ignore_index, temperature, logit_scale, softcap,
-        vocab_start, vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad)
+        vocab_start, vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad,
+        batch_invariant=batch_invariant)
 
 
 # --------------------------------------------------------------- ahead-of-time specifications
@@ -327,7 +330,7 @@ def fwd_spec(N, H, V, dtype, weight_dtype=None, bias=True, softcap=False, with_e
     mk = _launch.meta_tensor
     weight_dtype = weight_dtype or dtype
     BN, BV = _config(dtype, _META, interpreted=False)[:2]
-    S, per = _splits(triton.cdiv(V, BV), interpreted=False)
+    S, per = _splits(V, BV, interpreted=False)
     k, _, args, meta = fwd_launch(
         mk((N, H), dtype), mk((V, H), weight_dtype), mk((V,), dtype) if bias else None,
         mk((N,), label_dtype), mk((4, S, N), torch.float32), -100, 1.0, 1.0,
@@ -339,25 +342,29 @@ def fwd_spec(N, H, V, dtype, weight_dtype=None, bias=True, softcap=False, with_e
 
 def grad_specs(N, H, V, dtype, bias=True, softcap=False, with_entropy=False,
                label_dtype=torch.int64) -> list:
-    """The gradient-tile kernel at every chunk shape the backward loop uses for ``(N, H, V)``
-    (full chunks and the remainders, whose sizes change the specialisation)."""
+    """The gradient-tile kernel at every chunk shape the backward loop uses for ``(N, H, V)``,
+    with and without ``batch_invariant`` (full chunks and the remainders, whose sizes change the
+    specialisation)."""
     mk = _launch.meta_tensor
     size = torch.empty((), dtype=dtype).element_size()
-    p = chunked.plan(N, V, H, size, tile_bytes=size, hidden_acc=dtype != torch.float32)
-    sizes_n = sorted({min(p.tile_rows, N), N % p.tile_rows or min(p.tile_rows, N)})
-    sizes_v = sorted({min(p.tile_cols, V), V % p.tile_cols or min(p.tile_cols, V)})
+    kw = dict(tile_bytes=size, hidden_acc=dtype != torch.float32)
+    p, q = chunked.plan(N, V, H, size, **kw), chunked.invariant_plan(V, H, size, **kw)
+    rows_ = {(p, min(p.tile_rows, N)), (p, N % p.tile_rows or min(p.tile_rows, N)),
+             (q, q.tile_rows)}  # the invariant plan pads every token tile to full
+    shapes = sorted({(n, v) for plan_, n in rows_
+                     for v in (min(plan_.tile_cols, V), V % plan_.tile_cols or
+                               min(plan_.tile_cols, V))})
     out = []
-    for n in sizes_n:
-        for v in sizes_v:
-            row = mk((n,), torch.float32)
-            ge = row if with_entropy else None
-            k, _, args, meta = grad_launch(
-                mk((n, H), dtype), mk((v, H), dtype), mk((v,), dtype) if bias else None,
-                mk((n,), label_dtype), row, row, ge, row, ge, mk((n, v), dtype), -100, 1.0, 1.0,
-                3.0 if softcap else 0.0, 0, V, interpreted=False)
-            tag = _tag(dtype, label_dtype, bias, softcap, with_entropy)
-            out.append(_launch.specialize(f"linear_grad_tile[{tag}](n={n},H={H},v={v})", k,
-                                          args, meta))
+    for n, v in shapes:
+        row = mk((n,), torch.float32)
+        ge = row if with_entropy else None
+        k, _, args, meta = grad_launch(
+            mk((n, H), dtype), mk((v, H), dtype), mk((v,), dtype) if bias else None,
+            mk((n,), label_dtype), row, row, ge, row, ge, mk((n, v), dtype), -100, 1.0, 1.0,
+            3.0 if softcap else 0.0, 0, V, interpreted=False)
+        tag = _tag(dtype, label_dtype, bias, softcap, with_entropy)
+        out.append(_launch.specialize(f"linear_grad_tile[{tag}](n={n},H={H},v={v})", k, args,
+                                      meta))
     return out
 
 

@@ -170,7 +170,8 @@ def test_need_flags_and_mixed_weight_dtype(TL, device):
 
 def test_registered_for_triton_backend(TL, device):
     h, w, b, y = make(9, 16, 20, torch.float32, device=device)
-    out = ops.get_op("triton", "linear_logps_fwd")(h, w, b, y, -100, 1.0, 1.0, 0.0, 0, 20, False)
+    out = ops.get_op("triton", "linear_logps_fwd")(h, w, b, y, -100, 1.0, 1.0, 0.0, 0, 20, False,
+                                                           False)
     torch.testing.assert_close(out[0], TL.linear_logps_fwd(h, w, b, y, -100, 1.0, 1.0, 0.0, 0, 20,
                                                            False)[0])
 
@@ -267,10 +268,16 @@ import os, re, subprocess, tempfile, torch, triton
 from fastdpo.triton import aot
 bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 specs = []
-for dt in (torch.bfloat16, torch.float16, torch.float32):
-    flags = dict(bias=True, softcap=dt != torch.float32, with_entropy=True)
+for dt in (torch.bfloat16, torch.float16):
     specs.append(aot.linear_fwd_spec(4096, 4096, 128256, dt, softcap=True, with_entropy=True))
-    specs += aot.linear_grad_specs(4096, 4096, 128256, dt, **flags)[:1]
+    specs += aot.linear_grad_specs(4096, 4096, 128256, dt, softcap=True, with_entropy=True)[:1]
+# fp32 (FMA products): the variants that spilled with other tile shapes
+for bias, cap, ent in ((True, False, False), (True, True, True)):
+    specs.append(aot.linear_fwd_spec(4096, 4096, 128256, torch.float32, bias=bias, softcap=cap,
+                                     with_entropy=ent))
+for bias, cap in ((False, False), (True, True)):
+    specs += aot.linear_grad_specs(4096, 4096, 128256, torch.float32, bias=bias, softcap=cap,
+                                   with_entropy=True)[:1]
 for spec in specs:
     k = aot.compile(spec, 90)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -303,7 +310,7 @@ def test_compiles_for_sm90_with_tensor_cores(TL):
     res = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=600, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 6
+    assert res.stdout.count("ok") == 8
 
 
 def test_compile_specs_cover_every_variant(TL):
