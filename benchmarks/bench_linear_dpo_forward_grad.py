@@ -19,7 +19,7 @@ import torch
 
 from fastdpo import reference as R
 from fastdpo.linear import linear_sequence_logps, linear_token_logps
-from fastdpo.linear_loss import linear_dpo_loss
+from fastdpo.losses.fused_linear import linear_dpo_loss
 from fastdpo.losses import dpo_loss
 
 

@@ -2,7 +2,6 @@
 
 from . import ops  # noqa: F401  (defines the operator schemas)
 from .linear import linear_sequence_logps, linear_token_logps
-from .linear_loss import linear_dpo_loss
 from .logps import sequence_logps, token_logps
 from .losses import (
     LOSS_TYPES,
@@ -16,6 +15,7 @@ from .losses import (
     cpo_loss,
     dpo_loss,
     kto_loss,
+    linear_dpo_loss,
     orpo_loss,
     preference_probs,
     rejection_sample,

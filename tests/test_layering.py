@@ -13,7 +13,7 @@ LAYERS = [
     {"fastdpo.ops", "fastdpo.rows", "fastdpo._validate", "fastdpo.reference"},
     {"fastdpo.backends", "fastdpo.chunked", "fastdpo.triton", "fastdpo.native"},
     {"fastdpo.autograd", "fastdpo.distributed", "fastdpo.sequences"},
-    {"fastdpo.logps", "fastdpo.linear", "fastdpo.linear_loss", "fastdpo.losses"},
+    {"fastdpo.logps", "fastdpo.linear", "fastdpo.losses"},
     {"fastdpo.integrations", "fastdpo"},
     {"fastdpo.bench", "fastdpo.cli"},
 ]
@@ -45,7 +45,12 @@ def _imports(path: pathlib.Path) -> set:
                 sub = f"{mod}.{a.name}"
                 out.add(sub if (PKG.parent / (sub.replace(".", "/") + ".py")).exists()
                         or (PKG.parent / sub.replace(".", "/")).is_dir() else mod)
-    out.discard(name)
+    # importing a submodule runs its packages' __init__ first: a cycle through one is a cycle
+    for mod in list(out):
+        parts = mod.split(".")
+        out |= {".".join(parts[:i]) for i in range(2, len(parts))}
+    out -= {name, "fastdpo"}
+    out = {m for m in out if not name.startswith(m + ".")}  # a module's own packages ran first
     return out
 
 

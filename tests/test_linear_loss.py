@@ -10,7 +10,7 @@ import torch
 
 from fastdpo import reference as R
 from fastdpo.autograd import linear_loss as AL
-from fastdpo.linear_loss import linear_dpo_loss
+from fastdpo.losses.fused_linear import linear_dpo_loss
 from fastdpo.losses import LOSS_TYPES, dpo_loss
 from tolerance import assert_rule
 

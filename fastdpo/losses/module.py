@@ -6,6 +6,7 @@ import torch
 
 from .. import _validate
 from .dpo import dpo_loss, loss_config, update_running_mean_
+from .fused_linear import linear_dpo_loss
 from .scoring import SequenceScorer
 
 
@@ -101,6 +102,9 @@ class DPOLoss(SequenceScorer):
         Returns:
             ``(loss, metrics)`` as :func:`fastdpo.dpo_loss`, plus ``nll_loss`` with an NLL term.
         """
+        if self._fused_step(logits, hidden, weight, ref_logits, cu_seqlens):
+            return self._linear_forward(labels, hidden, weight, bias, ref_logps, ref_hidden,
+                                        ref_weight, ref_bias, target_probs, reward_margins)
         logps = self.sequences(labels, logits, hidden, weight, bias, cu_seqlens)
         pc, pr = self.split(logps, "the policy log-probs")
         rc, rr = self._reference(labels, ref_logps, ref_logits, ref_hidden, ref_weight, ref_bias,
@@ -130,6 +134,43 @@ class DPOLoss(SequenceScorer):
             if self._log_nll:
                 metrics["nll_loss"] = nll.detach() if nll.dim() == 0 else nll.detach()[0]
         return loss, metrics
+
+    def _fused_step(self, logits, hidden, weight, ref_logits, cu_seqlens) -> bool:
+        """Whether the policy pass can form its gradient in forward (:func:`linear_dpo_loss`:
+        3 matmuls instead of 4, one chunk of logits): hidden states + head, one device, and the
+        options that function takes."""
+        return (logits is None and hidden is not None and weight is not None
+                and ref_logits is None and cu_seqlens is None and self.process_group is None
+                and self.loss_kwargs["reduction"] != "none" and not self.average_log_prob
+                and not self.bco_running_mean and not self._log_nll)
+
+    def _linear_forward(self, labels, hidden, weight, bias, ref_logps, ref_hidden, ref_weight,
+                        ref_bias, target_probs, reward_margins):
+        ref = {}
+        if self.reference_free:
+            if any(x is not None for x in (ref_logps, ref_hidden, ref_weight, ref_bias)):
+                raise ValueError("reference_free=True takes no ref_logps / ref_logits / "
+                                 "ref_hidden")
+            zero = hidden.new_zeros(labels.shape[0] // 2, dtype=torch.float32)
+            ref = dict(ref_chosen_logps=zero, ref_rejected_logps=zero)
+        elif ref_logps is not None:
+            if ref_hidden is not None:
+                raise ValueError("pass exactly one of ref_logps, ref_logits or ref_hidden (+ "
+                                 "ref_weight)")
+            rc, rr = (self.split(ref_logps.detach(), "ref_logps")
+                      if isinstance(ref_logps, torch.Tensor) else ref_logps)
+            ref = dict(ref_chosen_logps=rc.detach(), ref_rejected_logps=rr.detach())
+        elif ref_hidden is not None:
+            ref = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+        else:
+            raise ValueError("pass exactly one of ref_logps, ref_logits or ref_hidden (+ "
+                             "ref_weight), or construct with reference_free=True")
+        return linear_dpo_loss(hidden, weight, labels, bias=bias, target_probs=target_probs,
+                               reward_margins=reward_margins, ignore_index=self.ignore_index,
+                               shift=self.shift, temperature=self.temperature,
+                               logit_scale=self.logit_scale, softcap=self.softcap,
+                               backend=self.backend, validate=self.validate, **ref,
+                               **self.loss_kwargs)
 
     def _reference(self, labels, ref_logps, ref_logits, ref_hidden, ref_weight, ref_bias,
                    cu_seqlens, pc):

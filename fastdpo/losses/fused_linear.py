@@ -24,25 +24,24 @@ import math
 
 import torch
 
-from . import _validate as V
-from . import backends, ops
-from .autograd.linear import flat_rows
-from .autograd.linear_loss import (INVARIANT_TILE_ROWS, Head, LinearPairLoss, build_rows,
+from .. import _validate, backends, ops
+from ..autograd.linear import flat_rows
+from ..autograd.linear_loss import (INVARIANT_TILE_ROWS, Head, LinearPairLoss, build_rows,
                                    chunk_pairs, plan_rows, run_pairs)
-from .losses import args as loss_args
-from .losses.dpo import dpo_loss, loss_config, preference_metrics
-from .losses.functional import PairInputs, combined
+from . import args as loss_args
+from .dpo import dpo_loss, loss_config, preference_metrics
+from .functional import PairInputs, combined
 
 # Loss types whose pair gradient depends on other pairs' log-probs (a first pass is needed).
 BATCH_TYPES = ("aot", "aot_unpaired")
 
 
 def _check_head(hidden, weight, labels, bias, name=""):
-    V.check_float(f"{name}hidden", hidden)
-    V.check_float(f"{name}weight", weight)
+    _validate.check_float(f"{name}hidden", hidden)
+    _validate.check_float(f"{name}weight", weight)
     if bias is not None:
-        V.check_float(f"{name}bias", bias)
-    V.check_same_device(**{f"{name}hidden": hidden, f"{name}weight": weight, "labels": labels})
+        _validate.check_float(f"{name}bias", bias)
+    _validate.check_same_device(**{f"{name}hidden": hidden, f"{name}weight": weight, "labels": labels})
     if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[0] % 2:
         raise ValueError(f"{name}hidden must be (2B, T, H) with the B chosen sequences first, "
                          f"then the B rejected ones, got shape {tuple(hidden.shape)}")
@@ -58,7 +57,7 @@ def _check_head(hidden, weight, labels, bias, name=""):
 
 
 def _check_options(temperature, logit_scale, softcap, reduction, shift, labels):
-    V.check_temperature(temperature)
+    _validate.check_temperature(temperature)
     if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale)
             and logit_scale != 0):
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
@@ -81,7 +80,7 @@ def _row_weights(labels, token_weights, ignore_index, shift, average, acc):
         active = torch.cat([active[:, 1:], pad], 1)
     w = active.to(acc)
     if token_weights is not None:
-        V.check_token_weights(token_weights, labels)
+        _validate.check_token_weights(token_weights, labels)
         tw = token_weights.detach().to(acc)
         if shift:
             tw = torch.cat([tw[:, 1:], torch.zeros_like(tw[:, :1])], 1)
@@ -155,7 +154,7 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         ``(loss, metrics)`` as :func:`fastdpo.dpo_loss` (TRL's reward and log-prob metrics).
     """
     _check_head(hidden, weight, labels, bias)
-    V.check_index("labels", labels)
+    _validate.check_index("labels", labels)
     _check_options(temperature, logit_scale, softcap, reduction, shift, labels)
     given = ref_chosen_logps is not None or ref_rejected_logps is not None
     n_ref = given + (ref_hidden is not None)
@@ -168,8 +167,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         hidden = hidden.to(torch.get_autocast_dtype(dev.type))
     acc = ops.acc_dtype(hidden.dtype)
     V_ = weight.shape[0]
-    if V.checked_mode(validate, dev):
-        V.check_label_values(labels, ignore_index, V_)
+    if _validate.checked_mode(validate, dev):
+        _validate.check_label_values(labels, ignore_index, V_)
     head = _head(backend, hidden, ignore_index, temperature, logit_scale, softcap)
     w_rows, lengths = _row_weights(labels, token_weights, ignore_index, shift, average, acc)
     h2, lab = flat_rows(hidden, labels, shift, ignore_index)
@@ -201,7 +200,7 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                              "ref_weight / ref_bias)")
         for n, t in (("ref_chosen_logps", ref_chosen_logps),
                      ("ref_rejected_logps", ref_rejected_logps)):
-            V.check_float(n, t)
+            _validate.check_float(n, t)
             if tuple(t.shape) != (B,):
                 raise ValueError(f"{n} must have shape ({B},) (one value per pair), got "
                                  f"{tuple(t.shape)}")
