@@ -65,3 +65,15 @@ def sequence_logps(logits, labels, *, ignore_index=-100, token_weights=None, ave
     if average:  # by the weight sum, of any sign; 0 for a sequence with no weight at all
         num = torch.where(cnt > 0, num / den, 0.0)
     return num
+
+
+def head_logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None):
+    """The logits a fused LM head stands for, in the inputs' own dtype: ``softcap *
+    tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`` (no cap when ``softcap`` is None)."""
+    z = hidden @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z * logit_scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return z

@@ -27,15 +27,7 @@ def make(lead, H, V, dtype, *, seed=0, ignore_frac=0.25, bias=False):
     return hidden, weight, b, labels
 
 
-def head_logits(h, w, b, *, logit_scale=1.0, softcap=None):
-    """The logits the fused head stands for, computed in ``h``'s dtype (eager) or float64."""
-    z = h @ w.t()
-    if b is not None:
-        z = z + b
-    z = z * logit_scale
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    return z
+head_logits = R.head_logits  # in h's dtype: eager, or float64 for the oracle
 
 
 def leaves(*ts, grad=True):

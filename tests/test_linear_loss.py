@@ -45,12 +45,7 @@ def oracle(hidden, weight, bias, labels, rc, rr, extra, *, dtype, kind, shift=Tr
     leaves = [None if t is None else t.detach().to(dtype).requires_grad_()
               for t in (hidden, weight, bias)]
     h, w, b = leaves
-    z = h @ w.t()
-    if b is not None:
-        z = z + b
-    z = z * logit_scale
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
+    z = R.head_logits(h, w, b, logit_scale=logit_scale, softcap=softcap)
     sl = R.sequence_logps(z, labels, shift=shift, temperature=temperature,
                           token_weights=token_weights, average=average, dtype=dtype)
     B = labels.shape[0] // 2

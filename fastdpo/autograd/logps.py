@@ -57,6 +57,15 @@ def row_grads(grad_logp, grad_entropy, like, ent):
     return grad_logp, grad_entropy.reshape(shape).to(like.dtype).contiguous()
 
 
+def save_rows(ctx, opts: RowOptions, logits, labels, row_max, log_sum, ent):
+    """What both Functions keep for backward: the caller's logits and labels plus O(tokens)."""
+    ctx.save_for_backward(logits, labels, row_max, log_sum, ent if opts.with_entropy else None)
+    ctx.opts = opts
+    ctx.set_materialize_grads(False)
+    if not opts.with_entropy:
+        ctx.mark_non_differentiable(ent)
+
+
 class TokenLogps(torch.autograd.Function):
     """Outputs ``(logp, entropy)``; with ``opts.shards`` the row statistics are the global ones,
     so backward needs no collective: the op given the global ``(row_max, log_sum)`` yields this
@@ -66,12 +75,7 @@ class TokenLogps(torch.autograd.Function):
     def forward(ctx, logits, labels, opts: RowOptions):
         x3, l3 = rows_view(logits, labels, opts.shift)
         logp, row_max, log_sum, ent = forward_rows(opts, x3, l3)
-        ctx.save_for_backward(logits, labels, row_max, log_sum,
-                              ent if opts.with_entropy else None)
-        ctx.opts = opts
-        ctx.set_materialize_grads(False)
-        if not opts.with_entropy:
-            ctx.mark_non_differentiable(ent)
+        save_rows(ctx, opts, logits, labels, row_max, log_sum, ent)
         return logp, ent
 
     @staticmethod
@@ -124,12 +128,7 @@ class LabelSetLogps(torch.autograd.Function):
         logp = torch.where(parts.valid, d - log_sum[..., None], float("nan"))
         logp = torch.where(parts.active, logp, 0.0)
         lse = torch.where(row_active, rows.lse(row_max, log_sum, opts.temperature), 0.0)
-        ctx.save_for_backward(logits, labels, row_max, log_sum,
-                              ent if opts.with_entropy else None)
-        ctx.opts = opts
-        ctx.set_materialize_grads(False)
-        if not opts.with_entropy:
-            ctx.mark_non_differentiable(ent)
+        save_rows(ctx, opts, logits, labels, row_max, log_sum, ent)
         return logp, ent, lse
 
     @staticmethod
