@@ -89,7 +89,9 @@ def combine(logp, row_max, log_sum, entropy, holder, active, temperature: float 
     M = row_max.amax(0)
     a = scaled_diff(row_max, ref_point(M), temperature) + log_sum                      # log of each part's share (relative to M); -inf if dead
     L = torch.logsumexp(a, dim=0)
-    held = torch.where(holder, logp + a, 0.0).sum(0)
+    # a holder part with no finite logit (share -inf) makes the label's log-prob -inf, not the
+    # NaN of its own -inf - -inf
+    held = torch.where(holder, torch.where(a == NEG_INF, NEG_INF, logp + a), 0.0).sum(0)
     logp_g = torch.where(holder.any(0), held - L, -lse(M, L, temperature))
     ent_g = None
     if entropy is not None:
@@ -98,7 +100,9 @@ def combine(logp, row_max, log_sum, entropy, holder, active, temperature: float 
         # a dead part (all -inf, w = 0) has no distribution of its own: it adds nothing
         ent_g = torch.where(w > 0, w * (entropy - log_w), 0.0).sum(0)
         ent_g = torch.where(L == NEG_INF, float("nan"), ent_g)
-    logp_g = torch.where(torch.isnan(logp).any(0), float("nan"), logp_g)  # invalid label
+    # an invalid label is NaN on every part (a dead part's own log-prob is NaN too, so any()
+    # would turn a dead part into a NaN row; NaN logits reach L anyway)
+    logp_g = torch.where(torch.isnan(logp).all(0), float("nan"), logp_g)
     out = [logp_g, M, L] + ([] if ent_g is None else [ent_g])
     out = [torch.where(active, t, 0.0) for t in out]
     return out[0], out[1], out[2], (out[3] if ent_g is not None else None)

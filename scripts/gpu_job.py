@@ -374,6 +374,9 @@ def main(argv=None) -> int:
                     help="the interpreter whose packages the job uses (default: this one)")
     ap.add_argument("--budget", type=float, default=None,
                     help=f"seconds for the whole job (default {BUDGET_S}; dry run 150)")
+    ap.add_argument("--only", default=None, metavar="STAGES",
+                    help="comma list of stages to run after env (a rerun on a machine still "
+                         "warm from the first: e.g. --only build,bench --budget 240)")
     args = ap.parse_args(argv)
     out = (args.out or default_out(args.dry_run)).resolve()
     budget = args.budget or (150 if args.dry_run else BUDGET_S)
@@ -387,12 +390,19 @@ def main(argv=None) -> int:
     caps = dict(STAGE_MAX_S)
     if args.dry_run:
         caps.update(build=10, tests=60, bench=45)
+    only = set(args.only.split(",")) if args.only else {"peers", "build", "tests", "bench"}
+    later = BENCH_MIN_S if not args.dry_run and "bench" in only else 30
     job.stage("env", stage_env(job, args), caps["env"])
-    job.stage("peers", stage_peers(job, args), caps["peers"])
-    later = BENCH_MIN_S if not args.dry_run else 30
-    job.stage("build", stage_build(job, args), min(caps["build"], job.left() - later - 60))
-    job.stage("tests", stage_tests(job, args), min(caps["tests"], job.left() - later))
-    job.stage("bench", stage_bench(job, args), min(caps["bench"], job.left() - 5))
+    if "peers" in only:
+        job.stage("peers", stage_peers(job, args), caps["peers"])
+    if "build" in only:
+        tests_min = 60 if "tests" in only else 0
+        job.stage("build", stage_build(job, args),
+                  min(caps["build"], job.left() - later - tests_min))
+    if "tests" in only:
+        job.stage("tests", stage_tests(job, args), min(caps["tests"], job.left() - later))
+    if "bench" in only:
+        job.stage("bench", stage_bench(job, args), min(caps["bench"], job.left() - 5))
     summary(job, collect(job))
     return 0 if all(s["status"] != "fail" for s in job.stages) else 1
 

@@ -28,6 +28,14 @@ template <> __device__ __forceinline__ __half from_acc<__half>(float v) {
 // Blocks per launch; kernels loop over rows beyond it.
 constexpr int64_t kMaxGrid = int64_t{1} << 30;
 
+// Launch shape of the row kernels (one block a row): the grid, and whether a row is short enough
+// (<= 8 KiB) that a 128-thread block keeps most threads busy; longer rows take 512 threads.
+inline unsigned row_grid(int64_t rows) {
+  return static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid);
+}
+template <class S>
+inline bool short_rows(int64_t V) { return V * static_cast<int64_t>(sizeof(S)) <= 8192; }
+
 // (b, t) of a row. The glue checks B * T < 2^31, so 32-bit division (inline, where 64-bit division
 // is a called subroutine that costs registers) is exact.
 __device__ __forceinline__ void split_index(int64_t row, int64_t T, int64_t& b, int64_t& t) {

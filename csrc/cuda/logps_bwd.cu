@@ -85,9 +85,8 @@ __global__ void __launch_bounds__(kBlock, 1) logps_bwd_kernel(const LogpsBwdPara
 
 template <class S, bool kEntropy>
 cudaError_t launch_typed(const LogpsBwdParams& p, cudaStream_t stream) {
-  const int64_t rows = p.rows.B * p.rows.T;
-  const unsigned grid = static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid);
-  if (p.rows.V * static_cast<int64_t>(sizeof(S)) <= 8192) {
+  const unsigned grid = row_grid(p.rows.B * p.rows.T);
+  if (short_rows<S>(p.rows.V)) {
     logps_bwd_kernel<S, kEntropy, 128><<<grid, 128, 0, stream>>>(p);
   } else {
     logps_bwd_kernel<S, kEntropy, 512><<<grid, 512, 0, stream>>>(p);

@@ -89,10 +89,8 @@ __global__ void __launch_bounds__(kBlock, 1) logps_fwd_kernel(const LogpsFwdPara
 
 template <class S, bool kEntropy>
 cudaError_t launch_typed(const LogpsFwdParams& p, cudaStream_t stream) {
-  const int64_t rows = p.rows.B * p.rows.T;
-  const unsigned grid = static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid);
-  // Short rows: a small block keeps most threads busy.
-  if (p.rows.V * static_cast<int64_t>(sizeof(S)) <= 8192) {
+  const unsigned grid = row_grid(p.rows.B * p.rows.T);
+  if (short_rows<S>(p.rows.V)) {
     logps_fwd_kernel<S, kEntropy, 128><<<grid, 128, 0, stream>>>(p);
   } else {
     logps_fwd_kernel<S, kEntropy, 512><<<grid, 512, 0, stream>>>(p);

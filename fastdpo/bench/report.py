@@ -73,7 +73,7 @@ def _groups(rows, value_key):
             continue
         key = (r["workload"], r["dtype"], r["tokens"], r.get("batch", 1), r.get("hidden", 0))
         g.setdefault(key, {}).setdefault(r["impl"], []).append((r["vocab"], r[value_key]))
-    return {k: v for k, v in g.items() if any(len(p) > 1 for p in v.values())}
+    return g
 
 
 def plots_unavailable() -> str:
@@ -87,8 +87,9 @@ def plots_unavailable() -> str:
 
 def plot_vs_vocab(rows, value_key, ylabel, title, path: Path, scale=1.0,
                   log=True) -> Path | None:
-    """One panel per (workload, dtype, tokens), one line per implementation; None when there is
-    nothing to draw or matplotlib is missing (:func:`plots_unavailable`)."""
+    """One panel per (workload, dtype, tokens), one line per implementation (bars where the panel
+    has a single vocabulary); None when there is nothing to draw or matplotlib is missing
+    (:func:`plots_unavailable`)."""
     groups = _groups(rows, value_key)
     if not groups or plots_unavailable():
         return None
@@ -96,17 +97,31 @@ def plot_vs_vocab(rows, value_key, ylabel, title, path: Path, scale=1.0,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - the bar panels' axis formatter
 
     n = len(groups)
     cols = min(3, n)
     nrows = math.ceil(n / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
     for ax, ((wl, dt, toks, b, h), impls) in zip(axes.flat, sorted(groups.items())):
+        vocabs = {v for pts in impls.values() for v, _ in pts}
+        hs = f" H={h}" if h else ""
+        if len(vocabs) == 1:  # one vocabulary: a bar per implementation
+            names = sorted(impls)
+            ax.barh(names, [impls[n][0][1] * scale for n in names],
+                    color=["C0" if n.startswith("fastdpo") else "C7" for n in names])
+            ax.tick_params(axis="y", labelsize=7)
+            ax.set_title(f"{wl} {dt} N={toks}{hs} V={vocabs.pop()}", fontsize=9)
+            ax.set_xlabel(ylabel)
+            if log:
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.grid(True, axis="x", alpha=0.3)
+            continue
         for name, pts in sorted(impls.items()):
             pts.sort()
             style = "-o" if name.startswith("fastdpo") else "--s"
             ax.plot([p[0] for p in pts], [p[1] * scale for p in pts], style, label=name, ms=4)
-        hs = f" H={h}" if h else ""
         ax.set_title(f"{wl} {dt} N={toks}{hs}", fontsize=9)
         ax.set_xlabel("vocabulary size V")
         ax.set_ylabel(ylabel)

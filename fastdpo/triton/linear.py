@@ -368,5 +368,3 @@ def grad_specs(N, H, V, dtype, bias=True, softcap=False, with_entropy=False,
     return out
 
 
-ops.register_impl("triton", "linear_logps_fwd", linear_logps_fwd)
-ops.register_impl("triton", "linear_logps_bwd", linear_logps_bwd)

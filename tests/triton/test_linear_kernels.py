@@ -168,12 +168,24 @@ def test_need_flags_and_mixed_weight_dtype(TL, device):
     torch.testing.assert_close(d_w, full[1].float(), rtol=1e-2, atol=1e-3)
 
 
-def test_registered_for_triton_backend(TL, device):
+def test_registered_for_triton_backend(TL, device, monkeypatch):
+    """The triton backend's fused head is the chunk loop (matmul + Triton row kernels) by
+    default, these tl.dot kernels with FASTDPO_TRITON_LINEAR=dot; both agree."""
+    from fastdpo.chunked import linear as chunk_loop
+
     h, w, b, y = make(9, 16, 20, torch.float32, device=device)
-    out = ops.get_op("triton", "linear_logps_fwd")(h, w, b, y, -100, 1.0, 1.0, 0.0, 0, 20, False,
-                                                           False)
-    torch.testing.assert_close(out[0], TL.linear_logps_fwd(h, w, b, y, -100, 1.0, 1.0, 0.0, 0, 20,
-                                                           False)[0])
+    op = ops.get_op("triton", "linear_logps_fwd")
+    args = (h, w, b, y, -100, 1.0, 1.0, 0.0, 0, 20, False, False)
+    calls = []
+    real = chunk_loop.forward_loop
+    monkeypatch.setattr(chunk_loop, "forward_loop", lambda *a, **k: calls.append(1) or real(*a, **k))
+    default = op(*args)
+    assert calls, "the default triton fused head is the chunk loop"
+    monkeypatch.setenv("FASTDPO_TRITON_LINEAR", "dot")
+    dot = op(*args)
+    assert len(calls) == 1
+    torch.testing.assert_close(dot[0], TL.linear_logps_fwd(*args[:-1])[0])
+    torch.testing.assert_close(default[0], dot[0], rtol=1e-5, atol=1e-5)
 
 
 def test_interpreter_matches_gpu_bf16_semantics(TL, device):
