@@ -17,7 +17,7 @@ from . import ops
 CHOICES = ("auto",) + ops.BACKENDS
 # Module whose import registers a backend's implementations (and raises if it cannot).
 _MODULES = {
-    "torch": "fastdpo.chunked.register",
+    "torch": "fastdpo.torch_backend.register",
     "triton": "fastdpo.triton.register",
     "native": "fastdpo.native.register",
 }

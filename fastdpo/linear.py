@@ -13,7 +13,7 @@ from . import _validate, backends
 from .autograd.linear import LinearTokenLogps, flat_rows, forward_rows
 from .autograd.options import RowOptions
 from .distributed import shard_setup
-from .chunked import linear as _chunked_linear  # noqa: F401  (registers the torch/native impls)
+from .torch_backend import linear as _chunk_loops  # noqa: F401  (registers the torch/native impls)
 from .sequences import check_reduction, mask_sequence_starts, reduce_sequences
 
 

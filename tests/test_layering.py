@@ -11,7 +11,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "fastdpo"
 # Layers, lowest first: a module may import its own layer or lower ones only.
 LAYERS = [
     {"fastdpo.ops", "fastdpo.rows", "fastdpo._validate", "fastdpo.reference"},
-    {"fastdpo.backends", "fastdpo.chunked", "fastdpo.triton", "fastdpo.native"},
+    {"fastdpo.backends", "fastdpo.torch_backend", "fastdpo.triton", "fastdpo.native"},
     {"fastdpo.autograd", "fastdpo.distributed", "fastdpo.sequences"},
     {"fastdpo.logps", "fastdpo.linear", "fastdpo.losses"},
     {"fastdpo.integrations", "fastdpo"},

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdpo
 from fastdpo import reference as R
-from fastdpo.chunked import linear as L
+from fastdpo.torch_backend import linear as L
 from fastdpo.linear import linear_sequence_logps, linear_token_logps
 from tolerance import assert_rule
 

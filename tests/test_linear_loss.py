@@ -365,7 +365,7 @@ def test_batch_invariant_fused_head_loops(row_backend):
     """forward_loop / backward_loop / frozen_head_forward with batch_invariant: a row's outputs
     (log-prob, row statistics, d hidden) are bitwise the same in batches of any size."""
     from fastdpo.autograd.linear_loss import frozen_head_forward
-    from fastdpo.chunked import linear as L
+    from fastdpo.torch_backend import linear as L
 
     g = torch.Generator().manual_seed(3)
     N, H, V = 300, 16, 700

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops, rows
-from ..chunked.linear import logits_tile, mm_acc, operand_dtype, pad_rows
+from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
 from .options import refuse_double_backward
 
 # Extra memory for one chunk's logits, as a fraction of the full (rows, V) logits in the hidden

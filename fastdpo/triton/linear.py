@@ -10,7 +10,7 @@ temperature applied after subtracting the max). The label logit is picked inside
 splits, O(tokens) each, are merged by :func:`fastdpo.rows.combine`. Programs whose tokens are all
 ignored (prompts, the shifted-out last position) read nothing.
 
-Backward: :func:`fastdpo.chunked.linear.backward_loop` walks token x vocabulary chunks; for each,
+Backward: :func:`fastdpo.torch_backend.linear.backward_loop` walks token x vocabulary chunks; for each,
 one kernel rebuilds the logits tile by tile and writes ``d(h @ w.T + b)`` (softmax gradient,
 entropy term, temperature and soft-cap chain rule) into a bounded chunk buffer, which two matmuls
 (cuBLAS on GPU) turn into ``d_hidden`` and ``d_weight`` with fp32 accumulation. No atomics
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import backends, ops, rows
-from ..chunked import linear as chunked
+from ..torch_backend import linear as chunk_loop
 from . import _interpreter, _launch
 from ._tiles import LOG2E, NEG_BIG, fold, grad_coeffs, softmax_grad
 
@@ -277,10 +277,10 @@ def linear_logps_fwd(hidden, weight, bias, labels, ignore_index, temperature, lo
 
 
 class TritonTiles:
-    """Gradient tiles for :func:`fastdpo.chunked.linear.backward_loop` from one fused kernel."""
+    """Gradient tiles for :func:`fastdpo.torch_backend.linear.backward_loop` from one fused kernel."""
 
     def __init__(self, dtype, device):
-        self.tile_bytes = torch.empty((), dtype=chunked.operand_dtype(dtype, device)).element_size()
+        self.tile_bytes = torch.empty((), dtype=chunk_loop.operand_dtype(dtype, device)).element_size()
         self.buf = None
 
     def reserve(self, elements: int):
@@ -305,7 +305,7 @@ def linear_logps_bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, row_
                      vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad,
                      batch_invariant=False):
     _launch.check_device("hidden", hidden)
-    return chunked.backward_loop(
+    return chunk_loop.backward_loop(
         TritonTiles(hidden.dtype, hidden.device), grad_logp, grad_entropy, hidden, weight, bias,
         labels, row_max, log_sum, entropy, ignore_index, temperature, logit_scale, softcap,
         vocab_start, vocab_total, need_hidden_grad, need_weight_grad, need_bias_grad,
@@ -348,7 +348,7 @@ def grad_specs(N, H, V, dtype, bias=True, softcap=False, with_entropy=False,
     mk = _launch.meta_tensor
     size = torch.empty((), dtype=dtype).element_size()
     kw = dict(tile_bytes=size, hidden_acc=dtype != torch.float32)
-    p, q = chunked.plan(N, V, H, size, **kw), chunked.invariant_plan(V, H, size, **kw)
+    p, q = chunk_loop.plan(N, V, H, size, **kw), chunk_loop.invariant_plan(V, H, size, **kw)
     rows_ = {(p, min(p.tile_rows, N)), (p, N % p.tile_rows or min(p.tile_rows, N)),
              (q, q.tile_rows)}  # the invariant plan pads every token tile to full
     shapes = sorted({(n, v) for plan_, n in rows_

@@ -14,7 +14,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import os
 
 from .. import ops
-from ..chunked import linear as chunk_loop
+from ..torch_backend import linear as chunk_loop
 from . import linear, logps
 
 ops.register_impl("triton", "logps_fwd", logps.logps_fwd)

@@ -171,7 +171,7 @@ def test_need_flags_and_mixed_weight_dtype(TL, device):
 def test_registered_for_triton_backend(TL, device, monkeypatch):
     """The triton backend's fused head is the chunk loop (matmul + Triton row kernels) by
     default, these tl.dot kernels with FASTDPO_TRITON_LINEAR=dot; both agree."""
-    from fastdpo.chunked import linear as chunk_loop
+    from fastdpo.torch_backend import linear as chunk_loop
 
     h, w, b, y = make(9, 16, 20, torch.float32, device=device)
     op = ops.get_op("triton", "linear_logps_fwd")

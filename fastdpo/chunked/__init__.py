@@ -1,1 +1,0 @@
-"""The ``torch`` backend: chunked pure-PyTorch kernels with bounded temporaries (runs anywhere)."""
