@@ -48,30 +48,36 @@ def lse(row_max, log_sum, temperature: float = 1.0):
 def scaled_diff(x, ref, temperature: float):
     """``(x - ref) / temperature``, subtracting before scaling (exact for large ``|x|``).
 
-    Formed as ``(x / 2 - ref / 2) * (2 / temperature)``: halving is exact, so the rounding is
-    that of ``x - ref``, but a row spanning more than the fp32 range (``3e38`` and ``-3e38``)
-    does not overflow before a temperature above 1 brings it back in range.
+    At temperature 1 that is ``x - ref``. Otherwise it is formed as ``(x / 2 - ref / 2) *
+    (2 / temperature)``: halving is exact, so the rounding is that of ``x - ref``, but a row
+    spanning more than the fp32 range (``3e38`` and ``-3e38``) does not overflow before a
+    temperature above 1 brings it back in range. One full-size temporary.
     """
-    return (x * 0.5 - ref * 0.5) * (2.0 / temperature)
+    if temperature == 1.0:
+        return x - ref
+    return torch.mul(x, 0.5).sub_(ref * 0.5).mul_(2.0 / temperature)
 
 
 def row_stats(x, temperature: float, with_entropy: bool):
-    """``(row_max, log_sum, d, p, entropy)`` of fp32/fp64 rows ``x`` (last dimension).
+    """``(row_max, log_sum, d, entropy)`` of fp32/fp64 rows ``x`` (last dimension), with
+    ``d = (x - ref) / temperature`` formed by subtracting first (:func:`scaled_diff`).
 
-    ``d = (x - ref) * c`` is formed by subtracting first, then scaling; ``p`` is the softmax.
     A +inf or NaN anywhere makes the row NaN (as the kernels), an all -inf row gives
-    ``row_max = log_sum = -inf``; ``entropy`` is None unless asked for.
+    ``row_max = log_sum = -inf``; ``entropy`` is None unless asked for. One exponential an
+    element.
     """
     row_max = x.amax(dim=-1)
     d = scaled_diff(x, ref_point(row_max)[..., None], temperature)
-    log_sum = torch.log(torch.exp(d).sum(dim=-1))
-    p = torch.exp(d - log_sum[..., None])
+    e = torch.exp(d)
+    s = e.sum(dim=-1)
+    log_sum = torch.log(s)
     ent = None
     if with_entropy:
-        # masked (-inf) entries have p = 0 and add 0, not 0 * -inf
-        ent = log_sum - torch.where(p > 0, p * d, 0.0).sum(-1)
+        # H = log s - sum e d / s; masked (-inf) entries have e = 0 and add 0, not 0 * -inf
+        ed = torch.where(e > 0, e.mul_(d), 0.0).sum(-1)
+        ent = log_sum - ed / s
         ent = torch.where(log_sum == NEG_INF, float("nan"), ent)  # no distribution at all
-    return row_max, log_sum, d, p, ent
+    return row_max, log_sum, d, ent
 
 
 def combine(logp, row_max, log_sum, entropy, holder, active, temperature: float = 1.0):

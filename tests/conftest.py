@@ -13,9 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastdpo import backends  # noqa: E402
-
-ALL = ("torch", "triton", "native")
+from backend_checks import ALL, backend_or_skip  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -27,23 +25,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: larger shapes; still run in CI")
 
 
-def required(config):
-    req = config.getoption("--require-backends")
-    return ALL if req == "all" else tuple(x for x in req.split(",") if x)
-
-
 @pytest.fixture(scope="session")
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def backend_or_skip(request, name, device):
-    why = backends.device_reason(name, device)
-    if why:
-        if name in required(request.config):
-            pytest.fail(f"required backend {name!r} unavailable: {why}")
-        pytest.skip(f"backend {name!r} unavailable: {why}")
-    return name
 
 
 @pytest.fixture(params=ALL)

@@ -13,7 +13,7 @@ def _parts(x, label, cuts, temperature):
     out, holder = [], []
     for a, b in zip(cuts[:-1], cuts[1:]):
         xs = x[..., a:b].double()
-        m, s, d, p, ent = rows.row_stats(xs, temperature, True)
+        m, s, d, ent = rows.row_stats(xs, temperature, True)
         local = (label >= a) & (label < b)
         idx = torch.where(local, label - a, 0)
         lp = torch.where(local, d.gather(-1, idx[..., None])[..., 0] - s,

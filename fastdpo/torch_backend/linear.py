@@ -389,9 +389,8 @@ def labelled_rows(labels, ignore_index):
 
 
 def _scatter_rows(t, sel, n):
-    """``(n, ...)`` zeros with the rows ``sel`` from ``t`` (ignored rows are 0 in every output)."""
-    if t is None or t.numel() == 0:
-        return t
+    """``(n, ...)`` zeros with the rows ``sel`` from ``t`` (ignored rows are 0 in every output);
+    ``sel`` may be empty (every row ignored)."""
     out = t.new_zeros((n,) + tuple(t.shape[1:]))
     return out.index_copy_(0, sel, t)
 
@@ -408,7 +407,9 @@ def make_impls(row_backend: str):
                                 batch_invariant=batch_invariant)
         out = forward_loop(row_backend, hidden.index_select(0, sel), weight, bias,
                            labels.index_select(0, sel), *args, batch_invariant=batch_invariant)
-        return tuple(_scatter_rows(t, sel, labels.shape[0]) for t in out)
+        n = labels.shape[0]
+        ent = _scatter_rows(out[3], sel, n) if with_entropy else out[3]  # else the empty one
+        return tuple(_scatter_rows(t, sel, n) for t in out[:3]) + (ent,)
 
     def bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, row_max, log_sum, entropy,
             ignore_index, temperature, logit_scale, softcap, vocab_start, vocab_total,

@@ -30,7 +30,7 @@ def logps_fwd(logits, labels, ignore_index, temperature, vocab_start, vocab_tota
     for b, t0, t1 in row_blocks(B, T, V):
         x = logits[b, t0:t1].to(acc)
         lab = rows.classify_labels(labels[b, t0:t1], ignore_index, vocab_start, vocab_total, V)
-        m, log_s, d, _, ent = rows.row_stats(x, temperature, with_entropy)
+        m, log_s, d, ent = rows.row_stats(x, temperature, with_entropy)
         dl = d.gather(-1, lab.index[:, None]).squeeze(-1)
         lp = torch.where(lab.local, dl - log_s, -rows.lse(m, log_s, temperature))
         lp = torch.where(lab.valid, lp, float("nan"))

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import backend_or_skip
+from backend_checks import backend_or_skip
 from fastdpo.bench.inspect import sass, static, traffic
 
 LIMIT = 1.05

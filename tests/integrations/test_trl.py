@@ -14,7 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from datasets import Dataset
+
+import peers
+
+peers.require("trl", "datasets")
+from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM,
                           PreTrainedTokenizerFast)

@@ -4,6 +4,9 @@ import os
 
 import pytest
 
+import peers
+
+peers.require("trl", "datasets")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 # the tiny tokenizer / Llama / dataset of the DPO trainer tests (fixtures are used by name)
 from test_trl import (assert_logs_close, dataset, one_thread, tiny_llama,  # noqa: E402,F401

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 import fastdpo.losses as L
-from trl.trainer.dpo_trainer import DPOTrainer
+import peers
+
+peers.require("trl")
+from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
 
 B = 6
 

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 import fastdpo.losses as L
 
+import peers
+
+peers.require("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.cpo.cpo_trainer import CPOTrainer  # noqa: E402
 from trl.experimental.orpo.orpo_trainer import ORPOTrainer, log1mexp  # noqa: E402

@@ -11,20 +11,12 @@ import math
 import pytest
 import torch
 
-from fastdpo import backends, ops, rows
+from fastdpo import ops, rows
 from tolerance import assert_rule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module")
-def TL(device):
-    why = backends.device_reason("triton", device)
-    if why:
-        pytest.skip(f"triton unavailable: {why}")
-    import fastdpo.triton.linear as mod
-
-    return mod
 
 
 def make(N, H, V, dtype, *, seed=0, ignore_frac=0.2, bias=True, device="cpu"):

@@ -15,19 +15,9 @@ import textwrap
 import pytest
 import torch
 
-from fastdpo import backends
 from logps_helpers import BLOCK, INF, NAN, lse_of, make, ref_fwd, ref_grad, run_bwd, run_fwd
 from tolerance import assert_rule
 
-
-@pytest.fixture(scope="module")
-def K(device):
-    why = backends.device_reason("triton", device)
-    if why:
-        pytest.skip(f"triton backend unavailable: {why}")
-    from fastdpo.triton import logps
-
-    return logps
 
 
 # ------------------------------------------------------------------------------ forward paths
