@@ -4,6 +4,8 @@ Triton interpreter, sm_80/sm_90 registers, spills and load widths, roofline esti
     python benchmarks/bench_inspect.py [--quick|--full]
 """
 
+# The same few lines stand in every bench_*.py on purpose: pytest-benchmark collects one module
+# per workload; all the work is in fastdpo.bench.scripting.
 import sys
 
 from fastdpo.cli import main as cli

@@ -9,6 +9,8 @@ or with pytest-benchmark::
     python -m pytest benchmarks/bench_linear_dpo_step.py --benchmark-only
 """
 
+# The same few lines stand in every bench_*.py on purpose: pytest-benchmark collects one module
+# per workload; all the work is in fastdpo.bench.scripting.
 import sys
 
 import pytest

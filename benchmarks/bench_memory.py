@@ -3,6 +3,8 @@
     python benchmarks/bench_memory.py [--quick|--full] [--budget 80 --seq-len 4096]
 """
 
+# The same few lines stand in every bench_*.py on purpose: pytest-benchmark collects one module
+# per workload; all the work is in fastdpo.bench.scripting.
 import sys
 
 from fastdpo.cli import main as cli

@@ -40,6 +40,7 @@ void logps_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>&
                    int64_t ignore_index, double temperature, int64_t vocab_start,
                    int64_t vocab_total, const at::Tensor& grad_logits);
 
+// The CUDA entry points repeat the CPU signatures above: both implement the same schema.
 #ifdef FASTDPO_WITH_CUDA
 FwdResult logps_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
                           double temperature, int64_t vocab_start, int64_t vocab_total,

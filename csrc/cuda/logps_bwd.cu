@@ -83,6 +83,8 @@ __global__ void __launch_bounds__(kBlock, 1) logps_bwd_kernel(const LogpsBwdPara
   }
 }
 
+// The launch mirrors logps_fwd.cu's on purpose (row_grid / short_rows are shared): only the
+// kernel template differs, and a launcher template over kernel templates would hide which runs.
 template <class S, bool kEntropy>
 cudaError_t launch_typed(const LogpsBwdParams& p, cudaStream_t stream) {
   const unsigned grid = row_grid(p.rows.B * p.rows.T);

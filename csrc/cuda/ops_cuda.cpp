@@ -21,6 +21,8 @@ void check_cuda_rows(const at::Tensor& logits, const char* op) {
 
 }  // namespace
 
+// These entry points mirror the CPU ones in ops.cpp on purpose: the checks and parameters are
+// shared (prepare_fwd / prepare_bwd); only the device guard, stream and launch differ.
 FwdResult logps_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,
                          double temperature, int64_t vocab_start, int64_t vocab_total,
                          bool with_entropy) {

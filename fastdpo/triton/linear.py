@@ -77,6 +77,8 @@ def _transform(acc, scale, cap, SOFTCAP: tl.constexpr):
     return x, dfac
 
 
+# Both kernels below open the same way (signature, row block, labels) on purpose: Triton kernels
+# list each pointer and stride, and the short prologue is clearer inline than behind a helper.
 @triton.jit
 def _linear_fwd_kernel(
     h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr, u_ptr, xl_ptr,

@@ -37,6 +37,7 @@ struct ScalarMath {
   static FASTDPO_HOST_DEVICE FASTDPO_INLINE T select(bool mask, T a, T b) { return mask ? a : b; }
 };
 
+// Math<float> and Math<double> differ only in the device intrinsics they call.
 template <>
 struct Math<float> : ScalarMath<float> {
   static FASTDPO_HOST_DEVICE FASTDPO_INLINE float fma(float a, float b, float c) {
