@@ -68,6 +68,7 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
 from ..linear import linear_token_logps  # noqa: E402
+from ..rows import transform_logits_  # noqa: E402
 from ..losses import dpo_loss, preference_probs  # noqa: E402
 from ..losses.functional import LABEL_SMOOTHING_TYPES  # noqa: E402
 from .hf import head_params, lm_head_inputs  # noqa: E402
@@ -431,9 +432,7 @@ def _logit_stats(rows, weight, labels, bias, softcap, logit_scale):
         z = (rows[i:i + step].to(weight.dtype) @ weight.t()).float()
         if bias is not None:
             z += bias.float()
-        z *= logit_scale
-        if softcap:
-            z = softcap * torch.tanh(z / softcap)
+        z = transform_logits_(z, logit_scale, softcap or 0.0)
         mean[i:i + step] = z.mean(-1)
         top1[i:i + step] = z.argmax(-1) == labels[i:i + step]
     return mean, top1
