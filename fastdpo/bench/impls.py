@@ -132,11 +132,23 @@ def _fastdpo_impl(backend: str, inplace: bool) -> Impl:
 
         return f
 
+    def lin_dpo(case):
+        import fastdpo
+
+        def f(hidden, weight, ref_hidden, ref_weight, labels, beta):
+            # the gradient formed in forward: 3 matmuls for the policy, 1 for the reference
+            return fastdpo.linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden,
+                                           ref_weight=ref_weight, beta=beta, shift=False,
+                                           backend=backend)[0]
+
+        return f
+
     suffix = "" if inplace else ",copy"
     return Impl(
         name=f"fastdpo[{backend}{suffix}]", family="fastdpo",
-        kinds=("logits", "linear") if inplace else ("logits",),
-        reason_fn=_fastdpo_reason(backend), builders={"logits": seq, "linear": lin},
+        kinds=("logits", "linear", "linear_dpo") if inplace else ("logits",),
+        reason_fn=_fastdpo_reason(backend),
+        builders={"logits": seq, "linear": lin, "linear_dpo": lin_dpo},
         destroys_input=inplace,
         note="inplace_backward=True: the gradient overwrites the logits" if inplace else
         "inplace_backward=False: the gradient gets its own buffer")
