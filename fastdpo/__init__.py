@@ -21,7 +21,7 @@ from .losses import (
     rejection_sample,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "token_logps", "sequence_logps", "linear_token_logps", "linear_sequence_logps",
