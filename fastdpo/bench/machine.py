@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
 import re
 import socket
+import subprocess
+import sys
 
 import torch
+
+_competing = 0  # busy processes running beside the measurement (see competing_load)
 
 PEER_MODULES = ("triton", "transformers", "trl", "liger_kernel", "cut_cross_entropy", "flash_attn",
                 "numpy", "matplotlib")
@@ -93,12 +98,32 @@ def machine_info() -> dict:
         "memory_total_bytes": memory_total_bytes(),
         "gpu": gpu_info(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        "competing_processes": _competing,
         "versions": versions(),
     }
+
+
+@contextlib.contextmanager
+def competing_load(n: int):
+    """``n`` processes each spinning one core for the duration: the load a data loader or a
+    second job puts on a training box. Recorded in :func:`machine_info`."""
+    global _competing
+    if n < 0:
+        raise ValueError(f"the number of competing processes must be >= 0, got {n}")
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    _competing = n
+    try:
+        yield procs
+    finally:
+        _competing = 0
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def machine_tag(info: dict) -> str:
     """Short file-name-safe tag: GPU name if any, else CPU model, plus thread count."""
     name = info["gpu"]["name"] if info.get("gpu") else info["cpu_model"]
     tag = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()[:40] or "machine"
-    return f"{tag}-{info['torch_threads']}t"
+    busy = f"-busy{info['competing_processes']}" if info.get("competing_processes") else ""
+    return f"{tag}-{info['torch_threads']}t{busy}"

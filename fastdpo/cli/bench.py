@@ -48,6 +48,9 @@ def add_arguments(parser) -> None:
                         help="comma list of workloads to time (default: all in the preset)")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the memory report (timing only)")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="run N processes spinning a core each during the measurements "
+                             "(a busy training box: data loader, second job)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="stop starting new measurements after S seconds (the rest are "
                              "reported as skipped)")
@@ -71,8 +74,11 @@ def run(args) -> int:
     device = args.device or default_device()
     if args.list:
         return list_impls(device)
+    from fastdpo.bench.machine import competing_load
+
     workloads = args.workload.split(",") if args.workload else None
-    bench_job(args.preset, device, args.out, impls=args.impl, workloads=workloads,
-              with_memory=not args.no_memory, budget_gib=args.budget, seq_len=args.seq_len,
-              time_limit_s=args.time_limit)
+    with competing_load(args.busy):
+        bench_job(args.preset, device, args.out, impls=args.impl, workloads=workloads,
+                  with_memory=not args.no_memory, budget_gib=args.budget, seq_len=args.seq_len,
+                  time_limit_s=args.time_limit)
     return 0

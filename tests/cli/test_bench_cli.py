@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fastdpo.bench import presets
 from fastdpo.bench.workloads import VOCABS
 
@@ -82,3 +84,20 @@ def test_quick_cpu_preset_keeps_the_headline_figures():
     assert {"dpo_step", "linear_dpo_step", "logps_ref", "linear_fwd_bwd"} <= {
         c.workload for c in q.cases}
     assert q.memory_cases and q.has_native_target
+
+
+def test_competing_load_runs_busy_processes_and_records_them():
+    """``fastdpo bench --busy N``: N spinning processes live exactly while the bench runs, and the
+    results say so (machine info and file tag)."""
+    from fastdpo.bench import machine
+
+    with machine.competing_load(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+        info = machine.machine_info()
+        assert info["competing_processes"] == 2
+        assert machine.machine_tag(info).endswith("-busy2")
+    assert all(p.poll() is not None for p in procs)
+    assert machine.machine_info()["competing_processes"] == 0
+    with pytest.raises(ValueError, match="competing processes"):
+        with machine.competing_load(-1):
+            pass
