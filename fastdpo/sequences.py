@@ -18,6 +18,21 @@ def check_reduction(labels, *, token_weights, average, cu_seqlens, validate) -> 
                                    _validate.checked_mode(validate, labels.device))
 
 
+def token_weights_of(active, token_weights, dtype):
+    """Each token's weight in its sequence: 1 (or its ``token_weights`` entry, detached) where
+    ``active``, exactly 0 elsewhere: an ignored token's weight is never read (it may be NaN)."""
+    if token_weights is None:
+        return active.to(dtype)
+    return torch.where(active, token_weights.detach().to(dtype), 0.0)
+
+
+def average_weights(w):
+    """Weights ``(S, T)`` divided by each sequence's sum, of any sign; a sequence without any
+    non-zero weight keeps 0 (weights that cancel give inf/NaN, as :func:`reduce_sequences`)."""
+    has = (w != 0).any(-1, keepdim=True)
+    return torch.where(has, w / torch.where(has, w.sum(-1, keepdim=True), 1.0), 0.0)
+
+
 def reduce_sequences(tok, labels, *, ignore_index, token_weights, average, shift, cu_seqlens,
                      validate):
     """Sum (or weighted mean) of per-token values into one value per sequence.
@@ -29,10 +44,8 @@ def reduce_sequences(tok, labels, *, ignore_index, token_weights, average, shift
     check_reduction(labels, token_weights=token_weights, average=average, cu_seqlens=cu_seqlens,
                     validate=validate)
     active = (labels[..., 1:] if shift else labels) != ignore_index
-    w = active.to(tok.dtype)
-    if token_weights is not None:  # an ignored token's weight is never read (it may be NaN)
-        tw = token_weights[..., 1:] if shift else token_weights
-        w = torch.where(active, tw.detach().to(tok.dtype), 0.0)
+    tw = None if token_weights is None else (token_weights[..., 1:] if shift else token_weights)
+    w = token_weights_of(active, tw, tok.dtype)
     # a weight of 0 drops the token: 0 * (-inf) must not turn the sum into NaN
     parts = [torch.where(w != 0, tok * w, 0.0), w, (w != 0).to(tok.dtype)]
     if cu_seqlens is not None:

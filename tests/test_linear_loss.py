@@ -441,3 +441,15 @@ def test_agrees_with_dpo_module(kind):
         outs.append((loss, *torch.autograd.grad(loss, (hh, ww)), *m.values()))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_token_weights_follow_sequence_logps_semantics():
+    """Same weighting rules as sequence_logps: an ignored token's weight is never read (NaN
+    there changes nothing), and average divides by a negative weight sum too."""
+    data = list(batch(seed=13))
+    labels = data[3]
+    g = torch.Generator().manual_seed(2)
+    tw = torch.rand(labels.shape, generator=g) - 0.8  # mostly negative: negative sums
+    tw = torch.where(labels == -100, float("nan"), tw)
+    check_all(tuple(data), kind="sigmoid", backend="torch", token_weights=tw, average=True,
+              chunk_rows=6)

@@ -20,12 +20,12 @@ Cost, counted in ``(rows, H) x (H, V)`` matmuls over the labelled rows only:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
 from .. import _validate, backends, ops
 from ..autograd.linear import flat_rows
+from ..sequences import average_weights, token_weights_of
 from ..autograd.linear_loss import (INVARIANT_TILE_ROWS, Head, LinearPairLoss, build_rows,
                                    chunk_pairs, plan_rows, run_pairs)
 from . import args as loss_args
@@ -58,12 +58,7 @@ def _check_head(hidden, weight, labels, bias, name=""):
 
 def _check_options(temperature, logit_scale, softcap, reduction, shift, labels):
     _validate.check_temperature(temperature)
-    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale)
-            and logit_scale != 0):
-        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0
-                                    and math.isfinite(softcap)):
-        raise ValueError(f"softcap must be None (off) or a positive number, got {softcap!r}")
+    _validate.check_logit_transform(logit_scale, softcap)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' for linear_dpo_loss (its gradient "
                          f"is formed in forward for a scalar loss), got {reduction!r}; for "
@@ -78,17 +73,15 @@ def _row_weights(labels, token_weights, ignore_index, shift, average, acc):
     if shift:
         pad = torch.zeros_like(active[:, :1])
         active = torch.cat([active[:, 1:], pad], 1)
-    w = active.to(acc)
-    if token_weights is not None:
-        _validate.check_token_weights(token_weights, labels)
-        tw = token_weights.detach().to(acc)
+    tw = token_weights
+    if tw is not None:
+        _validate.check_token_weights(tw, labels)
         if shift:
             tw = torch.cat([tw[:, 1:], torch.zeros_like(tw[:, :1])], 1)
-        w = w * tw
+    w = token_weights_of(active, tw, acc)
     lengths = active.sum(1).to(acc)
     if average:
-        den = w.sum(1, keepdim=True)
-        w = w / torch.where(den > 0, den, torch.ones_like(den))
+        w = average_weights(w)
     # rows of weight 0 add nothing to any sum or gradient: skipped like ignored rows
     return w.reshape(-1), lengths
 
