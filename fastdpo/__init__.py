@@ -20,6 +20,7 @@ from .losses import (
     preference_probs,
     rejection_sample,
 )
+from .integrations.reference import precompute_reference  # torch + fastdpo only
 
 __version__ = "0.2.0"
 
@@ -29,5 +30,6 @@ __all__ = [
     "dpo_loss", "DPOLoss", "LOSS_TYPES", "cpo_loss", "orpo_loss", "kto_loss", "CPOLoss",
     "ORPOLoss", "KTOLoss", "preference_probs", "PreferenceTargets",
     "rejection_sample", "build_pairs", "PreferencePairs",
+    "precompute_reference",
     "__version__",
 ]

@@ -72,6 +72,7 @@ from ..rows import transform_logits_  # noqa: E402
 from ..losses import dpo_loss, preference_probs  # noqa: E402
 from ..losses.functional import LABEL_SMOOTHING_TYPES  # noqa: E402
 from .hf import head_params, lm_head_inputs  # noqa: E402
+from .reference import has_reference_columns  # noqa: E402
 
 __all__ = ["FastDPOTrainer", "FastDPOConfig", "RewardColumnsCollator", "check_trl_version"]
 
@@ -272,12 +273,13 @@ class FastDPOTrainer(DPOTrainer):
         shift_completion_mask = inputs["completion_mask"][..., 1:]
         with torch.no_grad(), disable_gradient_checkpointing(
                 self.model, self.args.gradient_checkpointing_kwargs):
-            if model is None and is_peft_model(self.model):
+            if self.ref_model is None and is_peft_model(self.model):
+                # the adapter-disabled policy, also when the precompute pass passes it as `model`
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 adapter = "ref" if "ref" in unwrapped.peft_config else None
                 with use_adapter(unwrapped, adapter_name=adapter):
-                    ref = self._head_pass(self.model, model_kwargs, labels, policy=False,
-                                          stats=False)
+                    ref = self._head_pass(self.model if model is None else model, model_kwargs,
+                                          labels, policy=False, stats=False)
             else:
                 ref = self._head_pass(model if model is not None else self.ref_model,
                                       model_kwargs, labels, policy=False, stats=False)
@@ -292,6 +294,13 @@ class FastDPOTrainer(DPOTrainer):
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         # `model` is the reference (or the policy before training, or a DeepSpeed engine)
         return self._reference_logps(model, inputs, model_kwargs, labels)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # A dataset that carries the columns (saved, or from fastdpo.precompute_reference) is
+        # loaded as is; TRL would recompute and then refuse the duplicated columns.
+        if has_reference_columns(dataset):
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     # ------------------------------------------------------------------ loss
 
