@@ -1,13 +1,15 @@
 """Fused LM head + pair loss with the gradient formed in forward: the chunk loop and its Function.
 
-The rows of a ``[chosen; rejected]`` batch are walked one chunk of *pairs* at a time, only the
-rows with a label (prompt and padding rows are skipped). Per chunk, with ``R`` rows:
+The rows of a ``[chosen; rejected]`` batch are walked one chunk of *pairs* at a time (or of
+unpaired completions: ``PairRows.parts = 1``), only the rows with a label (prompt and padding
+rows are skipped). Per chunk, with ``R`` rows:
 
 1. ``X = transform(h @ W.T + b)``, ``(R, V)`` fp32 (GEMM 1), into a buffer reused by every chunk;
 2. the backend's row op ``logps_fwd`` on ``X``: token log-probs, reduced into the chunk's sequence
    log-probs (weighted sums);
 3. the caller's ``pair_grads`` turns them into ``dL/d logp`` per sequence (a closed form on
-   ``O(pairs)`` values);
+   ``O(pairs)`` values), to which a term linear in the token log-probs (an NLL over the batch,
+   ``PairRows.extra``) adds its gradient, known before the loop;
 4. ``logps_bwd`` writes ``d X`` in place, the transform's chain rule follows, then
    ``d_hidden = dX @ W`` (GEMM 2) and ``d_weight += dX.T @ h`` (GEMM 3), each skipped when that
    input needs no gradient.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -56,45 +58,61 @@ class Head:
 
 @dataclass
 class PairRows:
-    """The labelled rows of a ``[chosen; rejected]`` batch of ``2B`` sequences.
+    """The labelled rows of a batch of ``parts * B`` sequences: ``[chosen; rejected]`` pairs
+    (``parts=2``) or unpaired completions (``parts=1``); part ``k`` of unit ``j`` is sequence
+    ``k * B + j``.
 
     ``order`` lists the rows with a label, sequence by sequence; sequence ``s`` owns
     ``order[offsets[s]:offsets[s + 1]]``. ``scale`` is each row's weight in its sequence's sum
-    (token weight, divided by the sequence's total weight when averaging).
+    (token weight, divided by the sequence's total weight when averaging). ``extra`` (optional)
+    is a second weight per row, of a term linear in the token log-probs whose gradient is known
+    before the loop (an NLL over the batch): its sums per sequence are returned and its gradient
+    ``extra_grad * extra`` is added to each row's.
     """
     h2: torch.Tensor        # (N, H) all rows (a view of the caller's hidden states when possible)
     labels: torch.Tensor    # (N,) the label each row predicts (shift applied)
     scale: torch.Tensor     # (N,) acc dtype
     order: torch.Tensor     # (n_active,) int64
     seq: torch.Tensor       # (n_active,) int64 sequence of each entry of order
-    offsets: list           # 2B + 1 host ints
+    offsets: list           # parts * B + 1 host ints
     pairs: int              # B
+    parts: int = 2
+    extra: Optional[torch.Tensor] = None  # (N,) acc dtype
 
 
-def build_rows(h2, labels, weights, pairs: int, seq_len: int, acc) -> PairRows:
-    """``labels`` / ``weights`` are ``(N,)`` already shifted; ``weights`` is 0 on ignored rows."""
+def build_rows(h2, labels, weights, pairs: int, seq_len: int, acc, *, parts: int = 2,
+               extra=None) -> PairRows:
+    """``labels`` / ``weights`` (/ ``extra``) are ``(N,)`` already shifted, 0 on ignored rows."""
     active = weights != 0
+    if extra is not None:
+        active = active | (extra != 0)
+        extra = extra.to(acc)
     order = torch.nonzero(active).squeeze(1)
     seq = torch.div(order, seq_len, rounding_mode="floor")
-    counts = torch.bincount(seq, minlength=2 * pairs).tolist()
+    counts = torch.bincount(seq, minlength=parts * pairs).tolist()
     offsets = [0]
     for c in counts:
         offsets.append(offsets[-1] + c)
-    return PairRows(h2, labels, weights.to(acc), order, seq, offsets, pairs)
+    return PairRows(h2, labels, weights.to(acc), order, seq, offsets, pairs, parts, extra)
+
+
+def _unit_rows(pr: PairRows, j0: int, j1: int) -> int:
+    B, off = pr.pairs, pr.offsets
+    return sum(off[k * B + j1] - off[k * B + j0] for k in range(pr.parts))
 
 
 def chunk_pairs(pr: PairRows, cap_rows: int):
-    """Consecutive pair ranges ``(j0, j1)`` of at most ``cap_rows`` rows (at least one pair)."""
-    B, off = pr.pairs, pr.offsets
+    """Consecutive unit (pair) ranges ``(j0, j1)`` of at most ``cap_rows`` rows (at least one
+    unit each)."""
     out, j0, rows_now = [], 0, 0
-    for j in range(B):
-        n = (off[j + 1] - off[j]) + (off[B + j + 1] - off[B + j])
+    for j in range(pr.pairs):
+        n = _unit_rows(pr, j, j + 1)
         if j > j0 and rows_now + n > cap_rows:
             out.append((j0, j))
             j0, rows_now = j, 0
         rows_now += n
-    if B:
-        out.append((j0, B))
+    if pr.pairs:
+        out.append((j0, pr.pairs))
     return out
 
 
@@ -106,13 +124,24 @@ def plan_rows(n_rows: int, V: int, itemsize: int, softcap: bool, chunk_rows=None
     return max(MIN_CHUNK_ROWS, budget // per_row)
 
 
-PairGrads = Callable[[int, int, torch.Tensor, torch.Tensor], tuple]
+# pair_grads(j0, j1, *sums) -> one (j1 - j0,) gradient per part: dL/d(sequence log-prob)
+PairGrads = Callable[..., tuple]
+
+
+class PassResult(NamedTuple):
+    logps: tuple            # one (B,) tensor of sequence log-probs per part
+    extra: Optional[tuple]  # the same sums under ``PairRows.extra`` (None without)
+    d_hidden: Optional[torch.Tensor]
+    d_weight: Optional[torch.Tensor]
+    d_bias: Optional[torch.Tensor]
 
 
 def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Optional[PairGrads],
-              need_h: bool, need_w: bool, need_b: bool, hidden_shape=None, tile: int = 0):
-    """The chunk loop (module docstring). Returns ``(pc, pr, d_hidden, d_weight, d_bias)``: the
-    sequence log-probs ``(B,)`` and the gradients (None where not needed or no ``pair_grads``).
+              need_h: bool, need_w: bool, need_b: bool, hidden_shape=None, tile: int = 0,
+              extra_grad=0.0) -> PassResult:
+    """The chunk loop (module docstring): the sequence log-probs and the gradients (None where
+    not needed or no ``pair_grads``). ``pair_grads`` gets each chunk's units ``[j0, j1)`` and
+    their sequence log-probs, one tensor per part, and returns ``dL/d logp`` per part.
 
     ``tile > 0`` (batch invariance): every matmul and row op runs on slabs of exactly ``tile``
     rows (the last one padded with ignored rows), so no shape depends on the batch and a row's
@@ -121,7 +150,7 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     dev, V = h2.device, weight.shape[0]
     acc = ops.acc_dtype(h2.dtype)
     opd = operand_dtype(h2.dtype, dev)
-    B, off = pr.pairs, pr.offsets
+    B, off, K = pr.pairs, pr.offsets, pr.parts
     grads = pair_grads is not None and (need_h or need_w or need_b)
     need_b = need_b and bias is not None
     # CPU low-precision weights are cast once (fp32 GEMMs); elsewhere the weight is used as is.
@@ -131,8 +160,8 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     row_bwd = ops.get_op(head.backend, "logps_bwd")
     T, ii = float(head.temperature), head.ignore_index
     softcap = head.softcap if head.softcap else 0.0
-    pc = torch.zeros(B, dtype=acc, device=dev)
-    pr_ = torch.zeros(B, dtype=acc, device=dev)
+    out = torch.zeros(K * B, dtype=acc, device=dev)
+    ext = torch.zeros(K * B, dtype=acc, device=dev) if pr.extra is not None else None
     d_h = d_w = d_b = None
     if grads and need_h:
         d_h = torch.zeros(h2.shape, dtype=h2.dtype, device=dev)
@@ -141,22 +170,22 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     w_written = False
     if grads and need_b:
         d_b = torch.zeros(V, dtype=acc, device=dev)
+
     def padded(n):
         return n if not tile else -(-n // tile) * tile
 
-    max_rows = max([padded(off[j1] - off[j0] + off[B + j1] - off[B + j0]) for j0, j1 in chunks]
-                   + [0])
+    max_rows = max([padded(_unit_rows(pr, j0, j1)) for j0, j1 in chunks] + [0])
     buf = torch.empty(max_rows * V, dtype=acc, device=dev)
     tbuf = torch.empty(max_rows * V if (grads and softcap) else 0, dtype=acc, device=dev)
     for j0, j1 in chunks:
         P = j1 - j0
-        sel = torch.cat([pr.order[off[j0]:off[j1]], pr.order[off[B + j0]:off[B + j1]]])
-        seq = torch.cat([pr.seq[off[j0]:off[j1]] - j0,
-                         pr.seq[off[B + j0]:off[B + j1]] - B - j0 + P])
+        spans = [(off[k * B + j0], off[k * B + j1]) for k in range(K)]
+        sel = torch.cat([pr.order[a:e] for a, e in spans])
+        seq = torch.cat([pr.seq[a:e] - k * B - j0 + k * P for k, (a, e) in enumerate(spans)])
         R = sel.numel()
         Rp = padded(R)
         slabs = [(s0, min(Rp, s0 + (tile or Rp))) for s0 in range(0, Rp, tile or max(Rp, 1))]
-        sums = torch.zeros(2 * P, dtype=acc, device=dev)
+        sums = torch.zeros(K * P, dtype=acc, device=dev)
         if R:
             h = pad_rows(pr.h2.index_select(0, sel).to(opd), Rp, 0)
             lab = pad_rows(pr.labels.index_select(0, sel), Rp, ii).view(1, Rp)
@@ -170,14 +199,23 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
                 stats.append(row_fwd(x[s0:s1].view(1, s1 - s0, V), lab[:, s0:s1], ii, T, 0, V,
                                      False)[:3])
             lp, rmax, lsum = (torch.cat(c, 1) if len(c) > 1 else c[0] for c in zip(*stats))
-            sums.index_add_(0, seq, lp.view(Rp)[:R] * scale)
-        pc[j0:j1], pr_[j0:j1] = sums[:P], sums[P:]
+            lp = lp.view(Rp)[:R]
+            sums.index_add_(0, seq, lp * scale)
+            if ext is not None:
+                extra = pr.extra.index_select(0, sel)
+                esums = torch.zeros(K * P, dtype=acc, device=dev).index_add_(0, seq, lp * extra)
+                for k in range(K):
+                    ext[k * B + j0:k * B + j1] = esums[k * P:(k + 1) * P]
+        for k in range(K):
+            out[k * B + j0:k * B + j1] = sums[k * P:(k + 1) * P]
         if pair_grads is None:
             continue
-        gc, gr = pair_grads(j0, j1, sums[:P], sums[P:])
+        g = pair_grads(j0, j1, *(sums[k * P:(k + 1) * P] for k in range(K)))
         if not grads or not R:
             continue
-        g_row = torch.cat([gc, gr]).to(acc).index_select(0, seq) * scale
+        g_row = torch.cat(list(g)).to(acc).index_select(0, seq) * scale
+        if ext is not None:
+            g_row = g_row + extra_grad * extra
         g_row = pad_rows(g_row, Rp, 0).view(1, Rp)
         for s0, s1 in slabs:
             xs = x[s0:s1].view(1, s1 - s0, V)
@@ -202,7 +240,9 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
         d_w = d_w.to(weight.dtype)
     if d_b is not None and d_b.dtype != bias.dtype:
         d_b = d_b.to(bias.dtype)
-    return pc, pr_, d_h, d_w, d_b
+    logps = tuple(out[k * B:(k + 1) * B].clone() if K > 1 else out for k in range(K))
+    extras = None if ext is None else tuple(ext[k * B:(k + 1) * B] for k in range(K))
+    return PassResult(logps, extras, d_h, d_w, d_b)
 
 
 # ------------------------------------------------ frozen head of the per-token log-probs
@@ -264,27 +304,29 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
 
 
 class LinearPairLoss(torch.autograd.Function):
-    """``(loss, pc, pr)`` of a fused pass whose gradients ``compute()`` already formed.
+    """``(loss, *logps)`` of a fused pass whose gradients ``compute()`` already formed.
 
-    ``compute()`` returns ``(loss, pc, pr, grads)`` with ``grads`` the gradients of
-    ``(hidden, weight, bias, target_probs, reward_margins)`` (None where not needed); the backward
-    scales them by the incoming gradient of ``loss`` (``pc`` / ``pr`` are not differentiable).
+    ``compute()`` returns ``(loss, logps, grads)``: ``logps`` a tuple of sequence log-prob
+    tensors (not differentiable), ``grads`` the gradients of ``(hidden, weight, bias,
+    target_probs, reward_margins)`` (None where not needed); the backward scales them by the
+    incoming gradient of ``loss``. ``name`` is the public function, for the errors.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target_probs, reward_margins, compute):
-        loss, pc, pr, grads = compute()
-        ctx.grads = grads
-        ctx.mark_non_differentiable(pc, pr)
-        return loss, pc, pr
+    def forward(ctx, hidden, weight, bias, target_probs, reward_margins, compute,
+                name="linear_dpo_loss"):
+        loss, logps, grads = compute()
+        ctx.grads, ctx.name = grads, name
+        ctx.mark_non_differentiable(*logps)
+        return (loss, *logps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad, _gpc, _gpr):
-        refuse_double_backward("linear_dpo_loss")
+    def backward(ctx, grad, *_):
+        refuse_double_backward(ctx.name)
         grads = ctx.grads
         if grads is None:
-            raise RuntimeError("linear_dpo_loss: backward ran twice through the same graph; its "
+            raise RuntimeError(f"{ctx.name}: backward ran twice through the same graph; its "
                                "gradients were formed in forward and are released after the "
                                "first backward (do not use retain_graph with it)")
         ctx.grads = None
@@ -297,4 +339,4 @@ class LinearPairLoss(torch.autograd.Function):
                 out.append(None)
             else:  # in place: the stored gradient is not used again
                 out.append(g if unit else g.mul_(grad.to(g.dtype)))
-        return (*out, None)
+        return (*out, None, None)

@@ -5,6 +5,7 @@ from .dpo import RewardRunningMean, dpo_loss, preference_metrics
 from .family_modules import CPOLoss, KTOLoss, ORPOLoss
 from .formulas import CPO_LOSS_TYPES, KTO_LOSS_TYPES
 from .fused_linear import linear_dpo_loss
+from .fused_linear_family import linear_cpo_loss, linear_kto_loss, linear_orpo_loss
 from .functional import LOSS_TYPES, TRL_LOSS_TYPES
 from .kto import kto_loss
 from .module import DPOLoss
@@ -15,4 +16,5 @@ from .reference_free import cpo_loss, orpo_loss
 __all__ = ["dpo_loss", "DPOLoss", "preference_probs", "rejection_sample", "build_pairs",
            "PreferenceTargets", "PreferencePairs", "RejectionSample", "RewardRunningMean",
            "preference_metrics", "LOSS_TYPES", "TRL_LOSS_TYPES", "cpo_loss", "orpo_loss",
-           "kto_loss", "linear_dpo_loss", "CPO_LOSS_TYPES", "KTO_LOSS_TYPES", "CPOLoss", "ORPOLoss", "KTOLoss"]
+           "kto_loss", "linear_dpo_loss", "linear_cpo_loss", "linear_orpo_loss", "linear_kto_loss",
+           "CPO_LOSS_TYPES", "KTO_LOSS_TYPES", "CPOLoss", "ORPOLoss", "KTOLoss"]

@@ -3,7 +3,9 @@ from logits, or hidden states + LM head, to the loss in one call, never holding 
 
 Each computes per-token log-probs with :class:`fastdpo.losses.scoring.SequenceScorer`, reduces
 them per sequence and calls :func:`fastdpo.cpo_loss`, :func:`fastdpo.orpo_loss` or
-:func:`fastdpo.kto_loss`, whose options it takes.
+:func:`fastdpo.kto_loss`, whose options it takes. Given ``hidden`` + ``weight`` (one device, no
+packing, ``reduction`` other than ``"none"``) they call the fused :func:`fastdpo.linear_cpo_loss`
+etc. instead, which form the gradient in forward (3 matmuls, 2 with a frozen head, against 4).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import args
+from .fused_linear_family import linear_cpo_loss, linear_kto_loss, linear_orpo_loss
 from .kto import kto_loss
 from .reference_free import cpo_loss, orpo_loss
 from .scoring import SequenceScorer
@@ -18,6 +21,20 @@ from .scoring import SequenceScorer
 _SCORER_DOC = """ignore_index, shift, temperature, backend, inplace_backward, logit_scale, softcap,
             process_group, validate: the log-prob pass, see
             :class:`fastdpo.losses.scoring.SequenceScorer`."""
+
+
+def _fused(mod, logits, hidden, weight, cu_seqlens, ref_logits=None) -> bool:
+    """Whether the policy pass can form its gradient in forward (the ``linear_*_loss`` path):
+    hidden states + head, one device, no packing, a scalar loss."""
+    return (logits is None and hidden is not None and weight is not None and ref_logits is None
+            and cu_seqlens is None and mod.process_group is None
+            and mod.loss_kwargs["reduction"] != "none")
+
+
+def _head(mod):
+    return dict(ignore_index=mod.ignore_index, shift=mod.shift, temperature=mod.temperature,
+                logit_scale=mod.logit_scale, softcap=mod.softcap, backend=mod.backend,
+                validate=mod.validate)
 
 
 def _policy(mod, labels, logits, hidden, weight, bias, cu_seqlens):
@@ -52,6 +69,9 @@ class CPOLoss(SequenceScorer):
         """``logits`` ``(2B, T, V)`` (or ``hidden`` + ``weight``), ``labels`` ``(2B, T)``
         (``ignore_index`` on prompt and padding), chosen rows first; or packed with
         ``cu_seqlens``. Returns ``(loss, metrics)`` as :func:`fastdpo.cpo_loss`."""
+        if _fused(self, logits, hidden, weight, cu_seqlens):
+            return linear_cpo_loss(hidden, weight, labels, bias=bias, **_head(self),
+                                   **self.loss_kwargs)
         logps, counts = _policy(self, labels, logits, hidden, weight, bias, cu_seqlens)
         pc, pr = self.split(logps, "the policy log-probs")
         nc, nr = self.split(counts, "labels")
@@ -81,6 +101,9 @@ class ORPOLoss(SequenceScorer):
         ``ignore_index``). It must agree with ``labels`` wherever those are scored; the same
         single log-prob pass serves both (rows of rejected sequences are not read for the NLL:
         set them to ``ignore_index`` to skip their prompt tokens). Default: the completions."""
+        if _fused(self, logits, hidden, weight, cu_seqlens):
+            return linear_orpo_loss(hidden, weight, labels, bias=bias, nll_labels=nll_labels,
+                                    **_head(self), **self.loss_kwargs)
         if nll_labels is None:
             logps, counts = _policy(self, labels, logits, hidden, weight, bias, cu_seqlens)
             pc, pr = self.split(logps, "the policy log-probs")
@@ -134,6 +157,14 @@ class KTOLoss(SequenceScorer):
         completions, ``desirable`` ``(B,)`` bool; the reference as ``ref_logps`` ``(B,)`` or
         ``ref_logits`` / ``ref_hidden`` + ``ref_weight``. Returns :func:`fastdpo.kto_loss`'s
         ``(loss, metrics)``."""
+        if _fused(self, logits, hidden, weight, cu_seqlens, ref_logits):
+            if ref_logps is not None and not isinstance(ref_logps, torch.Tensor):
+                ref_logps = torch.cat(list(ref_logps))
+            return linear_kto_loss(hidden, weight, labels, desirable, bias=bias,
+                                   ref_logps=ref_logps, ref_hidden=ref_hidden,
+                                   ref_weight=ref_weight, ref_bias=ref_bias,
+                                   policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps,
+                                   kl=kl, **_head(self), **self.loss_kwargs)
         logps = self.sequences(labels, logits, hidden, weight, bias, cu_seqlens)
         ref = self.reference(labels, ref_logps, ref_logits, ref_hidden, ref_weight, ref_bias,
                              cu_seqlens)

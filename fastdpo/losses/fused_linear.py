@@ -20,14 +20,15 @@ Cost, counted in ``(rows, H) x (H, V)`` matmuls over the labelled rows only:
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
 from .. import _validate, backends, ops
 from ..autograd.linear import flat_rows
 from ..sequences import average_weights, token_weights_of
-from ..autograd.linear_loss import (INVARIANT_TILE_ROWS, Head, LinearPairLoss, build_rows,
-                                   chunk_pairs, plan_rows, run_pairs)
+from ..autograd.linear_loss import (INVARIANT_TILE_ROWS, Head, LinearPairLoss, PairRows,
+                                   build_rows, chunk_pairs, plan_rows, run_pairs)
 from . import args as loss_args
 from .dpo import dpo_loss, loss_config, preference_metrics
 from .functional import PairInputs, combined
@@ -36,15 +37,18 @@ from .functional import PairInputs, combined
 BATCH_TYPES = ("aot", "aot_unpaired")
 
 
-def _check_head(hidden, weight, labels, bias, name=""):
+def check_head(hidden, weight, labels, bias, name="", paired=True):
     _validate.check_float(f"{name}hidden", hidden)
     _validate.check_float(f"{name}weight", weight)
     if bias is not None:
         _validate.check_float(f"{name}bias", bias)
     _validate.check_same_device(**{f"{name}hidden": hidden, f"{name}weight": weight, "labels": labels})
-    if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[0] % 2:
+    if paired and (hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[0] % 2):
         raise ValueError(f"{name}hidden must be (2B, T, H) with the B chosen sequences first, "
                          f"then the B rejected ones, got shape {tuple(hidden.shape)}")
+    if not paired and (hidden.dim() != 3 or hidden.shape[0] == 0):
+        raise ValueError(f"{name}hidden must be (B, T, H), one row per completion, got shape "
+                         f"{tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"{name}weight must be (V, H) with H = {hidden.shape[-1]} and V > 0, "
                          f"got shape {tuple(weight.shape)}")
@@ -56,19 +60,20 @@ def _check_head(hidden, weight, labels, bias, name=""):
                          f"{name}hidden {tuple(hidden.shape)}, got {tuple(labels.shape)}")
 
 
-def _check_options(temperature, logit_scale, softcap, reduction, shift, labels):
+def _check_options(temperature, logit_scale, softcap, reduction, shift, labels, name):
     _validate.check_temperature(temperature)
     _validate.check_logit_transform(logit_scale, softcap)
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum' for linear_dpo_loss (its gradient "
-                         f"is formed in forward for a scalar loss), got {reduction!r}; for "
-                         f"per-pair losses use linear_sequence_logps + dpo_loss")
+        loss = name.replace("linear_", "")
+        raise ValueError(f"reduction must be 'mean' or 'sum' for {name} (its gradient is formed "
+                         f"in forward for a scalar loss), got {reduction!r}; for per-pair "
+                         f"losses use linear_sequence_logps + {loss}")
     if shift and labels.shape[1] < 1:
         raise ValueError("shift=True needs at least one position")
 
 
 def _row_weights(labels, token_weights, ignore_index, shift, average, acc):
-    """Each row's weight in its sequence's log-prob, the shifted labels (flat) and the lengths."""
+    """Each row's weight in its sequence's log-prob (flat) and the label counts per sequence."""
     active = labels != ignore_index
     if shift:
         pad = torch.zeros_like(active[:, :1])
@@ -84,6 +89,80 @@ def _row_weights(labels, token_weights, ignore_index, shift, average, acc):
         w = average_weights(w)
     # rows of weight 0 add nothing to any sum or gradient: skipped like ignored rows
     return w.reshape(-1), lengths
+
+
+@dataclasses.dataclass
+class FusedBatch:
+    """One fused pass's checked inputs: the head options, the rows and their chunks."""
+    hidden: torch.Tensor    # the policy's hidden states (in the autocast dtype under autocast)
+    head: Head
+    rows: PairRows
+    chunks: list
+    tile: int               # slab rows under batch invariance, else 0
+    lab: torch.Tensor       # (N,) each row's label (shift applied)
+    w_rows: torch.Tensor    # (N,) each row's weight in its sequence's log-prob
+    lengths: torch.Tensor   # (parts * B,) label counts
+    extra_lengths: Optional[torch.Tensor]  # (parts * B,) counts of extra_labels
+    V: int
+
+
+def prepare(name, hidden, weight, labels, bias, *, parts, ignore_index, shift, temperature,
+            logit_scale, softcap, reduction, token_weights, average, backend, validate,
+            chunk_rows, batch_invariant, extra_labels=None) -> FusedBatch:
+    """Checks and rows of a fused pass over ``parts * B`` sequences. ``extra_labels`` (shaped
+    like ``labels``, equal to them wherever both are scored) marks the tokens of a term linear in
+    the token log-probs (``PairRows.extra``, token weights applied); a row scored by either takes
+    the label it has."""
+    check_head(hidden, weight, labels, bias, paired=parts == 2)
+    _validate.check_index("labels", labels)
+    _check_options(temperature, logit_scale, softcap, reduction, shift, labels, name)
+    if not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
+    dev = hidden.device
+    if torch.is_autocast_enabled(dev.type):  # compute in the autocast dtype, like F.linear
+        hidden = hidden.to(torch.get_autocast_dtype(dev.type))
+    acc = ops.acc_dtype(hidden.dtype)
+    V = weight.shape[0]
+    checked = _validate.checked_mode(validate, dev)
+    if checked:
+        _validate.check_label_values(labels, ignore_index, V)
+    head = _head(backend, hidden, ignore_index, temperature, logit_scale, softcap)
+    w_rows, lengths = _row_weights(labels, token_weights, ignore_index, shift, average, acc)
+    h2, lab = flat_rows(hidden, labels, shift, ignore_index)
+    extra = extra_lengths = None
+    if extra_labels is not None:
+        if checked:
+            _validate.check_label_values(extra_labels, ignore_index, V)
+        extra, extra_lengths = _row_weights(extra_labels, token_weights, ignore_index, shift,
+                                            False, acc)
+        _, elab = flat_rows(hidden, extra_labels, shift, ignore_index)
+        lab = torch.where(lab != ignore_index, lab, elab)
+    B = hidden.shape[0] // parts
+    rows = build_rows(h2, lab, w_rows, B, labels.shape[1], acc, parts=parts, extra=extra)
+    cap = plan_rows(h2.shape[0], V, hidden.element_size(), bool(softcap), chunk_rows)
+    tile = INVARIANT_TILE_ROWS if batch_invariant else 0
+    return FusedBatch(hidden, head, rows, chunk_pairs(rows, cap), tile, lab, w_rows, lengths,
+                      extra_lengths, V)
+
+
+def reference_logps(fb: FusedBatch, ref_hidden, ref_weight, ref_bias, labels, shift):
+    """The reference model's sequence log-probs on the same batch (no graph, nothing kept):
+    one tensor per part."""
+    if ref_weight is None:
+        raise ValueError("ref_hidden needs ref_weight (the reference LM head, (V, H))")
+    check_head(ref_hidden, ref_weight, labels, ref_bias, "ref_", paired=fb.rows.parts == 2)
+    if ref_weight.shape[0] != fb.V:
+        raise ValueError(f"ref_weight has {ref_weight.shape[0]} vocabulary rows, weight {fb.V}")
+    pr = fb.rows
+    acc = pr.scale.dtype
+    with torch.no_grad():
+        rh = ref_hidden.detach()
+        rh = rh.to(fb.hidden.dtype) if rh.dtype != fb.hidden.dtype else rh
+        r2, _ = flat_rows(rh, labels, shift, fb.head.ignore_index)
+        rows = build_rows(r2, fb.lab, fb.w_rows, pr.pairs, labels.shape[1], acc, parts=pr.parts)
+        return run_pairs(fb.head, rows, ref_weight.detach(),
+                         None if ref_bias is None else ref_bias.detach(), fb.chunks, None, False,
+                         False, False, tile=fb.tile).logps
 
 
 def _head(backend, hidden, ignore_index, temperature, logit_scale, softcap):
@@ -146,47 +225,22 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
     Returns:
         ``(loss, metrics)`` as :func:`fastdpo.dpo_loss` (TRL's reward and log-prob metrics).
     """
-    _check_head(hidden, weight, labels, bias)
-    _validate.check_index("labels", labels)
-    _check_options(temperature, logit_scale, softcap, reduction, shift, labels)
+    fb = prepare("linear_dpo_loss", hidden, weight, labels, bias, parts=2,
+                 ignore_index=ignore_index, shift=shift, temperature=temperature,
+                 logit_scale=logit_scale, softcap=softcap, reduction=reduction,
+                 token_weights=token_weights, average=average, backend=backend,
+                 validate=validate, chunk_rows=chunk_rows, batch_invariant=batch_invariant)
     given = ref_chosen_logps is not None or ref_rejected_logps is not None
-    n_ref = given + (ref_hidden is not None)
-    if n_ref != 1:
+    if given + (ref_hidden is not None) != 1:
         raise ValueError("pass the reference as ref_chosen_logps + ref_rejected_logps, or as "
                          "ref_hidden + ref_weight (not both, not neither)")
-    B = hidden.shape[0] // 2
-    dev = hidden.device
-    if torch.is_autocast_enabled(dev.type):  # compute in the autocast dtype, like F.linear
-        hidden = hidden.to(torch.get_autocast_dtype(dev.type))
+    hidden, head, pr_rows, chunks, tile = fb.hidden, fb.head, fb.rows, fb.chunks, fb.tile
+    lengths, B, dev = fb.lengths, pr_rows.pairs, hidden.device
     acc = ops.acc_dtype(hidden.dtype)
-    V_ = weight.shape[0]
-    if _validate.checked_mode(validate, dev):
-        _validate.check_label_values(labels, ignore_index, V_)
-    head = _head(backend, hidden, ignore_index, temperature, logit_scale, softcap)
-    w_rows, lengths = _row_weights(labels, token_weights, ignore_index, shift, average, acc)
-    h2, lab = flat_rows(hidden, labels, shift, ignore_index)
-    T = labels.shape[1]
-    pr_rows = build_rows(h2, lab, w_rows, B, T, acc)
-    cap = plan_rows(h2.shape[0], V_, hidden.element_size(), bool(softcap), chunk_rows)
-    chunks = chunk_pairs(pr_rows, cap)
-    if not isinstance(batch_invariant, bool):
-        raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
-    tile = INVARIANT_TILE_ROWS if batch_invariant else 0
 
     # -- the reference's log-probs
     if ref_hidden is not None:
-        if ref_weight is None:
-            raise ValueError("ref_hidden needs ref_weight (the reference LM head, (V, H))")
-        _check_head(ref_hidden, ref_weight, labels, ref_bias, "ref_")
-        if ref_weight.shape[0] != V_:
-            raise ValueError(f"ref_weight has {ref_weight.shape[0]} vocabulary rows, weight {V_}")
-        with torch.no_grad():
-            rh = ref_hidden.to(hidden.dtype) if ref_hidden.dtype != hidden.dtype else ref_hidden
-            r2, _ = flat_rows(rh.detach(), labels, shift, ignore_index)
-            ref_rows = build_rows(r2, lab, w_rows, B, T, acc)
-            rc, rr, *_ = run_pairs(head, ref_rows, ref_weight.detach(),
-                                   None if ref_bias is None else ref_bias.detach(), chunks,
-                                   None, False, False, False, tile=tile)
+        rc, rr = reference_logps(fb, ref_hidden, ref_weight, ref_bias, labels, shift)
     else:
         if ref_chosen_logps is None or ref_rejected_logps is None or ref_weight is not None:
             raise ValueError("pass both ref_chosen_logps and ref_rejected_logps (and no "
@@ -275,8 +329,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                 def pair_grads(j0, j1, pc_c, pr_c):
                     return grads_of(j0, j1, pc_c, pr_c, delta0)
             else:  # first pass: every pair's log-probs, then the whole batch's pair gradients
-                pc0, pr0, *_ = run_pairs(head, pr_rows, w_, b_, chunks, None, False, False, False,
-                                         tile=tile)
+                pc0, pr0 = run_pairs(head, pr_rows, w_, b_, chunks, None, False, False, False,
+                                     tile=tile).logps
                 delta = delta0
                 if delta_fn is not None:
                     delta = delta_fn(pc0, pr0, rc_, rr_)
@@ -287,16 +341,16 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                 def pair_grads(j0, j1, pc_c, pr_c):
                     return gc_all[j0:j1], gr_all[j0:j1]
 
-            pc, pr, d_h, d_w, d_b = run_pairs(head, pr_rows, w_, b_, chunks, pair_grads,
-                                              need_h, need_w, need_b, hidden_shape=hidden.shape,
-                                              tile=tile)
+            (pc, pr), _, d_h, d_w, d_b = run_pairs(head, pr_rows, w_, b_, chunks, pair_grads,
+                                                   need_h, need_w, need_b,
+                                                   hidden_shape=hidden.shape, tile=tile)
             loss = acc_loss["pairs"] * r + acc_loss["sft"]
         grads = (d_h, d_w, d_b, None if ds is None else ds.to(target_probs.dtype),
                  None if dm is None else dm.to(reward_margins.dtype))
-        return loss, pc, pr, grads
+        return loss, (pc, pr), grads
 
     loss, pc, pr = LinearPairLoss.apply(hidden, weight, bias, target_probs, reward_margins,
-                                        compute)
+                                        compute, "linear_dpo_loss")
     return loss, preference_metrics(pc, pr, rc, rr, beta)
 
 
