@@ -1,4 +1,5 @@
-"""Fused LM head: hidden states + weight -> sequence log-probs, forward + backward, against
+"""Fused LM head: hidden states + weight -> sequence log-probs, forward + backward (trained and
+frozen head), each row also as a multiple of the same run's bare GEMMs, against
 eager/compiled matmul + log_softmax, TRL's chunked LM head, Liger's fused linear cross entropy and
 Cut Cross-Entropy (each where it runs).
 
@@ -19,7 +20,7 @@ import pytest
 
 from fastdpo.bench import scripting
 
-WORKLOADS = ("linear_fwd_bwd",)
+WORKLOADS = ("linear_fwd_bwd", "linear_frozen_fwd_bwd")
 NATIVE_TARGET = False
 PARAMS = scripting.pytest_params(WORKLOADS, NATIVE_TARGET)
 

@@ -22,8 +22,9 @@ def main(argv) -> int:
         res = {"status": "unavailable", "reason": why}
     else:
         try:
-            res = {"status": "ok", **measure_case(case, impl, spec["device"],
-                                                  saved=spec.get("saved", True))}
+            res = {"status": "ok", **measure_case(
+                case, impl, spec["device"], saved=spec.get("saved", True),
+                small_warmup=spec.get("small_warmup", False))}
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             res = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
     print(json.dumps(res), flush=True)

@@ -4,9 +4,10 @@
   counting bytes read plus bytes written. A logits-path step must read (and for the backward,
   write) at least :meth:`Case.logits_passes` logits-sized tensors; that over its median time,
   divided by the copy bandwidth, is its ``copy_fraction``.
-* Bare matrix products: the products a fused LM-head step stands for (:meth:`Case.gemms`), timed
-  with cuBLAS (``torch.mm`` into preallocated outputs) on the same shapes and dtype;
-  ``x_gemm = median / gemm_s``.
+* Bare matrix products: the products a fused LM-head step stands for (:meth:`Case.gemms`: 3 for
+  forward + backward, 2 with a frozen head, 4 for a DPO step), each timed with ``torch.mm`` into a
+  preallocated output (cuBLAS on CUDA, the CPU BLAS on CPU) on the same shapes and dtype;
+  ``gemm_s`` is the sum of their medians and ``x_gemm = median / gemm_s``.
 
 Also the crude cost model behind the up-front time estimates of :mod:`.progress`.
 """
@@ -32,32 +33,65 @@ def copy_bandwidth(device, nbytes: int | None = None, repeats: int = 20) -> dict
             "iqr_rel": t.iqr_rel, "repeats": t.repeats}
 
 
-def gemm_time(case: Case, device, repeats: int = 10) -> dict:
-    """Median time of the bare products of ``case.gemms()`` in the case's dtype."""
+# A bare product whose first (warm-up) call takes longer than this is timed once more and no
+# further: on 2 CPU cores one (4096, 1024) x (1024, 128256) product is ~1 TFLOP, ~10 s.
+HEAVY_GEMM_S = 2.0
+# Timed calls of one product stop once this much was spent (at least 3 kept).
+GEMM_MAX_S = 5.0
+
+
+def product_time(shape, dtype, device, repeats: int = 10) -> dict:
+    """Median time of one bare product ``(M, K) @ (K, N)`` into a preallocated output. The first
+    call is the warm-up; when it took more than ``HEAVY_GEMM_S`` a single timed call follows,
+    else up to ``repeats`` (stopping after ``GEMM_MAX_S`` of timed calls)."""
     device = torch.device(device)
-    dt = case.torch_dtype
-    operands = []
-    for i, (m, n, k) in enumerate(case.gemms()):
-        a = _randn((m, k), dt, device, 11 + i)
-        b = _randn((k, n), dt, device, 23 + i)
-        operands.append((a, b, torch.empty((m, n), dtype=dt, device=device)))
+    m, n, k = shape
+    a = _randn((m, k), dtype, device, 11)
+    b = _randn((k, n), dtype, device, 23)
+    out = torch.empty((m, n), dtype=dtype, device=device)
 
     def run(_):
-        for a, b, out in operands:
-            torch.mm(a, b, out=out)
+        torch.mm(a, b, out=out)
 
-    t = measure(run, device=device, warmup=2, repeats=repeats)
-    return {"median_s": t.median_s, "flops": case.flops(),
-            "tflops": case.flops() / t.median_s / 1e12, "iqr_rel": t.iqr_rel}
+    first = measure(run, device=device, warmup=0, repeats=1)
+    if first.median_s > HEAVY_GEMM_S:
+        t = measure(run, device=device, warmup=0, repeats=1)
+    else:
+        t = measure(run, device=device, warmup=1, repeats=repeats, max_seconds=GEMM_MAX_S)
+    return {"median_s": t.median_s, "iqr_rel": t.iqr_rel, "repeats": t.repeats}
+
+
+def gemm_time(case: Case, device, repeats: int = 10, cache: dict | None = None) -> dict:
+    """Time of the bare products of ``case.gemms()`` in the case's dtype: each distinct shape
+    timed on its own (:func:`product_time`, ``cache`` keyed by shape and dtype: a DPO step's
+    second forward product, a frozen head's two products reuse the same measurements), the
+    case's figure the sum of its products' medians."""
+    cache = {} if cache is None else cache
+    dt = case.torch_dtype
+    total, parts = 0.0, []
+    for shape in case.gemms():
+        key = (tuple(shape), case.dtype)
+        if key not in cache:
+            cache[key] = product_time(shape, dt, device, repeats)
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+        total += cache[key]["median_s"]
+        parts.append({"shape": list(shape), **cache[key]})
+    f = case.flops()
+    return {"median_s": total, "flops": f, "tflops": f / total / 1e12, "gflops": f / total / 1e9,
+            "n_gemms": len(parts), "products": parts}
 
 
 class Ceilings:
     """The copy bandwidth of this run, and bare-product times per LM-head case (cached)."""
 
-    def __init__(self, device, log=print, copy_bytes: int | None = None):
+    def __init__(self, device, log=print, copy_bytes: int | None = None,
+                 gemm_repeats: int = 10):
         self.device = torch.device(device)
         self.copy = copy_bandwidth(self.device, copy_bytes)
         self.gemm: dict[tuple, dict] = {}
+        self.products: dict[tuple, dict] = {}
+        self.gemm_repeats = gemm_repeats
         if log:
             log(f"same-run ceiling: device-to-device copy {self.copy['gbps']:.1f} GB/s "
                 f"({self.copy['bytes'] / 2**20:.0f} MiB, read + write)")
@@ -66,7 +100,7 @@ class Ceilings:
         key = (case.gemms(), case.dtype)
         if key not in self.gemm:
             try:
-                self.gemm[key] = gemm_time(case, self.device)
+                self.gemm[key] = gemm_time(case, self.device, self.gemm_repeats, self.products)
             except Exception as exc:  # noqa: BLE001 - the row still stands without its ratio
                 self.gemm[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             finally:
@@ -83,12 +117,18 @@ class Ceilings:
             g = self.gemm_for(case)
             if "median_s" in g:
                 out.update(gemm_s=g["median_s"], gemm_tflops=g["tflops"],
-                           x_gemm=median_s / g["median_s"])
+                           gemm_gflops=g["gflops"], x_gemm=median_s / g["median_s"])
         return out
 
     def to_dict(self) -> dict:
         return {"copy": self.copy,
                 "gemm": [{"shapes": k[0], "dtype": k[1], **v} for k, v in self.gemm.items()]}
+
+
+def flop_rate(gflops: float) -> str:
+    if gflops < 10:
+        return f"{gflops:.1f} GFLOP/s"
+    return f"{gflops:.0f} GFLOP/s" if gflops < 1000 else f"{gflops / 1000:.0f} TFLOP/s"
 
 
 def describe(row: dict) -> str:
@@ -97,7 +137,8 @@ def describe(row: dict) -> str:
     if row.get("copy_fraction") is not None:
         parts.append(f"{row['achieved_gbps']:.0f} GB/s = {row['copy_fraction'] * 100:.0f}% copy")
     if row.get("x_gemm") is not None:
-        parts.append(f"{row['x_gemm']:.2f}x bare GEMMs, {row['tflops']:.0f} TFLOP/s")
+        parts.append(f"{row['x_gemm']:.2f}x {row['n_gemms']} bare GEMMs, "
+                     f"{flop_rate(row['gflops'])}")
     return ("  " + "; ".join(parts)) if parts else ""
 
 
@@ -140,7 +181,9 @@ def estimate_s(case: Case, impl, p, device) -> float:
     if case.kind != "logits":
         nbytes = case.logits_bytes() * 4 + case.flops() / (50 if dev == "cpu" else 2000)
     step = nbytes / _RATE[dev] * _SLOW.get(impl.name, 1.0)
-    runs = p.warmup + min(p.repeats, max(3, int(p.max_seconds / max(step, 1e-6))))
+    warmup, repeats = p.runs_for(case, impl) if hasattr(p, "runs_for") else (p.warmup,
+                                                                              p.repeats)
+    runs = warmup + min(repeats, max(3, int(p.max_seconds / max(step, 1e-6))))
     compiles = "compile" in impl.name or impl.name == "liger.fused_linear_dpo"
     extra = _COMPILE_S[dev] if compiles else 0.0
     return _FIXED[dev] + runs * step + extra

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from . import memory as mem
 from . import report
 from .ceilings import Ceilings, goals
 from .impls import by_name
+from .limits import RowLimits
+from .lmhead import table as lmhead_table
 from .machine import machine_info, machine_tag
 from .presets import GPU_GOALS, NATIVE_TARGET, preset
 from .runner import native_target_memory, native_target_summary, run_preset
@@ -66,16 +69,37 @@ def print_goals(rows: list[dict], log=print) -> list[dict]:
     return g
 
 
+def _preset(name, device, row_limit_s=None):
+    p = preset(name, device)
+    return replace(p, row_limit_s=row_limit_s) if row_limit_s is not None else p
+
+
+def _default_impls(p):
+    return by_name(p.impls) if p.impls else by_name()
+
+
 def memory_job(preset_name, device, out: Path, *, impls=None, budget_gib=None, seq_len=2048,
-               machine=None, log=print, extra_rows=(), deadline=None) -> dict:
+               machine=None, log=print, extra_rows=(), deadline=None, row_limit_s=None,
+               ceiling=None, timed_rows=()) -> dict:
+    """The memory profile of the preset's memory cases. Under a row limit each child is
+    predicted (warm-up + measured step, :mod:`.limits`, from ``ceiling`` and the multiples
+    measured in ``timed_rows``) and killed after three times the limit."""
     machine = machine or machine_info()
-    p = preset(preset_name, device)
-    impl_list = _impls(impls) if impls else [i for i in by_name() if i.kinds != ("linear_dpo",)]
+    p = _preset(preset_name, device, row_limit_s)
+    impl_list = (_impls(impls) if impls else _default_impls(p) if p.impls else
+                 [i for i in by_name() if i.kinds != ("linear_dpo",)])
     log(f"memory profile ({preset_name}, {device}): {len(p.memory_cases)} cases")
     t0 = time.perf_counter()
+    limits = RowLimits(p.row_limit_s, ceiling, device)
+    for r in timed_rows:
+        limits.observe(dict(r))
+    timeout = 3 * p.row_limit_s + 60 if p.row_limit_s else 900
     rows = list(extra_rows) + mem.profile(
         p.memory_cases, impl_list, device, log=log, isolated=p.memory_isolated,
-        skip=lambda i, c: bool(p.skip_reason(i, c, "memory")), deadline=deadline)
+        skip=lambda i, c: bool(p.skip_reason(i, c, "memory")), deadline=deadline,
+        workers=p.memory_workers, saved=p.memory_saved, timeout=timeout,
+        skip_why=lambda i, c: limits.skip_reason(c, i, *p.runs_for(c, i)),
+        small_warmup=lambda i, c: p.runs_for(c, i)[0] == 0)
     fits = mem.fit_scaling(rows)
     budgets = mem.budget(fits, budget_gib, seq_len) if budget_gib else []
     log("\n" + mem.table(rows))
@@ -99,33 +123,38 @@ def memory_job(preset_name, device, out: Path, *, impls=None, budget_gib=None, s
                       "saved": "unique storages packed by autograd during the forward"},
            "rows": rows, "fits": fits, "budget": budgets,
            "elapsed_s": time.perf_counter() - t0}
-    files = report.write_json(obj, out, "memory", tag, ts)
-    files += report.write_csv(rows, machine, out, "memory", tag, ts)
+    kind = f"{p.files}-memory" if p.files else "memory"
+    files = report.write_json(obj, out, kind, tag, ts)
+    files += report.write_csv(rows, machine, out, kind, tag, ts)
     files += _write_plot(rows, "peak_extra_bytes", "extra peak memory (GiB)",
                          "peak memory of the step beyond its inputs\n"
-                         f"{report.machine_line(machine, sep=chr(10))}", out, "memory", tag, ts,
+                         f"{report.machine_line(machine, sep=chr(10))}", out, kind, tag, ts,
                          log, scale=1 / GiB, log=False)
     log("\nwrote " + ", ".join(str(f) for f in files))
     return obj
 
 
 def bench_job(preset_name, device, out: Path, *, impls=None, workloads=None, with_memory=True,
-              budget_gib=None, seq_len=2048, log=print, time_limit_s=None) -> dict:
+              budget_gib=None, seq_len=2048, log=print, time_limit_s=None,
+              row_limit_s=None) -> dict:
     """Timed sweep, then the memory report. ``time_limit_s``: the sweep stops starting new pairs
     after ``SWEEP_SHARE`` of it, the memory profile at the end of it (the rest are ``skipped``
-    rows); rows are also appended to ``bench-partial.jsonl`` as they are measured."""
+    rows); rows are also appended to ``bench-partial.jsonl`` as they are measured.
+    ``row_limit_s`` replaces the preset's limit per (case, implementation) (:mod:`.limits`)."""
     machine = machine_info()
     start = time.monotonic()
     sweep_deadline = start + SWEEP_SHARE * time_limit_s if time_limit_s else None
     end = start + time_limit_s if time_limit_s else None
-    p = preset(preset_name, device)
-    impl_list = _impls(impls) if impls else by_name()
-    log(f"fastdpo bench --{preset_name} on {report.machine_line(machine)}")
+    p = _preset(preset_name, device, row_limit_s)
+    impl_list = _impls(impls) if impls else _default_impls(p)
+    flag = (f"--{preset_name}" if preset_name in ("quick", "full", "gpu")
+            else f"--preset {preset_name}")
+    log(f"fastdpo bench {flag} on {report.machine_line(machine)}")
     if machine["triton_interpret"]:
         log("note: TRITON_INTERPRET is set; Triton implementations on CPU are not timed")
     t0 = time.perf_counter()
     ceil = Ceilings(device, log=log)
-    partial = out / "bench-partial.jsonl"
+    partial = out / f"{p.files or 'bench'}-partial.jsonl"
     partial.unlink(missing_ok=True)
     rows = run_preset(p, impl_list, device, log=log, workloads=workloads,
                       deadline=sweep_deadline, ceiling=ceil,
@@ -147,17 +176,26 @@ def bench_job(preset_name, device, out: Path, *, impls=None, workloads=None, wit
                       "peak": "peak_allocated_bytes: torch.cuda.max_memory_allocated over the "
                               "repeats, inputs included"},
            "ceilings": ceil.to_dict(), "goals": goal_rows, "time_limit_s": time_limit_s,
+           "row_limit_s": p.row_limit_s,
            "rows": rows, "native_target": summary, "elapsed_s": time.perf_counter() - t0}
-    files = report.write_json(obj, out, "bench", tag, ts)
-    files += report.write_csv(rows, machine, out, "bench", tag, ts)
+    kind = p.files or "bench"
+    files = report.write_json(obj, out, kind, tag, ts)
+    files += report.write_csv(rows, machine, out, kind, tag, ts)
     files += _write_plot(rows, "median_s", "median time per step (ms)",
-                         f"time per step\n{report.machine_line(machine)}", out, "bench", tag, ts,
+                         f"time per step\n{report.machine_line(machine)}", out, kind, tag, ts,
                          log, scale=1e3)
     log("\nwrote " + ", ".join(str(f) for f in files))
     if with_memory:
         log("")
         obj["memory"] = memory_job(preset_name, device, out, impls=impls, budget_gib=budget_gib,
                                    seq_len=seq_len, machine=machine, log=log,
-                                   extra_rows=target_mem, deadline=end)
+                                   extra_rows=target_mem, deadline=end,
+                                   row_limit_s=row_limit_s, ceiling=ceil, timed_rows=rows)
+    text = lmhead_table(rows, obj.get("memory", {}).get("rows", ()))
+    if text:
+        log("\n" + text)
+        if p.files:  # the goal presets' summary, beside their JSON/CSV
+            table_files = report.write_text(text, out, f"{p.files}-table", tag, ts)
+            log("wrote " + ", ".join(str(f) for f in table_files))
     partial.unlink(missing_ok=True)
     return obj

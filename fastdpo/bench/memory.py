@@ -28,10 +28,12 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 from .impls import Impl
+from .lmhead import relate_memory
 from .workloads import Case, build_step, inputs_bytes, make_inputs, supports, unavailable
 
 GiB = 1 << 30
@@ -99,15 +101,26 @@ def saved_bytes_case(case: Case, impl: Impl, device) -> dict | None:
 # ---------------------------------------------------------------- one case (runs in the child)
 
 
-def measure_case(case: Case, impl: Impl, device, *, saved: bool = True) -> dict:
-    """Peak extra memory of one step of ``case`` by ``impl`` in *this* process (see module doc)."""
+def small_version(case: Case) -> Case:
+    """The same workload at a few tokens and a small vocabulary: a warm-up that starts the thread
+    pools and libraries of a heavy case without paying for a whole step of it."""
+    return replace(case, tokens=16 * case.batch, vocab=min(case.vocab, 1024))
+
+
+def measure_case(case: Case, impl: Impl, device, *, saved: bool = True,
+                 small_warmup: bool = False) -> dict:
+    """Peak extra memory of one step of ``case`` by ``impl`` in *this* process (see module doc).
+    ``small_warmup``: warm up on :func:`small_version` (not for implementations that compile
+    per shape)."""
     device = torch.device(device)
     out: dict = {"inputs_bytes": None, "logits_bytes": case.logits_bytes()}
     step = build_step(case, impl, device, fresh_inputs_every_call=True)
+    warm = build_step(small_version(case), impl, device) if small_warmup else step
     t0 = time.perf_counter()
-    res = step.run(step.setup())  # warm-up: compile, thread pools, first-touch of allocator pools
-    del res
+    res = warm.run(warm.setup())  # warm-up: compile, thread pools, first-touch of allocator pools
+    del res, warm
     out["warmup_s"] = time.perf_counter() - t0
+    out["warmup"] = "small case" if small_warmup else "same case"
     state = step.setup()  # fresh inputs (the warm-up may have consumed them in place)
     out["inputs_bytes"] = inputs_bytes(state)
     if device.type == "cuda":
@@ -143,10 +156,10 @@ def measure_case(case: Case, impl: Impl, device, *, saved: bool = True) -> dict:
 
 
 def run_isolated(case: Case, impl_name: str, device, *, timeout: float = 900,
-                 saved: bool = True) -> dict:
+                 saved: bool = True, small_warmup: bool = False) -> dict:
     """Run :func:`measure_case` in a fresh interpreter; its last stdout line is the JSON result."""
     spec = json.dumps({"case": case.to_dict(), "impl": impl_name, "device": str(device),
-                       "saved": saved})
+                       "saved": saved, "small_warmup": small_warmup})
     env = dict(os.environ)
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile worker pool in the RSS
     try:
@@ -168,6 +181,7 @@ def _finish(row: dict, case: Case) -> dict:
         row["peak_extra_x_logits"] = row["peak_extra_bytes"] / lb
         row["peak_total_bytes"] = row["peak_extra_bytes"] + row["inputs_bytes"]
         row["peak_total_x_logits"] = row["peak_total_bytes"] / lb
+        row.update(relate_memory(row, case))
     return row
 
 
@@ -183,12 +197,16 @@ def _in_process(case: Case, impl: Impl, device, saved: bool) -> dict:
 
 def profile(cases, impls: list[Impl], device, *, isolated: bool | None = None, saved=True,
             log=print, skip=None, deadline: float | None = None,
-            workers: int | None = None) -> list[dict]:
+            workers: int | None = None, skip_why=None, timeout: float = 900,
+            small_warmup=None) -> list[dict]:
     """Rows of peak memory for every (case, implementation) that can run here; ``skip(impl,
-    case)`` true leaves a pair out (a preset saving time). Isolated children run ``workers`` at
-    a time (default: 2 when the machine has 2 cores or more; peaks are per process, so children
-    side by side do not disturb each other's readings). ``deadline`` (``time.monotonic()``):
-    pairs not started by then are ``skipped``."""
+    case)`` true leaves a pair out (a preset saving time); ``skip_why(impl, case)`` non-empty
+    makes it a ``skipped`` row with that reason (a row limit). Isolated children run ``workers``
+    at a time (default: 2 when the machine has 2 cores or more; peaks are per process, so children
+    side by side do not disturb each other's readings), each killed after ``timeout`` seconds.
+    ``deadline`` (``time.monotonic()``): pairs not started by then are ``skipped``.
+    ``small_warmup(impl, case)`` true: that child warms up on a small case
+    (:func:`measure_case`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .ceilings import estimate_s
@@ -206,6 +224,8 @@ def profile(cases, impls: list[Impl], device, *, isolated: bool | None = None, s
             why = unavailable(impl, case, device)
             if why:
                 rows.append({**row, "status": "unavailable", "reason": why})
+            elif skip_why and (why := skip_why(impl, case)):
+                rows.append({**row, "status": "skipped", "reason": why})
             else:
                 todo.append((case, impl, row))
     if not todo:
@@ -226,7 +246,8 @@ def profile(cases, impls: list[Impl], device, *, isolated: bool | None = None, s
         if deadline is not None and time.monotonic() > deadline:
             res = {"status": "skipped", "reason": "the run's time limit was spent before this pair"}
         elif isolated:
-            res = run_isolated(case, impl.name, device, saved=saved)
+            res = run_isolated(case, impl.name, device, saved=saved, timeout=timeout,
+                               small_warmup=bool(small_warmup and small_warmup(impl, case)))
         else:
             res = _in_process(case, impl, device, saved)
         return _finish({**row, **res}, case), time.perf_counter() - t0

@@ -1,14 +1,22 @@
 """What each ``fastdpo bench`` preset runs: cases in run order, repeats, and what it leaves out.
 
 * ``quick`` (the default; CPU: <= 4 minutes on 2 cores): the native CPU target, the reference
-  pass, the DPO steps (from logits and through the LM head), the fused LM head, and the memory
-  headline (the target's peaks and the fused head against eager).
+  pass, the DPO steps (from logits and through the LM head), the fused LM head (trained and
+  frozen), and the memory headline (the target's peaks and the fused head against eager).
 * ``full``: every vocabulary, more token counts and dtypes, the whole memory sweep.
 * ``gpu``: the GPU machine's verdict, sized for a few minutes of one H200: logits path forward,
   forward + backward and reference pass at V = 32000 ... 256000, N = 4096 and 16384, bf16 and
   fp32; the fused LM head at H = 4096; the DPO steps. Its most important cases come first, so a
   time limit (``--time-limit``) cuts the least important. On a CPU the same preset runs at tiny
   sizes: the dry run of the GPU job.
+* ``lmhead-goals``: the fused LM head at the issue's goal shapes, fp32 ``(N, H, V)`` = (1024,
+  512, 32000), (2048, 256, 128256), (4096, 1024, 128256): the DPO step (reference + policy forward
+  + backward) and the frozen-head policy pass, against every peer wired up in :mod:`.impls`,
+  each row's time as a multiple of the same run's bare GEMMs, and the peak extra memory against
+  one chunk's logits + 5% of the full logits (:mod:`.lmhead`). Heavy on purpose (one GEMM of the
+  last shape is ~1 TFLOP): smallest shape first, one timed repeat for a case above
+  ``HEAVY_FLOPS`` (warm-up only where the first call compiles), a time limit per row and a memory
+  check (:mod:`.limits`), memory children one at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +41,20 @@ NATIVE_TARGET_GOALS = {"speedup_vs": {"eager": 8.0, "torch.compile": 5.0,
 GPU_GOALS = {"copy_fraction_min": 0.90, "copy_fraction_from_vocab": 128000, "x_gemm_max": 1.15}
 
 COMPILING = ("torch.compile", "cce[torch_compile]")
+# Implementations whose first call on a shape compiles (a timed call without a warm-up would
+# time the compiler).
+COMPILES_FIRST_CALL = COMPILING + ("liger.fused_linear_dpo",)
+
+# The fused LM head's goal shapes (N, H, V), fp32 on CPU, and who they are measured against.
+LMHEAD_GOAL_SHAPES = ((1024, 512, 32000), (2048, 256, 128256), (4096, 1024, 128256))
+LMHEAD_GOAL_IMPLS = ("fastdpo[native]", "fastdpo[triton]", "eager", "torch.compile", "cce",
+                     "cce[torch_compile]", "liger.fused_linear_dpo",
+                     "liger.fused_linear_cross_entropy", "trl.chunked_logprob")
+LMHEAD_ROW_LIMIT_S = 600.0
+# A case of more FLOPs than this gets one timed repeat (and a warm-up only where it compiles).
+HEAVY_FLOPS = 1e12
+# Tokens per sequence of the goal cases (batch = N / this; a DPO batch is chosen + rejected).
+LMHEAD_SEQ = 512
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,21 @@ class Preset:
     memory_impls: tuple | None = None  # implementations the memory profile covers; None: all
     memory_isolated: bool | None = None  # None: isolated processes on CPU, in-process on CUDA
     target_impls: tuple = NATIVE_TARGET_IMPLS
+    impls: tuple | None = None  # implementations run when --impl is not given; None: all
+    row_limit_s: float | None = None  # per (case, impl): skip what is predicted to take longer
+    heavy_flops: float | None = None  # cases above: 1 timed repeat, warm-up only to compile
+    memory_workers: int | None = None  # isolated memory children at a time (None: default)
+    memory_saved: bool = True  # also count the bytes saved for backward (one more forward)
+    files: str = ""  # result file prefix ("" = bench-*, memory-*): keeps bench-latest the quick run
+
+    def runs_for(self, case: Case, impl: Impl) -> tuple[int, int]:
+        """``(warmup, repeats)`` of (case, impl). A heavy case's non-compiling implementations
+        skip the warm-up: the preset ran the smaller shapes first in the same process, so the
+        thread pools and libraries are warm, and a big step's buffers are fresh pages on every
+        call anyway."""
+        if self.heavy_flops is not None and case.flops() > self.heavy_flops:
+            return (self.warmup if impl.name in COMPILES_FIRST_CALL else 0), 1
+        return self.warmup, self.repeats
 
     @property
     def has_native_target(self) -> bool:
@@ -107,11 +144,34 @@ def _gpu(cuda: bool) -> Preset:
                   memory_isolated=None if cuda else False)
 
 
+def lmhead_goals(shapes=LMHEAD_GOAL_SHAPES, row_limit_s: float | None = LMHEAD_ROW_LIMIT_S,
+                 dtype: str = "float32", seq: int = LMHEAD_SEQ,
+                 heavy_flops: float | None = HEAVY_FLOPS) -> Preset:
+    """The fused LM head at ``shapes`` ((N, H, V), run in order): per shape the DPO step, then
+    the frozen-head policy pass; the memory profile covers the same cases (module doc)."""
+    cases = []
+    for n, h, v in shapes:
+        b = max(2, 2 * (n // (2 * seq)))  # an even batch: chosen + rejected
+        if n % b:
+            raise ValueError(f"tokens {n} must be a multiple of the batch {b}")
+        cases += [Case("linear_dpo_step", v, n, dtype, batch=b, hidden=h),
+                  Case("linear_frozen_fwd_bwd", v, n, dtype, batch=b, hidden=h)]
+    return Preset("lmhead-goals", tuple(cases), warmup=1, repeats=3, max_seconds=30.0,
+                  memory_cases=tuple(cases), memory_impls=LMHEAD_GOAL_IMPLS,
+                  impls=LMHEAD_GOAL_IMPLS, row_limit_s=row_limit_s, heavy_flops=heavy_flops,
+                  memory_workers=1, memory_saved=False, files="lmhead-goals")
+
+
+PRESETS = ("quick", "full", "gpu", "lmhead-goals")
+
+
 def preset(name: str, device) -> Preset:
-    """The preset ``name`` ("quick", "full" or "gpu") for ``device`` (module doc)."""
+    """The preset ``name`` (one of :data:`PRESETS`) for ``device`` (module doc)."""
     cuda = torch.device(device).type == "cuda"
     if name == "gpu":
         return _gpu(cuda)
+    if name == "lmhead-goals":
+        return lmhead_goals()
     if name == "quick":
         if cuda:
             cases = (_sweep(("logps_fwd_bwd", "logps_ref"), VOCABS, (8192,), ("bfloat16",))
@@ -127,7 +187,8 @@ def preset(name: str, device) -> Preset:
         # The headline figures only; every sweep is behind --full.
         cases = (_sweep(("logps_ref",), (128256,), (256,), ("float32",))
                  + _sweep(("dpo_step",), (128256,), (256,), ("float32",), batch=2)
-                 + _sweep(("linear_fwd_bwd",), (32000,), (256,), ("float32",), hidden=256)
+                 + _sweep(("linear_fwd_bwd", "linear_frozen_fwd_bwd"), (32000,), (256,),
+                          ("float32",), hidden=256)
                  + _sweep(("linear_dpo_step",), (32000,), (256,), ("float32",), batch=2,
                           hidden=256))
         # Fused LM head against materialising the logits, at a Llama-3 vocabulary.
@@ -142,7 +203,8 @@ def preset(name: str, device) -> Preset:
             toks, dts, H = (512, 2048), ("float32", "bfloat16"), 1024
         cases = (_sweep(("logps_fwd_bwd", "logps_fwd", "logps_ref"), VOCABS, toks, dts)
                  + _sweep(("dpo_step",), VOCABS, toks[:1], dts, batch=4)
-                 + _sweep(("linear_fwd_bwd",), VOCABS, toks[:1], dts[:1], hidden=H)
+                 + _sweep(("linear_fwd_bwd", "linear_frozen_fwd_bwd"), VOCABS, toks[:1],
+                          dts[:1], hidden=H)
                  + _sweep(("linear_dpo_step",), VOCABS, toks[:1], dts[:1], batch=4, hidden=H))
         mem = (_sweep(("logps_fwd_bwd", "logps_fwd", "logps_ref"), VOCABS, toks[:1], dts)
                + _sweep(("logps_fwd_bwd",), (128256,), (toks[0] // 2,) + toks, dts[:1])

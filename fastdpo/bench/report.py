@@ -33,6 +33,13 @@ def write_json(obj: dict, out_dir: Path, kind: str, tag: str, ts: str) -> list[P
     return [p, _latest(p, kind)]
 
 
+def write_text(text: str, out_dir: Path, kind: str, tag: str, ts: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p = out_dir / f"{kind}-{tag}-{ts}.txt"
+    p.write_text(text + "\n")
+    return [p, _latest(p, kind)]
+
+
 def append_jsonl(row: dict, path: Path) -> None:
     """One row per line as it is measured: what an interrupted run leaves behind."""
     path.parent.mkdir(parents=True, exist_ok=True)

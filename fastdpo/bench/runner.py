@@ -5,8 +5,10 @@ Each row carries the case, the implementation, its status (``ok``, ``unavailable
 repeats plus speedups against every peer timed on the same case (``speedup_vs_eager`` is
 ``eager_median / this_median``). Against the same run's ceilings (:mod:`.ceilings`): a logits-path
 row reports the bandwidth it achieved over the bytes it cannot avoid, as a fraction of a
-device-to-device copy; a fused LM-head row its time as a multiple of the bare matrix products of
-its shapes, and their FLOPs. On CUDA each row also has the peak allocated memory of its repeats.
+device-to-device copy; a fused LM-head row (CPU and CUDA alike) its time as a multiple of the
+bare matrix products of its shapes (``x_gemm``, ``n_gemms``), its FLOPs and achieved rate
+(``gflops``). On CUDA each row also has the peak allocated memory of its repeats. A preset with a
+row limit skips, saying why, a pair predicted to exceed it or the free memory (:mod:`.limits`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from . import ceilings
 from . import memory as mem
 from .impls import Impl
+from .limits import RowLimits
 from .presets import NATIVE_TARGET, NATIVE_TARGET_GOALS, Preset
 from .progress import Progress
 from .timing import measure
@@ -30,6 +33,8 @@ def time_case(case: Case, impl: Impl, device, *, warmup: int, repeats: int,
     device = torch.device(device)
     row = {**case.to_dict(), "device": device.type, "impl": impl.name, "family": impl.family,
            "note": impl.note, "logits_bytes": case.logits_bytes()}
+    if case.gemms():
+        row["n_gemms"] = len(case.gemms())
     why = unavailable(impl, case, device)
     if why:
         return {**row, "status": "unavailable", "reason": why}
@@ -58,8 +63,10 @@ def time_case(case: Case, impl: Impl, device, *, warmup: int, repeats: int,
         row["min_bytes"] = case.logits_passes() * case.logits_bytes()
         row["achieved_gbps"] = row["min_bytes"] / t.median_s / 1e9
     if case.gemms():
+        row["n_gemms"] = len(case.gemms())
         row["flops"] = case.flops()
         row["tflops"] = row["flops"] / t.median_s / 1e12
+        row["gflops"] = row["flops"] / t.median_s / 1e9
     if ceiling is not None:
         row.update(ceiling.relate(case, t.median_s))
     return row
@@ -106,24 +113,33 @@ def run_preset(p: Preset, impls: list[Impl], device, *, log=print, workloads=Non
     """Time the preset's cases. ``deadline`` (``time.monotonic()``): pairs not started by then are
     rows with status ``skipped`` (the preset orders its cases most important first).
     The first pair always runs. ``on_row(row)`` sees each row as it is made (partial results
-    survive an interrupted run)."""
+    survive an interrupted run). A fused-LM-head pair predicted to exceed the preset's
+    ``row_limit_s`` or the free memory is ``skipped`` with the prediction (:mod:`.limits`)."""
     todo, rows = _plan(p, impls, device, workloads)
+    limits = RowLimits(p.row_limit_s, ceiling, device)
     told = set()  # implementations whose unavailability was already printed
     prog = Progress("timed sweep", [ceilings.estimate_s(c, i, p, device) for c, i in todo], log)
     for k, (case, impl) in enumerate(todo):
+        warmup, repeats = p.runs_for(case, impl)
+        base = {**case.to_dict(), "device": torch.device(device).type, "impl": impl.name,
+                "family": impl.family}
         if deadline is not None and k > 0 and time.monotonic() > deadline:
-            row = {**case.to_dict(), "device": torch.device(device).type, "impl": impl.name,
-                   "family": impl.family, "status": "skipped",
+            row = {**base, "status": "skipped",
                    "reason": "the run's time limit was spent before this pair"}
+        elif not unavailable(impl, case, device) and \
+                (why := limits.skip_reason(case, impl, warmup, repeats)):
+            row = {**base, "status": "skipped", "reason": why, "limit_skip": True}
         else:
-            row = time_case(case, impl, device, warmup=p.warmup, repeats=p.repeats,
+            row = time_case(case, impl, device, warmup=warmup, repeats=repeats,
                             max_seconds=p.max_seconds, ceiling=ceiling)
+            limits.observe(row)
         rows.append(row)
         if on_row:
             on_row(row)
         prog.done(k)
-        if log and not (row["status"] in ("unavailable", "skipped") and impl.name in told):
-            if row["status"] in ("unavailable", "skipped"):
+        quiet = row["status"] in ("unavailable", "skipped") and not row.get("limit_skip")
+        if log and not (quiet and impl.name in told):
+            if quiet:
                 told.add(impl.name)
             if row["status"] == "ok":
                 msg = (f"{row['median_s'] * 1e3:10.3f} ms  (IQR {row['iqr_rel'] * 100:4.1f}%,"

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import report
+from .ceilings import Ceilings
 from .impls import by_name
 from .machine import machine_info, machine_tag
 from .runner import add_ratios, run_preset
@@ -53,7 +54,8 @@ def main(name: str, workloads, argv=None, native_target=False, script=None) -> i
     sub = replace(p, cases=tuple(cases), memory_cases=(), target_impls=NATIVE_TARGET_IMPLS)
     info = machine_info()
     print(f"{name} --{args.preset} on {report.machine_line(info)}")
-    rows = run_preset(sub, impls, device)
+    ceil = Ceilings(device) if any(c.gemms() for c in cases) else None  # x bare GEMMs
+    rows = run_preset(sub, impls, device, ceiling=ceil)
     add_ratios(rows)
     tag, ts = machine_tag(info), report.stamp(info)
     files = report.write_json({"kind": name, "machine": info, "preset": args.preset,

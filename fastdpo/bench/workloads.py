@@ -10,6 +10,8 @@ Workloads:
 ``logps_fwd_bwd``    forward + backward to the logits
 ``logps_ref``        reference-model pass: forward under ``no_grad``
 ``linear_fwd_bwd``   fused LM head: hidden states + weight -> sequence log-probs, forward + backward
+``linear_frozen_fwd_bwd``  the same with a frozen head (``weight.requires_grad=False``): the
+                     policy pass of a frozen-LM-head setup, gradient to the hidden states only
 ``dpo_step``         policy forward+backward, reference pass, sigmoid DPO loss, from logits
 ``linear_dpo_step``  the same from hidden states through the LM head (Liger's fused-linear DPO)
 """
@@ -23,9 +25,10 @@ import torch
 from .impls import IGNORE_INDEX, Impl, dpo_sigmoid, fastdpo_dpo
 
 WORKLOADS = ("logps_fwd", "logps_fwd_bwd", "logps_ref", "linear_fwd_bwd", "dpo_step",
-             "linear_dpo_step")
+             "linear_dpo_step", "linear_frozen_fwd_bwd")
 KIND = {"logps_fwd": "logits", "logps_fwd_bwd": "logits", "logps_ref": "logits",
-        "dpo_step": "logits", "linear_fwd_bwd": "linear", "linear_dpo_step": "linear_dpo"}
+        "dpo_step": "logits", "linear_fwd_bwd": "linear", "linear_dpo_step": "linear_dpo",
+        "linear_frozen_fwd_bwd": "linear"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VOCABS = (32000, 128256, 152064, 256000)  # Llama-2, Llama-3, Qwen-2, Gemma
 
@@ -64,13 +67,21 @@ class Case:
         return {"logps_fwd": 1, "logps_ref": 1, "logps_fwd_bwd": 3, "dpo_step": 4}.get(
             self.workload, 0)
 
+    @property
+    def frozen_head(self) -> bool:
+        """The LM-head weight needs no gradient (only the hidden states get one)."""
+        return self.workload == "linear_frozen_fwd_bwd"
+
     def gemms(self) -> tuple:
-        """``(M, N, K)`` of the matrix products a fused LM-head step stands for: logits
-        ``hidden @ weight.T``, then ``d_hidden = g @ weight`` and ``d_weight = g.T @ hidden``
-        (the reference pass of a DPO step: one more forward product)."""
+        """``(M, N, K)`` of the matrix products a fused LM-head step stands for, counted without
+        recomputation: logits ``hidden @ weight.T``, then ``d_hidden = g @ weight`` and (unless the
+        head is frozen) ``d_weight = g.T @ hidden``; the reference pass of a DPO step adds one
+        more forward product. So 3 for ``linear_fwd_bwd``, 2 frozen, 4 for a DPO step."""
         if self.kind not in ("linear", "linear_dpo"):
             return ()
         N, V, H = self.tokens, self.vocab, self.hidden
+        if self.frozen_head:
+            return ((N, V, H), (N, H, V))
         step = ((N, V, H), (N, H, V), (V, H, N))
         return step + ((N, V, H),) if self.kind == "linear_dpo" else step
 
@@ -121,7 +132,8 @@ def make_inputs(case: Case, device, *, grad: bool) -> dict:
         return inputs
     H = case.hidden
     hid = _randn((case.batch, case.seq, H), dt, device, case.seed, 1.0).requires_grad_(grad)
-    w = _randn((case.vocab, H), dt, device, case.seed + 3, H ** -0.5).requires_grad_(grad)
+    w = _randn((case.vocab, H), dt, device, case.seed + 3, H ** -0.5)
+    w.requires_grad_(grad and not case.frozen_head)
     inputs = {"hidden": hid, "weight": w, "labels": labels}
     if case.kind == "linear_dpo":
         inputs["ref_hidden"] = _randn((case.batch, case.seq, H), dt, device, case.seed + 5, 1.0)
@@ -211,6 +223,10 @@ def build_step(case: Case, impl: Impl, device, *,
         def run(s):
             return _grads(fn(s["hidden"], s["weight"], s["labels"]).sum(), s, ("hidden", "weight"))
         names = ("hidden", "weight")
+    elif wl == "linear_frozen_fwd_bwd":
+        def run(s):
+            return _grads(fn(s["hidden"], s["weight"], s["labels"]).sum(), s, ("hidden",))
+        names = ("hidden",)
     elif wl == "linear_dpo_step":
         def run(s):
             loss = linear_dpo(s["hidden"], s["weight"], s["ref_hidden"], s["ref_weight"],

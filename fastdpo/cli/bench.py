@@ -12,14 +12,20 @@ from pathlib import Path
 
 def add_preset_arguments(parser, *, quick_help="the headline figures: <= 4 minutes on 2 CPU "
                          "cores (default)", full_help="every vocabulary, more token counts and "
-                         "dtypes", outputs="JSON/CSV/PNG", gpu_help=None) -> None:
-    """``--quick`` / ``--full`` (/ ``--gpu``) and ``--out``, shared by ``bench``, ``memory`` and
-    ``inspect``."""
+                         "dtypes", outputs="JSON/CSV/PNG", gpu_help=None,
+                         named_presets=()) -> None:
+    """``--quick`` / ``--full`` (/ ``--gpu``, / ``--preset NAME`` for ``named_presets``) and
+    ``--out``, shared by ``bench``, ``memory`` and ``inspect``."""
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick", help=quick_help)
     g.add_argument("--full", dest="preset", action="store_const", const="full", help=full_help)
     if gpu_help:
         g.add_argument("--gpu", dest="preset", action="store_const", const="gpu", help=gpu_help)
+    if named_presets:
+        g.add_argument("--preset", dest="preset", choices=named_presets,
+                       help="a preset by name: " + "; ".join(f"{k}: {v}" for k, v in
+                                                             NAMED_HELP.items()
+                                                             if k in named_presets))
     parser.set_defaults(preset="quick")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                         help=f"directory for {outputs} (default: benchmarks/results)")
@@ -37,12 +43,19 @@ def add_measure_arguments(parser) -> None:
     parser.add_argument("--list", action="store_true", help="list implementations and exit")
 
 
+NAMED_HELP = {"quick": "= --quick", "full": "= --full", "gpu": "= --gpu",
+              "lmhead-goals": "the fused LM head at the goal shapes, fp32 (N, H, V) = (1024, "
+              "512, 32000), (2048, 256, 128256), (4096, 1024, 128256): DPO step and frozen-head "
+              "policy pass against every peer, x bare GEMMs and peak memory against one chunk's "
+              "logits + 5%% of the full logits; heavy (tens of minutes on 2 cores), one repeat on "
+              "the biggest shape, --row-limit per row"}
+
 GPU_HELP = ("the GPU machine's sweep (V 32k-256k, N 4096/16384, bf16/fp32, fused LM head at "
             "H=4096, DPO steps), most important first; tiny sizes on CPU (the dry run)")
 
 
 def add_arguments(parser) -> None:
-    add_preset_arguments(parser, gpu_help=GPU_HELP)
+    add_preset_arguments(parser, gpu_help=GPU_HELP, named_presets=tuple(NAMED_HELP))
     add_measure_arguments(parser)
     parser.add_argument("--workload", default=None,
                         help="comma list of workloads to time (default: all in the preset)")
@@ -54,6 +67,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="stop starting new measurements after S seconds (the rest are "
                              "reported as skipped)")
+    parser.add_argument("--row-limit", type=float, default=None, metavar="S",
+                        help="per (case, implementation): skip, saying so, what is predicted "
+                             "to take longer than S seconds (default: the preset's; "
+                             "lmhead-goals: 600)")
 
 
 def list_impls(device) -> int:
@@ -80,5 +97,5 @@ def run(args) -> int:
     with competing_load(args.busy):
         bench_job(args.preset, device, args.out, impls=args.impl, workloads=workloads,
                   with_memory=not args.no_memory, budget_gib=args.budget, seq_len=args.seq_len,
-                  time_limit_s=args.time_limit)
+                  time_limit_s=args.time_limit, row_limit_s=args.row_limit)
     return 0
