@@ -32,7 +32,8 @@ from .. import _validate
 from ..linear import linear_sequence_logps
 from .hf import decoder_of, head_of, lm_head_inputs
 
-__all__ = ["precompute_reference", "ReferenceLogps", "has_reference_columns", "COLUMNS", "KEYS"]
+__all__ = ["precompute_reference", "ReferenceLogps", "has_reference_columns", "StoredReference",
+           "COLUMNS", "KEYS"]
 
 KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # TRL's names
@@ -83,6 +84,35 @@ def has_reference_columns(dataset) -> bool:
         if values and not torch.isfinite(torch.tensor(values, dtype=torch.float64)).all():
             raise ValueError(f"dataset column {c!r} holds a NaN or infinite log-prob")
     return True
+
+
+class StoredReference:
+    """Mixin placed before ``trl.DPOTrainer`` in a subclass's bases: a dataset that already
+    carries both reference columns is used as is, at init and in ``evaluate(eval_dataset=...)``.
+    TRL would recompute them (and then refuse the duplicated columns); after a training step
+    without ``ref_model`` (full fine-tuning) it refuses any dataset given to ``evaluate``, since
+    the reference is gone, though one with the columns needs no reference."""
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if has_reference_columns(dataset):
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        splits = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
+        if (eval_dataset is None or isinstance(eval_dataset, str) or not self.precompute_ref_logps
+                or not all(has_reference_columns(d) for d in splits.values())):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        # TRL's evaluate is its check, the tokenisation and the precompute (not needed here):
+        # tokenise as it does, then run the evaluation loop of the class after TRL's
+        mro = type(self).__mro__
+        loop = super(mro[mro.index(StoredReference) + 1], self).evaluate
+        metrics = {}
+        for name, ds in splits.items():
+            ds = self._prepare_dataset(ds, self.processing_class, self.args, name or "eval")
+            prefix = metric_key_prefix if name is None else f"{metric_key_prefix}_{name}"
+            metrics.update(loop(eval_dataset=ds, ignore_keys=ignore_keys, metric_key_prefix=prefix))
+        return metrics
 
 
 def _ids(example, key: str, index: int, vocab: int) -> torch.Tensor:

@@ -72,7 +72,7 @@ from ..rows import transform_logits_  # noqa: E402
 from ..losses import dpo_loss, preference_probs  # noqa: E402
 from ..losses.functional import LABEL_SMOOTHING_TYPES  # noqa: E402
 from .hf import head_params, lm_head_inputs  # noqa: E402
-from .reference import has_reference_columns  # noqa: E402
+from .reference import StoredReference  # noqa: E402
 
 __all__ = ["FastDPOTrainer", "FastDPOConfig", "RewardColumnsCollator", "check_trl_version"]
 
@@ -135,9 +135,10 @@ class _HeadPass:
     aux_loss: torch.Tensor | None        # MoE router loss of the forward, when it computed one
 
 
-class FastDPOTrainer(DPOTrainer):
+class FastDPOTrainer(StoredReference, DPOTrainer):
     """``trl.DPOTrainer`` computing log-probs with fastdpo's fused LM head and the loss with
-    :func:`fastdpo.dpo_loss`. Same arguments as ``DPOTrainer``; see the module docstring."""
+    :func:`fastdpo.dpo_loss`. Same arguments as ``DPOTrainer``; see the module docstring.
+    Datasets that carry the reference columns are loaded, not recomputed (StoredReference)."""
 
     _tag_names = ["trl", "dpo", "fastdpo"]
 
@@ -294,13 +295,6 @@ class FastDPOTrainer(DPOTrainer):
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         # `model` is the reference (or the policy before training, or a DeepSpeed engine)
         return self._reference_logps(model, inputs, model_kwargs, labels)
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        # A dataset that carries the columns (saved, or from fastdpo.precompute_reference) is
-        # loaded as is; TRL would recompute and then refuse the duplicated columns.
-        if has_reference_columns(dataset):
-            return dataset
-        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     # ------------------------------------------------------------------ loss
 

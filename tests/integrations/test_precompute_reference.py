@@ -321,3 +321,27 @@ def test_precompute_reference_bad_arguments(tokenizer):
 def test_top_level_export():
     assert fastdpo.precompute_reference is precompute_reference
     assert "precompute_reference" in fastdpo.__all__
+
+
+def test_evaluate_after_training_loads_stored_columns(tokenizer):
+    """Full fine-tuning without ref_model: after a step the reference is gone, so TRL refuses a
+    dataset given to evaluate(); one that carries the reference columns needs no reference and
+    evaluates as the eval_dataset given at init does (a dict of them too)."""
+    tr = build(FastDPOTrainer, tokenizer, dataset("none"), eval_data=dataset("none"),
+               with_ref=False, precompute_ref_log_probs=True, steps=1)
+    train_log(tr)
+    assert tr.state.global_step == 1 and tr.ref_model is None
+    expect = tr.evaluate()
+    stored = tr.eval_dataset
+    raw = dataset("none")  # untokenised, with the columns: evaluate() tokenises it
+    for c in COLUMNS:
+        raw = raw.add_column(c, stored[c])
+    for ds in (stored, raw):
+        got = tr.evaluate(eval_dataset=ds)
+        assert_logs_close([got], [expect], names=EVAL_METRICS, rtol=1e-6, atol=1e-8)
+    split = tr.evaluate(eval_dataset={"held": raw})
+    assert_logs_close([{k.replace("eval_held_", "eval_"): v for k, v in split.items()}],
+                      [expect], names=EVAL_METRICS, rtol=1e-6, atol=1e-8)
+    # without the columns there is no reference to compute them with: TRL's refusal stands
+    with pytest.raises(ValueError, match="reference log-probs"):
+        tr.evaluate(eval_dataset=dataset("none"))
