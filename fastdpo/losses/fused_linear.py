@@ -113,11 +113,13 @@ def prepare(name, hidden, weight, labels, bias, *, parts, ignore_index, shift, t
     like ``labels``, equal to them wherever both are scored) marks the tokens of a term linear in
     the token log-probs (``PairRows.extra``, token weights applied); a row scored by either takes
     the label it has."""
+    _validate.check_index("labels", labels)  # before check_head reads its shape
     check_head(hidden, weight, labels, bias, paired=parts == 2)
-    _validate.check_index("labels", labels)
+    _validate.check_options(ignore_index=ignore_index, temperature=temperature, backend=backend,
+                            validate=validate, shift=shift, batch_invariant=batch_invariant)
+    if chunk_rows is not None:
+        _validate.check_int("chunk_rows", chunk_rows, minimum=1)
     _check_options(temperature, logit_scale, softcap, reduction, shift, labels, name)
-    if not isinstance(batch_invariant, bool):
-        raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
     dev = hidden.device
     if torch.is_autocast_enabled(dev.type):  # compute in the autocast dtype, like F.linear
         hidden = hidden.to(torch.get_autocast_dtype(dev.type))

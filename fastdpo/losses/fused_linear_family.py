@@ -165,6 +165,7 @@ def linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=
                 chunk_rows=chunk_rows, batch_invariant=batch_invariant)
     extra_labels = None
     if nll_labels is not None:
+        _validate.check_index("labels", labels)
         if not isinstance(nll_labels, torch.Tensor) or nll_labels.shape != labels.shape:
             raise ValueError(f"nll_labels must be a tensor shaped like labels "
                              f"{tuple(labels.shape)}")

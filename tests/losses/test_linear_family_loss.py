@@ -383,6 +383,22 @@ def test_errors_name_the_argument():
         ("no KL baseline", lambda: linear_kto_loss(h, w, labels, d, ref_logps=ref, kl=0.1,
                                                    loss_type="apo_zero_unpaired", **t)),
         ("batch_invariant", lambda: linear_cpo_loss(h, w, labels, batch_invariant=1, **t)),
+        # labels missing, or options that used to be taken silently (truthy shift, chunk_rows
+        # clamped to 1 or truncated) or to fail inside a kernel (a float ignore_index)
+        ("labels must be a torch.Tensor", lambda: linear_cpo_loss(h, w, None, **t)),
+        ("labels must be a torch.Tensor", lambda: linear_orpo_loss(h, w, None, nll_labels=nll,
+                                                                   **t)),
+        ("labels must be a torch.Tensor", lambda: fastdpo.KTOLoss(**t)(
+            hidden=h, weight=w, desirable=d, ref_logps=ref, kl=0.0)),
+        ("labels must be a torch.Tensor", lambda: fastdpo.CPOLoss(**t)(hidden=h, weight=w)),
+        ("labels must be a torch.Tensor", lambda: fastdpo.linear_dpo_loss(
+            h, w, None, ref_chosen_logps=ref[:3], ref_rejected_logps=ref[3:], **t)),
+        ("shift", lambda: linear_cpo_loss(h, w, labels, shift="yes", **t)),
+        ("ignore_index", lambda: linear_orpo_loss(h, w, labels, ignore_index=1.5, **t)),
+        ("chunk_rows", lambda: linear_cpo_loss(h, w, labels, chunk_rows=0, **t)),
+        ("chunk_rows", lambda: linear_kto_loss(h, w, labels, d, ref_logps=ref, kl=0.0,
+                                               chunk_rows=2.5, **t)),
+        ("chunk_rows", lambda: linear_cpo_loss(h, w, labels, chunk_rows=True, **t)),
     ]
     for match, fn in cases:
         with pytest.raises((ValueError, TypeError), match=match):
