@@ -200,10 +200,13 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
                                      False)[:3])
             lp, rmax, lsum = (torch.cat(c, 1) if len(c) > 1 else c[0] for c in zip(*stats))
             lp = lp.view(Rp)[:R]
-            sums.index_add_(0, seq, lp * scale)
-            if ext is not None:
+            if ext is None:
+                sums.index_add_(0, seq, lp * scale)
+            else:  # a row of one term only adds exactly 0 to the other's sums, even a NaN
                 extra = pr.extra.index_select(0, sel)
-                esums = torch.zeros(K * P, dtype=acc, device=dev).index_add_(0, seq, lp * extra)
+                sums.index_add_(0, seq, torch.where(scale != 0, lp * scale, 0.0))
+                esums = torch.zeros(K * P, dtype=acc, device=dev).index_add_(
+                    0, seq, torch.where(extra != 0, lp * extra, 0.0))
                 for k in range(K):
                     ext[k * B + j0:k * B + j1] = esums[k * P:(k + 1) * P]
         for k in range(K):

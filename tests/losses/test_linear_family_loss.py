@@ -216,6 +216,38 @@ def test_equals_composition_with_linear_sequence_logps(family, kw):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
 
 
+def test_non_finite_row_scored_by_the_nll_only_stays_out_of_the_pair_logps():
+    """A prompt token only ORPO's NLL scores (weight 0 in the pair's sum) with a NaN log-prob:
+    the NLL and the loss are NaN, but the pair log-probs, their metrics and the other rows'
+    gradients stay those of the composition (an ignored token contributes exactly 0)."""
+    h, w, _, labels, nll, _ = batch(seed=12)
+    h = h.clone()
+    h[0, 1] = float("nan")  # position 1 scores labels[0, 2]: prompt, in nll_labels only
+    assert labels[0, 2] == -100 and nll[0, 2] != -100
+    B = labels.shape[0] // 2
+    outs = []
+    for how in ("fused", "composed"):
+        hh = h.clone().requires_grad_()
+        if how == "fused":
+            loss, m = linear_orpo_loss(hh, w, labels, nll_labels=nll, backend="torch")
+        else:
+            def sl(lab):
+                return fastdpo.linear_sequence_logps(hh, w, lab, shift=True, backend="torch")
+            n = counts(labels).float()
+            loss, m = orpo_loss(*sl(labels).chunk(2), chosen_lengths=n[:B],
+                                rejected_lengths=n[B:], nll_logps=sl(nll)[:B],
+                                nll_lengths=counts(nll)[:B])
+        (g,) = torch.autograd.grad(loss, hh)
+        outs.append((loss, g, m))
+    (loss, g, m), (loss2, g2, m2) = outs
+    assert loss.isnan() and loss2.isnan() and m["nll_loss"].isnan()
+    for k in ("logps/chosen", "logps/rejected", "rewards/margins", "log_odds_ratio"):
+        assert m[k].isfinite(), k
+        torch.testing.assert_close(m[k], m2[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g2, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert g[1:].isfinite().all()
+
+
 # ------------------------------------------------------------------------- matmul counts
 
 
