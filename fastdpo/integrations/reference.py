@@ -77,8 +77,12 @@ def has_reference_columns(dataset) -> bool:
         missing = next(c for c in COLUMNS if c not in present)
         raise ValueError(f"dataset has the column {present[0]!r} but not {missing!r}: both "
                          f"reference columns or neither")
+    # read as Python numbers whatever format the dataset is set to (numpy / torch / arrow
+    # give their own scalar types; TRL stores the columns as float32)
+    plain = getattr(dataset, "with_format", None)
+    plain = plain(None) if callable(plain) else dataset
     for c in COLUMNS:
-        values = list(dataset[c])
+        values = list(plain[c])
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
             raise TypeError(f"dataset column {c!r} must hold one number per example")
         if values and not torch.isfinite(torch.tensor(values, dtype=torch.float64)).all():

@@ -345,3 +345,27 @@ def test_evaluate_after_training_loads_stored_columns(tokenizer):
     # without the columns there is no reference to compute them with: TRL's refusal stands
     with pytest.raises(ValueError, match="reference log-probs"):
         tr.evaluate(eval_dataset=dataset("none"))
+
+
+def test_stored_columns_in_any_dataset_format():
+    """TRL stores the columns as float32: read in the numpy, torch or arrow format, they are
+    still one finite number per example; a wrong column is refused in every format."""
+    from fastdpo.integrations.reference import has_reference_columns
+    base = {k: [[1, 2], [3]] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    good = Dataset.from_dict({**base, COLUMNS[0]: [-1.5, -2.0], COLUMNS[1]: [-3.0, -4.25]})
+    good = good.cast_column(COLUMNS[0], datasets_value("float32"))
+    bad = {TypeError: [[True, False], [[-1.0], [-2.0]], ["a", "b"]],
+           ValueError: [[-1.0, math.nan], [-math.inf, -1.0]]}
+    for fmt in (None, "numpy", "torch", "arrow", "pandas", "python"):
+        assert has_reference_columns(good.with_format(fmt)), fmt
+        for exc, columns_ in bad.items():
+            for col in columns_:
+                ds = Dataset.from_dict({**base, COLUMNS[0]: col, COLUMNS[1]: [-1.0, -2.0]})
+                with pytest.raises(exc, match=COLUMNS[0]):
+                    has_reference_columns(ds.with_format(fmt))
+    assert not has_reference_columns(Dataset.from_dict(base).with_format("torch"))
+
+
+def datasets_value(dtype):
+    from datasets import Value
+    return Value(dtype)
