@@ -2,7 +2,8 @@
 
 For a custom DPO loop with a frozen reference::
 
-    ref = fastdpo.precompute_reference(ref_model, examples, batch_size=16)
+    ref = fastdpo.precompute_reference(ref_model, examples, batch_size=16,
+                                       max_length=1024)   # the trainer's max_length (TRL's default)
     train_data = ref.add_to(train_data)       # columns ref_chosen_logps / ref_rejected_logps
 
 ``examples`` is any iterable (a list, a ``datasets.Dataset``, a generator) of mappings with
@@ -151,18 +152,21 @@ def _example(example, index: int, vocab: int):
     return tuple(_ids(example, k, index, vocab) for k in KEYS)
 
 
-def _batch_logps(model, batch, device, backend):
-    """Sequence log-probs of one batch of examples: ``(chosen (k,), rejected (k,))``."""
-    seqs = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]  # [chosen; rejected]
-    T = max(len(p) + len(c) for p, c in seqs)
+def _batch_logps(model, batch, device, backend, cut: slice):
+    """Sequence log-probs of one batch of examples: ``(chosen (k,), rejected (k,))``; each
+    prompt + completion is cut to ``cut`` first, as TRL's collator does with ``max_length``."""
+    pairs = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]  # [chosen; rejected]
+    seqs = [(torch.cat([p, c])[cut], torch.cat([torch.zeros(len(p), dtype=torch.bool),
+                                                torch.ones(len(c), dtype=torch.bool)])[cut])
+            for p, c in pairs]
+    T = max(len(s) for s, _ in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)  # right padding: never attended to
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    for j, (p, c) in enumerate(seqs):
-        n = len(p) + len(c)
-        ids[j, :n] = torch.cat([p, c])
-        mask[j, :n] = 1
-        labels[j, len(p):n] = c
+    for j, (s, scored) in enumerate(seqs):
+        ids[j, :len(s)] = s
+        mask[j, :len(s)] = 1
+        labels[j, :len(s)] = s.masked_fill(~scored, -100)
     head = lm_head_inputs(model, input_ids=ids.to(device), attention_mask=mask.to(device))
     w = head.weight
     seq = linear_sequence_logps(head.hidden.to(w.device), w, labels.to(w.device), shift=True,
@@ -184,10 +188,15 @@ def _vocab(model) -> int:
     return int(n) if n is not None else int(head_of(model).weight.shape[0])
 
 
-def precompute_reference(model, examples, *, batch_size: int = 8,
-                         backend: str = "auto") -> ReferenceLogps:
+def precompute_reference(model, examples, *, batch_size: int = 8, backend: str = "auto",
+                         max_length=None, truncation_mode: str = "keep_start") -> ReferenceLogps:
     """Reference log-probs of every example (module docstring for the format), under no_grad,
     with ``model`` in eval mode (no dropout; each submodule's mode is restored afterwards).
+
+    ``max_length`` / ``truncation_mode``: cut each prompt + completion to its first
+    (``"keep_start"``) or last (``"keep_end"``) ``max_length`` tokens, as TRL's collator does.
+    For columns a trainer will load, pass its config's values (``DPOConfig.max_length`` is
+    1024 by default): its policy scores the cut sequences, so uncut columns would not match.
 
     Returns a :class:`ReferenceLogps` (``.chosen``, ``.rejected``: ``(N,)`` CPU tensors, fp32,
     fp64 for an fp64 model); ``.add_to(dataset)`` stores them as TRL's dataset columns.
@@ -198,6 +207,11 @@ def precompute_reference(model, examples, *, batch_size: int = 8,
     decoder_of(model), head_of(model)  # TypeError naming what is missing, before any work
     batch_size = _validate.check_int("batch_size", batch_size, minimum=1)
     _validate.check_choice("backend", backend, _validate.BACKEND_CHOICES)
+    _validate.check_choice("truncation_mode", truncation_mode, ("keep_start", "keep_end"))
+    cut = slice(None)
+    if max_length is not None:
+        n = _validate.check_int("max_length", max_length, minimum=1)
+        cut = slice(None, n) if truncation_mode == "keep_start" else slice(-n, None)
     if isinstance(examples, (Mapping, str, bytes, torch.Tensor)) or not isinstance(
             examples, Iterable):
         raise TypeError(f"examples must be an iterable of examples (mappings with "
@@ -211,11 +225,11 @@ def precompute_reference(model, examples, *, batch_size: int = 8,
             for i, ex in enumerate(examples):
                 batch.append(_example(ex, i, vocab))
                 if len(batch) == batch_size:
-                    c, r = _batch_logps(model, batch, device, backend)
+                    c, r = _batch_logps(model, batch, device, backend, cut)
                     chosen.append(c), rejected.append(r)
                     batch = []
             if batch:
-                c, r = _batch_logps(model, batch, device, backend)
+                c, r = _batch_logps(model, batch, device, backend, cut)
                 chosen.append(c), rejected.append(r)
     finally:
         for m, training in modes:

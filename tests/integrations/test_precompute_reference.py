@@ -369,3 +369,27 @@ def test_stored_columns_in_any_dataset_format():
 def datasets_value(dtype):
     from datasets import Value
     return Value(dtype)
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_precompute_reference_truncates_as_the_trainer(tokenizer, mode):
+    """The trainer's collator cuts prompt + completion to max_length (TRL's default is 1024):
+    precompute_reference(max_length=, truncation_mode=) scores the same tokens, so its columns
+    are the ones the trainer would compute; without the cut they cover other tokens."""
+    cut = dict(max_length=14, truncation_mode=mode)
+    trained = build(FastDPOTrainer, tokenizer, dataset("none"), precompute_ref_log_probs=True,
+                    ref_seed=1, **cut)
+    ds = trained.train_dataset.remove_columns(list(COLUMNS))
+    lens = [len(p) + max(len(c), len(r))
+            for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    assert max(lens) > 14  # the cut applies
+    ref_model = tiny_llama(tokenizer, seed=1)
+    ref = precompute_reference(ref_model, ds, batch_size=3, **cut)
+    for a, b in zip((ref.chosen.double(), ref.rejected.double()), columns(trained.train_dataset)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    full = precompute_reference(ref_model, ds, batch_size=3)
+    assert (full.chosen - ref.chosen).abs().max() > 1e-3
+    for kw, exc in ((dict(max_length=0), ValueError), (dict(max_length=2.0), TypeError),
+                    (dict(truncation_mode="middle"), ValueError)):
+        with pytest.raises(exc, match=next(iter(kw))):
+            precompute_reference(ref_model, ds, **kw)
