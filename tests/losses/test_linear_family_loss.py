@@ -103,8 +103,10 @@ def with_kl(data):
 
 def check(family, data, kw, *, backend="torch", opts=None, chunk_rows=5, frozen=False):
     opts = opts or {}
+    # frozen: True freezes the head (weight, bias), "hidden" the hidden states
     leaves = lambda dt: [None if t is None else t.detach().to(dt).requires_grad_(  # noqa: E731
-        not (frozen and i > 0)) for i, t in enumerate(data[:3])]
+        not (frozen is True and i > 0) and not (frozen == "hidden" and i == 0))
+        for i, t in enumerate(data[:3])]
     h, w, b = leaves(data[0].dtype)
     loss, metrics = fused(family, h, w, b, data, opts, kw, backend, chunk_rows)
     wrt = [t for t in (h, w, b) if t is not None and t.requires_grad]
@@ -246,6 +248,22 @@ def test_non_finite_row_scored_by_the_nll_only_stays_out_of_the_pair_logps():
         torch.testing.assert_close(m[k], m2[k], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g, g2, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert g[1:].isfinite().all()
+
+
+@pytest.mark.parametrize("family,kw", FAMILIES, ids=["simpo", "cpo_ipo", "orpo", "kto"])
+def test_frozen_hidden_states(family, kw):
+    """Only the head trains (hidden states without a gradient): d weight and d bias alone."""
+    check(family, with_kl(batch(seed=13, bias=True)), kw, frozen="hidden")
+
+
+def test_kto_baseline_is_clamped_at_zero():
+    """A KL batch whose mean log-ratio is negative: the baseline is 0 (TRL clamps it), whether
+    the KL batch comes as log-probs or as hidden states; value and gradients as the oracle."""
+    h, w, b, labels, nll, kto = with_kl(batch(seed=14))
+    kto = dict(kto, ref_kl_logps=kto["ref_kl_logps"] + 3.0)  # the mean log-ratio becomes < 0
+    for kw in (dict(kl_from_hidden=True), dict(kl_from_hidden=True, reduction="sum")):
+        _, metrics = check("kto", (h, w, b, labels, nll, kto), kw)
+        assert metrics["kl"] == 0
 
 
 # ------------------------------------------------------------------------- matmul counts
