@@ -15,6 +15,9 @@ Granite ``logits_scaling``)::
     logps = fastdpo.linear_sequence_logps(head.hidden, head.weight, labels, shift=True,
                                           **head.kwargs())
 
+Under FSDP2 (``fully_shard``) :func:`head_params` gathers a sharded LM-head weight for the fused
+head with FSDP's gradient semantics (:func:`full_param`).
+
 Only ``transformers`` model conventions are used (``get_decoder`` / ``base_model_prefix`` /
 ``get_output_embeddings``); ``transformers`` itself is not imported here.
 """
@@ -87,14 +90,52 @@ def logit_transform(model) -> tuple[float | None, float]:
 
 
 def head_params(model):
-    """``(weight, bias, softcap, logit_scale)`` of ``model``'s LM head; FSDP2's sharded
-    (DTensor) weight and bias are gathered, differentiably."""
+    """``(weight, bias, softcap, logit_scale)`` of ``model``'s LM head; a sharded (DTensor)
+    weight and bias are gathered, differentiably (see :func:`full_param`)."""
     head = head_of(model)
     weight, bias = head.weight, getattr(head, "bias", None)
-    if hasattr(weight, "full_tensor"):
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if bias is not None else None
+    fsdp = hasattr(weight, "full_tensor") and _is_fsdp2(model)  # walk the modules only then
+    weight = full_param(weight, fsdp=fsdp, name="lm_head.weight")
+    bias = full_param(bias, fsdp=fsdp, name="lm_head.bias") if bias is not None else None
     return (weight, bias, *logit_transform(model))
+
+
+def _is_fsdp2(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full_param(t, *, fsdp: bool, name: str = "parameter"):
+    """The full tensor of a parameter read outside its FSDP2 group's forward.
+
+    FSDP2 holds a parameter as a DTensor sharded over the data-parallel ranks, except while its
+    group is unsharded (then it is a plain tensor and FSDP2 reduce-scatters its gradient
+    itself). A DTensor is all-gathered here; its gradient must then be *averaged* over the ranks
+    as FSDP2 does (each rank saw different data), so the backward reduce-scatters a partial
+    average into the shard (DTensor's default backward would keep each rank's own gradient).
+    Only FSDP's placements are accepted: ``(Shard(0),)`` or HSDP's ``(Replicate(), Shard(0))``;
+    anything else (tensor parallelism on top of FSDP) is refused rather than given a wrong
+    gradient. FSDP2's ``set_gradient_divide_factor`` is not seen on this path. Outside FSDP (a
+    tensor-parallel head: every rank has the same data) the default gather is right.
+    """
+    if not hasattr(t, "full_tensor"):
+        return t
+    if not fsdp:
+        return t.full_tensor()
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    placements = tuple(t.placements)
+    if placements not in ((Shard(0),), (Replicate(), Shard(0))):
+        raise ValueError(
+            f"{name} is a DTensor with placements {placements} under FSDP2: fastdpo gathers the "
+            f"LM head for the fused head only from FSDP's (Shard(dim=0),) or HSDP's "
+            f"(Replicate(), Shard(dim=0)) layout, where the gradient is an average over the "
+            f"ranks. Keep the LM head out of tensor parallelism, or compute the logits with "
+            f"the model's own head and use fastdpo.sequence_logps(..., process_group=...).")
+    return t.full_tensor(grad_placements=[Partial("avg")] * len(placements))
 
 
 def lm_head_inputs(model, **model_kwargs) -> LMHeadInputs:
@@ -102,6 +143,10 @@ def lm_head_inputs(model, **model_kwargs) -> LMHeadInputs:
 
     ``model_kwargs`` go to the decoder (``input_ids``, ``attention_mask``, ``position_ids``,
     ``inputs_embeds``...). ``labels`` / ``logits_to_keep`` are head arguments and are refused.
+    The decoder is called directly, bypassing a wrapper's forward: under FSDP2 run the wrapped
+    model's own forward instead (``output_hidden_states=True``, ``logits_to_keep`` an empty
+    index tensor, as :class:`fastdpo.integrations.trl.FastDPOTrainer` does) and take the head
+    from :func:`head_params`.
     """
     for bad in ("labels", "logits_to_keep", "num_logits_to_keep"):
         if bad in model_kwargs:
