@@ -82,7 +82,8 @@ class PairRows:
 
 def build_rows(h2, labels, weights, pairs: int, seq_len: int, acc, *, parts: int = 2,
                extra=None) -> PairRows:
-    """``labels`` / ``weights`` (/ ``extra``) are ``(N,)`` already shifted, 0 on ignored rows."""
+    """``labels`` / ``weights`` (/ ``extra``) are ``(N,)`` already shifted, 0 on ignored rows.
+    One host sync (the rows per sequence, for the chunk plan made on the host)."""
     active = weights != 0
     if extra is not None:
         active = active | (extra != 0)

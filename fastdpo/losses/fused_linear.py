@@ -161,7 +161,11 @@ def reference_logps(fb: FusedBatch, ref_hidden, ref_weight, ref_bias, labels, sh
         rh = ref_hidden.detach()
         rh = rh.to(fb.hidden.dtype) if rh.dtype != fb.hidden.dtype else rh
         r2, _ = flat_rows(rh, labels, shift, fb.head.ignore_index)
-        rows = build_rows(r2, fb.lab, fb.w_rows, pr.pairs, labels.shape[1], acc, parts=pr.parts)
+        # the same rows as the policy's: its plan (and its host sync) serves again, unless a
+        # second term added rows of its own
+        rows = (dataclasses.replace(pr, h2=r2) if pr.extra is None else
+                build_rows(r2, fb.lab, fb.w_rows, pr.pairs, labels.shape[1], acc,
+                           parts=pr.parts))
         return run_pairs(fb.head, rows, ref_weight.detach(),
                          None if ref_bias is None else ref_bias.detach(), fb.chunks, None, False,
                          False, False, tile=fb.tile).logps

@@ -266,6 +266,28 @@ def test_kto_baseline_is_clamped_at_zero():
         assert metrics["kl"] == 0
 
 
+def test_reference_pass_reuses_the_row_plan(monkeypatch):
+    """The row plan (nonzero + the counts per sequence: a host sync) is made once per call; the
+    reference given as hidden states walks the same rows."""
+    import fastdpo.losses.fused_linear as fl
+    calls = []
+    real = fl.build_rows
+    monkeypatch.setattr(fl, "build_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    h, w, _, labels, _, kto = batch(seed=15)
+    B = labels.shape[0] // 2
+    for run in (lambda: linear_kto_loss(h, w, labels, kto["desirable"], ref_hidden=h * 0.5,
+                                        ref_weight=w, kl=0.1, backend="torch"),
+                lambda: fastdpo.linear_dpo_loss(h, w, labels, ref_hidden=h * 0.5, ref_weight=w,
+                                                backend="torch")):
+        calls.clear()
+        loss, m = run()
+        assert len(calls) == 1
+    hh = (h * 0.5).double()
+    ref = seq_logps(hh, w.double(), None, labels, torch.float64, {})
+    assert_rule(m["logps/chosen"] - m["rewards/chosen"] / 0.1, ref[:B].mean(),
+                ref[:B].float().mean(), torch.float32, what="reference log-probs")
+
+
 # ------------------------------------------------------------------------- matmul counts
 
 
