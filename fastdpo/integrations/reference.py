@@ -69,7 +69,10 @@ class ReferenceLogps:
 
 def has_reference_columns(dataset) -> bool:
     """Whether ``dataset`` already carries both reference columns (checked: both or neither,
-    every value a finite number), so a trainer can load them instead of recomputing."""
+    every value a finite number), so a trainer can load them instead of recomputing. A
+    streaming dataset (no length) is never read through: False."""
+    if not hasattr(dataset, "__len__"):
+        return False
     names = getattr(dataset, "column_names", None) or ()
     present = [c for c in COLUMNS if c in names]
     if not present:

@@ -364,6 +364,11 @@ def test_stored_columns_in_any_dataset_format():
                 with pytest.raises(exc, match=COLUMNS[0]):
                     has_reference_columns(ds.with_format(fmt))
     assert not has_reference_columns(Dataset.from_dict(base).with_format("torch"))
+    # a streaming dataset is not read through (it may be huge or endless): TRL's own refusal
+    # of precompute_ref_log_probs with an IterableDataset stands
+    stream = good.to_iterable_dataset()
+    assert set(COLUMNS) <= set(stream.column_names)
+    assert not has_reference_columns(stream)
 
 
 def datasets_value(dtype):
