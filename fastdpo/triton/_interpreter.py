@@ -1,12 +1,17 @@
 """Everything the Triton backend does only because of ``TRITON_INTERPRET=1`` (CPU tests).
 
 The kernels and launchers carry no interpreter code. :func:`install` (run when the kernel modules
-are imported under the interpreter) corrects three places where the interpreter departs from
+are imported under the interpreter) corrects four places where the interpreter departs from
 what a GPU computes, so that the CPU tests check the GPU's semantics:
 
 * fp32 -> bf16 casts truncate; GPUs round to nearest even (``cvt.rn.bf16.f32``).
 * ``tl.dot`` multiplies the raw bit patterns of bf16 operands (Triton issue 11584); GPUs
   multiply the values exactly and accumulate in fp32.
+* ``tl.dot`` is ``np.matmul``: the host BLAS, whose micro-kernels round a row's products
+  differently by its place in the tile (OpenBLAS 0.3.31 with the Haswell core type on an AVX-512
+  EPYC), so a row's result depended on its batch; a GPU forms each output from its own row and
+  column. Here floating dots are summed exactly (fp64 products of fp32 values are exact) in a
+  fixed order and rounded once: the same for a row wherever it sits.
 * Triton 3.6 turns a loop bound (a shape ``(1,)`` array) into an int with ``int(array)``, which
   numpy >= 2.4 refuses; later releases take the array's single item, as here.
 
@@ -59,6 +64,12 @@ def _patch_builder(interpreter, tl) -> None:
         if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):
             a, b = (cast(self, t, tl.float32) if t.dtype.scalar == tl.bfloat16 else t
                     for t in (a, b))
+        exact = (tl.float32, tl.float16)
+        if a.dtype.scalar in exact and b.dtype.scalar in exact and d.dtype.scalar == tl.float32:
+            # (.., M, K, 1) * (.., 1, K, N) summed over K: each output's own row and column only
+            prod = a.data.astype(np.float64)[..., :, :, None] * b.data.astype(np.float64)[..., None, :, :]
+            return interpreter.TensorHandle((prod.sum(axis=-2).astype(np.float32) + d.data),
+                                            d.dtype.scalar)
         return dot(self, a, b, d, *args, **kwargs)
 
     builder.cast_impl, builder.create_dot = cast_impl, create_dot

@@ -200,6 +200,36 @@ def test_interpreter_matches_gpu_bf16_semantics(TL, device):
     torch.testing.assert_close(lp_b, lp_f, rtol=0, atol=1e-5)
 
 
+def test_interpreter_dot_does_not_depend_on_row_position(TL, device):
+    """A GPU's tl.dot forms each output from its own row and column; the interpreter's
+    np.matmul goes to the host BLAS, whose micro-kernels (OpenBLAS 0.3.31, Haswell core type on
+    an AVX-512 EPYC) round a row differently by its place in the tile, which broke the fused
+    head's batch invariance under the interpreter. Corrected: a row's product is bitwise the same
+    wherever it sits, and it is the fp32 rounding of the exact product sum."""
+    if device.type == "cuda":
+        pytest.skip("interpreter-only behaviour")
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 16)).astype(np.float32)
+    b = rng.standard_normal((16, 32)).astype(np.float32)
+
+    def dot(rows):
+        acc = interpreter.TensorHandle(np.zeros((16, 32), np.float32), tl.float32)
+        out = interpreter.InterpreterBuilder().create_dot(
+            interpreter.TensorHandle(np.ascontiguousarray(rows), tl.float32),
+            interpreter.TensorHandle(b, tl.float32), acc, None, None)
+        return out.data
+
+    full = dot(a[0:16])
+    for s in range(1, 8):
+        assert np.array_equal(dot(a[s:s + 16])[:16 - s], full[s:])
+    exact = (a[:16].astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
+    assert np.array_equal(full, exact)
+
+
 # ---------------------------------------------------- precision at any offset and temperature
 
 
