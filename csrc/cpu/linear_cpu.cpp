@@ -406,7 +406,8 @@ BwdPlan bwd_plan(int64_t N, int64_t V, int64_t H, int64_t itemsize, int64_t chun
   const int64_t part = budget / 2;  // the rest: per-thread tiles and weight chunks
   const int64_t row_bytes = 4 * H;
   const int64_t threads = at::get_num_threads();
-  int64_t groups = invariant ? kInvariantGroups : std::max<int64_t>(8, 2 * threads);
+  // many groups: a thread that loses its core holds up at most one short item at the end
+  int64_t groups = invariant ? kInvariantGroups : std::max<int64_t>(16, 4 * threads);
   if (!invariant) {  // fewer groups (still >= threads) before splitting the tokens
     groups = std::min(groups, std::max(threads, part / std::max<int64_t>(1, N * row_bytes)));
   }
