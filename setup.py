@@ -35,6 +35,7 @@ CPU_SOURCES = [
     "csrc/ops.cpp",
     "csrc/cpu/logps_avx2.cpp",
     "csrc/cpu/logps_generic.cpp",
+    "csrc/cpu/linear_cpu.cpp",
 ]
 CUDA_SOURCES = [
     "csrc/cuda/ops_cuda.cpp",

@@ -40,6 +40,27 @@ void logps_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>&
                    int64_t ignore_index, double temperature, int64_t vocab_start,
                    int64_t vocab_total, const at::Tensor& grad_logits);
 
+// The fused LM head on CPU (csrc/cpu/linear_cpu.cpp): the native_linear_logps_fwd / _bwd schemas.
+FwdResult linear_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+                         int64_t ignore_index, double temperature, double logit_scale,
+                         double softcap, int64_t vocab_start, int64_t vocab_total,
+                         bool with_entropy, bool batch_invariant);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
+    const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+    const std::optional<at::Tensor>& entropy, int64_t ignore_index, double temperature,
+    double logit_scale, double softcap, int64_t vocab_start, int64_t vocab_total,
+    bool need_hidden_grad, bool need_weight_grad, bool need_bias_grad, bool batch_invariant);
+
+// (tile rows, tile columns, L2 bytes, L3 bytes) the CPU fused head uses for V, H (tests, bench).
+std::tuple<int64_t, int64_t, int64_t, int64_t> linear_cpu_plan(int64_t V, int64_t H);
+// (d_hidden groups, token block rows) of its backward for N tokens of `itemsize` bytes.
+std::tuple<int64_t, int64_t> linear_cpu_bwd_plan(int64_t N, int64_t V, int64_t H,
+                                                 int64_t itemsize, bool batch_invariant);
+
 // The CUDA entry points repeat the CPU signatures above: both implement the same schema.
 #ifdef FASTDPO_WITH_CUDA
 FwdResult logps_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index,

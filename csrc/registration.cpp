@@ -16,6 +16,8 @@
 TORCH_LIBRARY_IMPL(fastdpo, CPU, m) {
   m.impl("native_logps_fwd", TORCH_FN(fastdpo::logps_fwd_cpu));
   m.impl("native_logps_bwd", TORCH_FN(fastdpo::logps_bwd_cpu));
+  m.impl("native_linear_logps_fwd", TORCH_FN(fastdpo::linear_fwd_cpu));
+  m.impl("native_linear_logps_bwd", TORCH_FN(fastdpo::linear_bwd_cpu));
 }
 
 #ifdef FASTDPO_WITH_CUDA
@@ -168,6 +170,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                          : grad_of<float>(x, inv_temp, g, g_ent, row_max, log_sum, ent, is_label);
   }, py::arg("x"), py::arg("inv_temp"), py::arg("g"), py::arg("g_ent"), py::arg("row_max"),
         py::arg("log_sum"), py::arg("entropy"), py::arg("is_label"), py::arg("dtype") = "float32");
+  m.def("linear_cpu_plan", &fastdpo::linear_cpu_plan, py::arg("V"), py::arg("H"),
+        "(tile rows, tile columns, L2 bytes, L3 bytes) of the CPU fused LM head.");
+  m.def("linear_cpu_bwd_plan", &fastdpo::linear_cpu_bwd_plan, py::arg("N"), py::arg("V"),
+        py::arg("H"), py::arg("itemsize"), py::arg("batch_invariant") = false,
+        "(d_hidden groups, token block rows) of the CPU fused LM head's backward.");
   m.def("exp_avx2", &exp_avx2, py::arg("x"));
   m.def("round_trip", &round_trip, py::arg("x"), py::arg("dtype"), py::arg("kernel"));
 }

@@ -1,8 +1,9 @@
 """Fused LM head over chunks: log-probs from hidden states and the LM-head weight.
 
 Implements ``linear_logps_fwd`` / ``linear_logps_bwd`` (see :mod:`fastdpo.ops`) for the ``torch``
-and ``native`` backends with one chunk loop, parameterised by the row kernel run on each chunk of
-logits (``torch_logps_*`` or the C++ ``native_logps_*``). The Triton backend reuses the backward
+backend and the ``native`` backend's CUDA tensors with one chunk loop, parameterised by the row
+kernel run on each chunk of logits (``torch_logps_*`` or the C++ ``native_logps_*``); the native
+CPU head is the same loop in C++ (``csrc/cpu/linear_cpu.cpp``). The Triton backend reuses the backward
 loop with its own fused tile kernel. No ``(N, V)`` buffer ever exists:
 
 * forward: vocabulary chunks outside, token chunks inside; each ``(Nc, Vc)`` tile of logits is
@@ -433,7 +434,9 @@ def make_impls(row_backend: str):
     return fwd, bwd
 
 
-for _rb in ("torch", "native"):
+# The native backend's CPU fused head is C++ (csrc/cpu/linear_cpu.cpp, one parallel region per
+# loop); this loop with the native row kernels serves its CUDA tensors.
+for _rb, _devices in (("torch", ("cpu", "cuda")), ("native", ("cuda",))):
     _fwd, _bwd = make_impls(_rb)
-    ops.register_impl(_rb, "linear_logps_fwd", _fwd)
-    ops.register_impl(_rb, "linear_logps_bwd", _bwd)
+    ops.register_impl(_rb, "linear_logps_fwd", _fwd, device_types=_devices)
+    ops.register_impl(_rb, "linear_logps_bwd", _bwd, device_types=_devices)

@@ -1,0 +1,547 @@
+// The native CPU fused LM head (native_linear_logps_fwd / _bwd, contract in fastdpo/ops.py): the
+// chunk loops of fastdpo/torch_backend/linear.py in C++, each as ONE parallel region.
+//
+// A Python loop of GEMM + row kernel per tile opens two short parallel regions per tile (~1,300 a
+// step at N = 2048, V = 128k), each ending in a barrier: when one core is busy with another
+// process, every barrier waits for the descheduled thread. Here each loop is one region; threads
+// take whole work items from an atomic counter (dynamic scheduling, so a thread that loses its
+// core just takes fewer items) and run the item's GEMMs single-threaded (at::mm inside a parallel
+// region does not spawn threads of its own) plus the row kernels (row_driver.h) on buffers of
+// their own, allocated once per thread and call.
+//
+// Forward: items are (vocabulary chunk, token tile) pairs, token tiles fastest (threads on the
+// same chunk share its weight rows in L3). Each tile's row statistics go to a (chunks x N) table,
+// merged per row at the end in chunk order (combine.h): the result depends on the tile shapes
+// only, not on which thread ran what.
+// Backward: items are groups of consecutive vocabulary chunks. The thread holding a group owns
+// its d_weight / d_bias rows (written once, no conflict) and accumulates the group's share of
+// d_hidden in fp32 in the group's own (rows x H) buffer; the groups' buffers are summed in group
+// order at the end. bf16/fp16 inputs are converted to fp32 per tile (CPU GEMMs in bf16 round
+// their result to bf16). When the groups' d_hidden buffers would exceed the memory budget, tokens
+// are taken in blocks; d_weight then accumulates in place across blocks when it is fp32, and is
+// otherwise computed in a second sweep over all tokens (every gradient is still rounded once).
+//
+// batch_invariant: every token tile is padded to the full Nc rows and the number of groups is
+// fixed, so no GEMM shape or reduction order depends on the batch or the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "cpu/linear_plan.h"
+#include "cpu/logps_cpu.h"
+#include "fastdpo/combine.h"
+#include "fastdpo/params.h"
+#include "ops.h"
+
+namespace fastdpo {
+namespace {
+
+constexpr int64_t kMinBudget = int64_t{16} << 20;  // as MIN_BUDGET of the Python loop
+constexpr double kBudgetFraction = 0.05;           // of the (N, V) logits
+constexpr int64_t kInvariantGroups = 8;            // d_hidden groups under batch_invariant
+
+struct Head {
+  at::Tensor hidden, weight, bias32, labels;  // labels contiguous; bias fp32 or undefined
+  int64_t N = 0, H = 0, V = 0;
+  int64_t ignore_index = -100, vocab_start = 0, vocab_total = 0;
+  float c = 1.0f;             // 1 / temperature
+  double logit_scale = 1.0, softcap = 0.0;
+  bool invariant = false, avx2 = false;
+  cpu::TileShape tile{};
+};
+
+// Buffers of one thread, allocated (and first touched) by that thread.
+struct Scratch {
+  at::Tensor x, tanh, h, w, dw, tmp;
+  int64_t w_chunk = -1;  // chunk whose fp32 weight rows `w` holds
+};
+
+at::Tensor f32_buffer(int64_t rows, int64_t cols) {
+  return at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// fn(scratch, item) for items [0, n) in one parallel region with dynamic scheduling. The caller's
+// thread-local state (grad mode, profiler) travels to the worker threads.
+template <class F>
+void run_items(int64_t n, std::vector<Scratch>& slots, const F& fn) {
+  if (n <= 0) return;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  if (static_cast<int64_t>(slots.size()) < threads) slots.resize(threads);
+  std::atomic<int64_t> next{0};
+  const at::ThreadLocalState state;
+  at::parallel_for(0, threads, 1, [&](int64_t slot, int64_t /*end*/) {
+    at::ThreadLocalStateGuard guard(state);
+    c10::AutoGradMode no_grad(false);
+    Scratch& s = slots[slot];
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(s, i);
+  });
+}
+
+void check_float_input(const at::Tensor& t, const char* op, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
+              ": the native backend takes fp32/bf16/fp16 ", name, ", got ", st,
+              st == at::kDouble ? " (the torch backend takes float64)" : "");
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+}
+
+Head make_head(const at::Tensor& hidden, const at::Tensor& weight,
+               const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+               int64_t ignore_index, double temperature, double logit_scale, double softcap,
+               int64_t vocab_start, int64_t vocab_total, bool batch_invariant, const char* op) {
+  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be (N, H), got shape ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), op,
+              ": weight must be (V, H) with H = ", hidden.size(1), ", got shape ", weight.sizes());
+  check_float_input(hidden, op, "hidden");
+  check_float_input(weight, op, "weight");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), op,
+              ": labels must have shape (N,) = (", hidden.size(0), "), got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
+              ": labels must be int64 or int32, got ", labels.scalar_type());
+  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", vocab_start);
+  TORCH_CHECK(vocab_total >= 0, op, ": vocab_total must be >= 0, got ", vocab_total);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
+              ": temperature must be a finite positive number, got ", temperature);
+  const float c = static_cast<float>(1.0 / temperature);
+  TORCH_CHECK(std::isfinite(c) && c > 0.0f, op, ": temperature ", temperature,
+              " is outside the range fp32 kernels can scale by");
+  TORCH_CHECK(std::isfinite(logit_scale), op, ": logit_scale must be finite, got ", logit_scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op,
+              ": softcap must be a finite number >= 0 (0 = off), got ", softcap);
+  Head hd;
+  hd.hidden = hidden.detach();
+  hd.weight = weight.detach();
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                ": bias must have shape (V,) = (", weight.size(0), "), got ", bias->sizes());
+    check_float_input(*bias, op, "bias");
+    hd.bias32 = bias->detach().to(at::kFloat).contiguous();
+  }
+  hd.labels = labels.contiguous();
+  hd.N = hidden.size(0);
+  hd.H = hidden.size(1);
+  hd.V = weight.size(0);
+  hd.ignore_index = ignore_index;
+  hd.vocab_start = vocab_start;
+  hd.vocab_total = vocab_total;
+  hd.c = c;
+  hd.logit_scale = logit_scale;
+  hd.softcap = softcap;
+  hd.invariant = batch_invariant;
+  hd.avx2 = cpu_kernel() == "avx2";
+  static const cpu::CacheSizes caches = cpu::cache_sizes();
+  hd.tile = cpu::tile_shape(hd.V, hd.H, caches);
+  return hd;
+}
+
+// Rows of `hd` restricted to the labelled ones: nullopt when every row has a label.
+std::optional<at::Tensor> labelled_rows(const Head& hd) {
+  const at::Tensor active = hd.labels.ne(hd.ignore_index);
+  const int64_t n = active.sum().item<int64_t>();  // CPU: no device synchronisation
+  if (n == hd.N) return std::nullopt;
+  return at::nonzero(active).squeeze(1);
+}
+
+int64_t chunks_of(const Head& hd) { return (hd.V + hd.tile.cols - 1) / hd.tile.cols; }
+int64_t tile_rows_of(const Head& hd) {
+  return hd.invariant ? hd.tile.rows : std::max<int64_t>(1, std::min(hd.tile.rows, hd.N));
+}
+
+LabelsView labels_at(const Head& hd, int64_t n0) {
+  LabelsView l;
+  l.is_int64 = hd.labels.scalar_type() == at::kLong;
+  l.data = static_cast<const char*>(hd.labels.data_ptr()) + n0 * hd.labels.element_size();
+  l.stride_b = 0;
+  l.stride_t = 1;
+  return l;
+}
+
+// fp32 hidden rows [n0, n0 + n) of a tile with `rows` rows (zero padding below n).
+at::Tensor hidden_tile(const Head& hd, Scratch& s, int64_t n0, int64_t n, int64_t rows) {
+  const at::Tensor src = hd.hidden.narrow(0, n0, n);
+  if (!hd.invariant && rows == n && src.scalar_type() == at::kFloat) return src;
+  if (!s.h.defined()) s.h = f32_buffer(std::max(rows, hd.tile.rows), hd.H);
+  at::Tensor h = s.h.narrow(0, 0, rows);
+  h.narrow(0, 0, n).copy_(src);
+  if (rows > n) h.narrow(0, n, rows - n).zero_();
+  return h;
+}
+
+// fp32 weight rows of chunk v (converted once per thread and chunk).
+at::Tensor weight_chunk(const Head& hd, Scratch& s, int64_t v, int64_t v0, int64_t vc) {
+  const at::Tensor src = hd.weight.narrow(0, v0, vc);
+  if (src.scalar_type() == at::kFloat) return src;
+  if (!s.w.defined()) s.w = f32_buffer(hd.tile.cols, hd.H);
+  at::Tensor w = s.w.narrow(0, 0, vc);
+  if (s.w_chunk != v) {
+    w.copy_(src);
+    s.w_chunk = v;
+  }
+  return w;
+}
+
+// The transformed logits (before the temperature) of a tile, in the thread's buffer; with
+// softcap the tanh is kept for the backward's chain rule. As fastdpo.rows.transform_logits_.
+at::Tensor logits_tile(const Head& hd, Scratch& s, const at::Tensor& h, const at::Tensor& w,
+                       int64_t v0, int64_t vc, bool keep_tanh) {
+  const int64_t rows = h.size(0);
+  if (!s.x.defined()) s.x = at::empty({hd.tile.rows * hd.tile.cols}, at::kFloat);
+  at::Tensor x = s.x.narrow(0, 0, rows * vc).view({rows, vc});
+  at::mm_out(x, h, w.t());
+  if (hd.bias32.defined()) x.add_(hd.bias32.narrow(0, v0, vc));
+  if (hd.softcap != 0.0) {
+    x.mul_(hd.logit_scale / hd.softcap).tanh_();
+    if (keep_tanh) {
+      if (!s.tanh.defined()) s.tanh = at::empty({hd.tile.rows * hd.tile.cols}, at::kFloat);
+      s.tanh.narrow(0, 0, rows * vc).view({rows, vc}).copy_(x);
+    }
+    x.mul_(hd.softcap);
+  } else if (hd.logit_scale != 1.0) {
+    x.mul_(hd.logit_scale);
+  }
+  return x;
+}
+
+using Outs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outs forward_rows(const Head& hd, bool with_entropy) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const int64_t N = hd.N, V = hd.V, K = chunks_of(hd), Vc = hd.tile.cols;
+  const int64_t Nc = tile_rows_of(hd), tiles = (N + Nc - 1) / Nc;
+  at::Tensor logp = at::empty({N}, f32), row_max = at::empty({N}, f32);
+  at::Tensor log_sum = at::empty({N}, f32);
+  at::Tensor ent = with_entropy ? at::empty({N}, f32) : at::empty({0}, f32);
+  // per-chunk statistics (the outputs themselves when one chunk holds the whole vocabulary)
+  at::Tensor st = K == 1 ? at::Tensor() : at::empty({with_entropy ? 4 : 3, K, N}, f32);
+  float* t_logp = K == 1 ? logp.data_ptr<float>() : st[0].data_ptr<float>();
+  float* t_max = K == 1 ? row_max.data_ptr<float>() : st[1].data_ptr<float>();
+  float* t_sum = K == 1 ? log_sum.data_ptr<float>() : st[2].data_ptr<float>();
+  float* t_ent = !with_entropy ? nullptr : (K == 1 ? ent.data_ptr<float>() : st[3].data_ptr<float>());
+  std::vector<Scratch> slots;
+  run_items(K * tiles, slots, [&](Scratch& s, int64_t item) {
+    const int64_t v = item / tiles, n0 = (item % tiles) * Nc;
+    const int64_t v0 = v * Vc, vc = std::min(Vc, V - v0), n = std::min(Nc, N - n0);
+    const at::Tensor h = hidden_tile(hd, s, n0, n, hd.invariant ? Nc : n);
+    const at::Tensor x = logits_tile(hd, s, h, weight_chunk(hd, s, v, v0, vc), v0, vc, false);
+    LogpsFwdParams p;
+    p.dtype = DType::kFloat32;
+    p.logits = x.data_ptr<float>();
+    p.rows.B = 1;
+    p.rows.T = n;
+    p.rows.V = vc;
+    p.rows.stride_b = n * vc;
+    p.rows.stride_t = vc;
+    p.labels = labels_at(hd, n0);
+    p.rule = LabelRule{hd.ignore_index, hd.vocab_start + v0, hd.vocab_total};
+    p.inv_temp = hd.c;
+    const int64_t off = v * N + n0;
+    p.logp = t_logp + off;
+    p.row_max = t_max + off;
+    p.log_sum = t_sum + off;
+    p.entropy = t_ent ? t_ent + off : nullptr;
+    if (hd.avx2) cpu::logps_fwd_rows_avx2(p, 0, n);
+    else cpu::logps_fwd_rows_generic(p, 0, n);
+  });
+  if (K > 1) {
+    float* o_logp = logp.data_ptr<float>();
+    float* o_max = row_max.data_ptr<float>();
+    float* o_sum = log_sum.data_ptr<float>();
+    float* o_ent = with_entropy ? ent.data_ptr<float>() : nullptr;
+    const LabelRule rule{hd.ignore_index, hd.vocab_start, hd.vocab_total};
+    at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const LabelInfo lab = classify_label(labels_at(hd, r).at(0, 0), rule, V);
+        if (lab.kind == LabelKind::kIgnored) {
+          o_logp[r] = o_max[r] = o_sum[r] = 0.0f;
+          if (o_ent) o_ent[r] = 0.0f;
+          continue;
+        }
+        const int64_t holder = lab.kind == LabelKind::kLocal ? lab.local / Vc : -1;
+        const Combined<float> out =
+            combine_parts(t_logp + r, t_max + r, t_sum + r, t_ent ? t_ent + r : nullptr, N, K,
+                          holder, lab.kind == LabelKind::kInvalid, hd.c);
+        o_logp[r] = out.logp;
+        o_max[r] = out.row_max;
+        o_sum[r] = out.log_sum;
+        if (o_ent) o_ent[r] = out.entropy;
+      }
+    });
+  }
+  return {logp, row_max, log_sum, ent};
+}
+
+// ----------------------------------------------------------------------------------- backward
+
+struct RowGrads {  // fp32 contiguous (N,) row tensors of the backward
+  at::Tensor grad_logp, grad_entropy, row_max, log_sum, entropy;  // the *entropy ones optional
+};
+
+RowScalars scalars_at(const at::Tensor& t, int64_t n0) {
+  RowScalars r;
+  r.data = t.defined() ? t.data_ptr<float>() + n0 : nullptr;
+  r.stride_b = 0;
+  r.stride_t = 1;
+  return r;
+}
+
+struct SweepOut {
+  at::Tensor d_h, d_w, d_b;  // undefined where this sweep does not compute them
+};
+
+// One pass over the tiles of tokens [s0, s0 + ns): d_hidden of those rows (when d.d_h), and
+// d_weight / d_bias contributions (added to them when fp32 and `accumulate`, else written).
+void sweep_block(const Head& hd, const RowGrads& g, int64_t s0, int64_t ns, int64_t groups,
+                 const SweepOut& d, bool accumulate, at::Tensor& dh_acc) {
+  const int64_t V = hd.V, H = hd.H, K = chunks_of(hd), Vc = hd.tile.cols;
+  const int64_t Nc = hd.invariant ? hd.tile.rows : std::max<int64_t>(1, std::min(hd.tile.rows, ns));
+  const bool want_h = d.d_h.defined(), want_w = d.d_w.defined(), want_b = d.d_b.defined();
+  const bool w_direct = want_w && d.d_w.scalar_type() == at::kFloat;
+  const bool b_direct = want_b && d.d_b.scalar_type() == at::kFloat;
+  TORCH_INTERNAL_ASSERT(accumulate ? (!want_w || w_direct) && (!want_b || b_direct) : true);
+  const int64_t items = want_h ? groups : K;
+  std::vector<Scratch> slots;
+  run_items(items, slots, [&](Scratch& s, int64_t item) {
+    const int64_t c0 = want_h ? item * K / groups : item;
+    const int64_t c1 = want_h ? (item + 1) * K / groups : item + 1;
+    at::Tensor dh_g;
+    if (want_h) {
+      dh_g = dh_acc[item];
+      dh_g.zero_();
+    }
+    for (int64_t v = c0; v < c1; ++v) {
+      const int64_t v0 = v * Vc, vc = std::min(Vc, V - v0);
+      const at::Tensor w = weight_chunk(hd, s, v, v0, vc);
+      at::Tensor dw, db;
+      if (want_w) {
+        if (w_direct) {
+          dw = d.d_w.narrow(0, v0, vc);
+        } else {
+          if (!s.dw.defined()) s.dw = f32_buffer(Vc, H);
+          dw = s.dw.narrow(0, 0, vc);
+          dw.zero_();
+        }
+      }
+      if (want_b) db = at::zeros({vc}, at::kFloat);
+      for (int64_t n0 = s0; n0 < s0 + ns; n0 += Nc) {
+        const int64_t n = std::min(Nc, s0 + ns - n0), rows = hd.invariant ? Nc : n;
+        const at::Tensor h = hidden_tile(hd, s, n0, n, rows);
+        at::Tensor x = logits_tile(hd, s, h, w, v0, vc, hd.softcap != 0.0);
+        LogpsBwdParams p;
+        p.dtype = DType::kFloat32;
+        p.logits = x.data_ptr<float>();
+        p.grad_logits = x.data_ptr<float>();  // in place: each logit is read before written
+        p.rows.B = 1;
+        p.rows.T = n;
+        p.rows.V = vc;
+        p.rows.stride_b = rows * vc;
+        p.rows.stride_t = vc;
+        p.grad_stride_b = rows * vc;
+        p.grad_stride_t = vc;
+        p.labels = labels_at(hd, n0);
+        p.rule = LabelRule{hd.ignore_index, hd.vocab_start + v0, hd.vocab_total};
+        p.inv_temp = hd.c;
+        p.grad_logp = scalars_at(g.grad_logp, n0);
+        p.row_max = scalars_at(g.row_max, n0);
+        p.log_sum = scalars_at(g.log_sum, n0);
+        if (g.grad_entropy.defined()) {
+          p.grad_entropy = scalars_at(g.grad_entropy, n0);
+          p.entropy = scalars_at(g.entropy, n0);
+        }
+        if (hd.avx2) cpu::logps_bwd_rows_avx2(p, 0, n);
+        else cpu::logps_bwd_rows_generic(p, 0, n);
+        if (rows > n) x.narrow(0, n, rows - n).zero_();  // padding rows: no gradient
+        if (hd.softcap != 0.0) {  // as fastdpo.rows.transform_grad_
+          at::Tensor t = s.tanh.narrow(0, 0, rows * vc).view({rows, vc});
+          x.mul_(t.mul_(t).neg_().add_(1.0));
+        }
+        if (hd.logit_scale != 1.0) x.mul_(hd.logit_scale);
+        if (want_h) {  // the product apart, then added: the same rounding in every tile
+          if (!s.tmp.defined()) s.tmp = f32_buffer(hd.tile.rows, H);
+          at::Tensor tmp = s.tmp.narrow(0, 0, rows);
+          at::mm_out(tmp, x, w);
+          dh_g.narrow(0, n0 - s0, n).add_(tmp.narrow(0, 0, n));
+        }
+        if (want_w) dw.addmm_(x.narrow(0, 0, n).t(), h.narrow(0, 0, n));
+        if (want_b) db.add_(x.narrow(0, 0, n).sum(0));
+      }
+      if (want_w && !w_direct) d.d_w.narrow(0, v0, vc).copy_(dw);
+      if (want_b) {
+        at::Tensor out = d.d_b.narrow(0, v0, vc);
+        if (b_direct) out.add_(db);
+        else out.copy_(db);
+      }
+    }
+  });
+  if (want_h) {  // the groups' shares, summed in group order
+    float* acc = dh_acc.data_ptr<float>();
+    const int64_t plane = dh_acc.size(1) * H;
+    at::parallel_for(0, ns, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0 * H; i < r1 * H; ++i) {
+        float sum = acc[i];
+        for (int64_t k = 1; k < groups; ++k) sum += acc[k * plane + i];
+        acc[i] = sum;
+      }
+    });
+    d.d_h.narrow(0, s0, ns).copy_(dh_acc[0].narrow(0, 0, ns));
+  }
+}
+
+// Groups of vocabulary chunks and token blocks of the backward, within the memory budget.
+struct BwdPlan {
+  int64_t groups, block_rows;
+};
+
+BwdPlan bwd_plan(int64_t N, int64_t V, int64_t H, int64_t itemsize, int64_t chunks,
+                 int64_t tile_rows, bool invariant, bool want_h) {
+  if (!want_h) return {chunks, N};
+  const int64_t budget = std::max<int64_t>(
+      kMinBudget, static_cast<int64_t>(kBudgetFraction * static_cast<double>(N) * V * itemsize));
+  const int64_t part = budget / 2;  // the rest: per-thread tiles and weight chunks
+  const int64_t row_bytes = 4 * H;
+  const int64_t threads = at::get_num_threads();
+  // many groups: a thread that loses its core holds up at most one short item at the end
+  int64_t groups = invariant ? kInvariantGroups : std::max<int64_t>(16, 4 * threads);
+  if (!invariant) {  // fewer groups (still >= threads) before splitting the tokens
+    groups = std::min(groups, std::max(threads, part / std::max<int64_t>(1, N * row_bytes)));
+  }
+  groups = std::max<int64_t>(1, std::min(groups, chunks));
+  int64_t rows = part / (groups * row_bytes);
+  if (rows >= N) return {groups, N};
+  rows = std::max(tile_rows, rows / tile_rows * tile_rows);
+  return {groups, std::min(rows, N)};
+}
+
+BwdPlan bwd_plan(const Head& hd, bool want_h) {
+  return bwd_plan(hd.N, hd.V, hd.H, hd.hidden.element_size(), chunks_of(hd), hd.tile.rows,
+                  hd.invariant, want_h);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_rows(const Head& hd, const RowGrads& g,
+                                                             const SweepOut& d) {
+  const bool want_h = d.d_h.defined();
+  const bool want_wb = d.d_w.defined() || d.d_b.defined();
+  const BwdPlan plan = bwd_plan(hd, want_h);
+  at::Tensor dh_acc;
+  if (want_h) dh_acc = at::empty({plan.groups, plan.block_rows, hd.H}, at::kFloat);
+  const bool fp32_wb = (!d.d_w.defined() || d.d_w.scalar_type() == at::kFloat) &&
+                       (!d.d_b.defined() || d.d_b.scalar_type() == at::kFloat);
+  if (plan.block_rows >= hd.N || !want_h || !want_wb || fp32_wb) {
+    for (int64_t s0 = 0; s0 < hd.N; s0 += plan.block_rows) {
+      sweep_block(hd, g, s0, std::min(plan.block_rows, hd.N - s0), plan.groups, d,
+                  plan.block_rows < hd.N, dh_acc);
+    }
+  } else {  // d_hidden block by block, then d_weight / d_bias over all tokens at once
+    const SweepOut only_h{d.d_h, at::Tensor(), at::Tensor()};
+    for (int64_t s0 = 0; s0 < hd.N; s0 += plan.block_rows) {
+      sweep_block(hd, g, s0, std::min(plan.block_rows, hd.N - s0), plan.groups, only_h, false,
+                  dh_acc);
+    }
+    dh_acc = at::Tensor();
+    const SweepOut only_wb{at::Tensor(), d.d_w, d.d_b};
+    sweep_block(hd, g, 0, hd.N, chunks_of(hd), only_wb, false, dh_acc);
+  }
+  return {d.d_h, d.d_w, d.d_b};
+}
+
+at::Tensor rows_f32(const std::optional<at::Tensor>& t, const char* op, const char* name,
+                    int64_t N) {
+  if (!t.has_value() || !t->defined() || t->numel() == 0) return at::Tensor();
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == N, op, ": ", name, " must have shape (", N,
+              ",), got ", t->sizes());
+  return t->detach().to(at::kFloat).contiguous();
+}
+
+}  // namespace
+
+FwdResult linear_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+                         int64_t ignore_index, double temperature, double logit_scale,
+                         double softcap, int64_t vocab_start, int64_t vocab_total,
+                         bool with_entropy, bool batch_invariant) {
+  const char* op = "native_linear_logps_fwd";
+  Head hd = make_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
+                      softcap, vocab_start, vocab_total, batch_invariant, op);
+  const auto sel = labelled_rows(hd);
+  if (!sel.has_value()) return forward_rows(hd, with_entropy);
+  const int64_t N = hd.N;
+  hd.hidden = hd.hidden.index_select(0, *sel);
+  hd.labels = hd.labels.index_select(0, *sel);
+  hd.N = sel->size(0);
+  auto out = forward_rows(hd, with_entropy);
+  auto scatter = [&](const at::Tensor& t) {
+    return at::zeros({N}, t.options()).index_copy_(0, *sel, t);
+  };
+  at::Tensor ent = std::get<3>(out);
+  return {scatter(std::get<0>(out)), scatter(std::get<1>(out)), scatter(std::get<2>(out)),
+          with_entropy ? scatter(ent) : ent};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
+    const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const at::Tensor& row_max, const at::Tensor& log_sum,
+    const std::optional<at::Tensor>& entropy, int64_t ignore_index, double temperature,
+    double logit_scale, double softcap, int64_t vocab_start, int64_t vocab_total,
+    bool need_hidden_grad, bool need_weight_grad, bool need_bias_grad, bool batch_invariant) {
+  const char* op = "native_linear_logps_bwd";
+  Head hd = make_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
+                      softcap, vocab_start, vocab_total, batch_invariant, op);
+  const int64_t N = hd.N;
+  RowGrads g;
+  g.grad_logp = rows_f32(grad_logp, op, "grad_logp", N);
+  TORCH_CHECK(g.grad_logp.defined() || N == 0, op, ": grad_logp is required");
+  g.row_max = rows_f32(row_max, op, "row_max", N);
+  g.log_sum = rows_f32(log_sum, op, "log_sum", N);
+  g.grad_entropy = rows_f32(grad_entropy, op, "grad_entropy", N);
+  if (g.grad_entropy.defined()) {
+    g.entropy = rows_f32(entropy, op, "entropy", N);
+    TORCH_CHECK(g.entropy.defined(), op, ": entropy is required when grad_entropy is given");
+  }
+  const bool has_bias = hd.bias32.defined();
+  need_bias_grad = need_bias_grad && has_bias;
+  const auto dense = at::MemoryFormat::Contiguous;
+  at::Tensor d_h = need_hidden_grad ? at::zeros_like(hidden, dense) : hidden.new_empty({0});
+  at::Tensor d_w = need_weight_grad ? at::zeros_like(weight, dense) : weight.new_empty({0});
+  at::Tensor d_b = need_bias_grad ? at::zeros_like(*bias, dense) : weight.new_empty({0});
+  if (!(need_hidden_grad || need_weight_grad || need_bias_grad) || N == 0) return {d_h, d_w, d_b};
+  const auto sel = labelled_rows(hd);
+  at::Tensor d_h_rows = d_h;
+  if (sel.has_value()) {
+    if (sel->size(0) == 0) return {d_h, d_w, d_b};
+    hd.hidden = hd.hidden.index_select(0, *sel);
+    hd.labels = hd.labels.index_select(0, *sel);
+    hd.N = sel->size(0);
+    for (at::Tensor* t : {&g.grad_logp, &g.grad_entropy, &g.row_max, &g.log_sum, &g.entropy}) {
+      if (t->defined()) *t = t->index_select(0, *sel);
+    }
+    if (need_hidden_grad) d_h_rows = at::empty({hd.N, hd.H}, d_h.options());
+  }
+  const SweepOut d{need_hidden_grad ? d_h_rows : at::Tensor(),
+                   need_weight_grad ? d_w : at::Tensor(), need_bias_grad ? d_b : at::Tensor()};
+  backward_rows(hd, g, d);
+  if (sel.has_value() && need_hidden_grad) d_h.index_copy_(0, *sel, d_h_rows);
+  return {d_h, d_w, d_b};
+}
+
+std::tuple<int64_t, int64_t, int64_t, int64_t> linear_cpu_plan(int64_t V, int64_t H) {
+  const cpu::CacheSizes c = cpu::cache_sizes();
+  const cpu::TileShape t = cpu::tile_shape(V, H, c);
+  return {t.rows, t.cols, c.l2, c.l3};
+}
+
+std::tuple<int64_t, int64_t> linear_cpu_bwd_plan(int64_t N, int64_t V, int64_t H,
+                                                 int64_t itemsize, bool batch_invariant) {
+  const cpu::TileShape t = cpu::tile_shape(V, H, cpu::cache_sizes());
+  const BwdPlan p = bwd_plan(N, V, H, itemsize, (V + t.cols - 1) / t.cols, t.rows,
+                             batch_invariant, true);
+  return {p.groups, p.block_rows};
+}
+
+}  // namespace fastdpo
