@@ -306,6 +306,38 @@ def test_frozen_head_token_logps(backend, opts):
     assert_rule(gh, outs[0][1], outs[1][1], torch.float32, what="d hidden")
 
 
+def test_frozen_head_detached_entropy(backend):
+    """return_entropy="detached" (entropy as a metric, e.g. FastDPOTrainer's entropy logs)
+    keeps the frozen head's 2 matmuls; its entropy equals the differentiable one and carries no
+    graph, the log-probs and d hidden are the same as without entropy."""
+    from fastdpo.linear import linear_token_logps
+
+    h, w, b, labels, *_ = batch(B=2, T=7, H=12, V=41, bias=True, seed=14)
+    hh = h.clone().requires_grad_()
+    g = torch.randn(2 * 2, 6, generator=torch.Generator().manual_seed(1))
+    with MatmulFlops() as fm:
+        lp, ent = linear_token_logps(hh, w, labels, bias=b, shift=True, backend=backend,
+                                     softcap=4.0, return_entropy="detached")
+        (gh,) = torch.autograd.grad(lp, hh, g)
+    n_rows = int((labels[:, 1:] != -100).sum())
+    if backend != "triton":
+        assert fm.macs == 2 * n_rows * 12 * 41
+    assert not ent.requires_grad and ent.shape == lp.shape
+    h2 = h.clone().requires_grad_()
+    lp2, ent2 = linear_token_logps(h2, w, labels, bias=b, shift=True, backend=backend,
+                                   softcap=4.0, return_entropy=True)
+    (gh2,) = torch.autograd.grad(lp2, h2, g)
+    torch.testing.assert_close(ent, ent2.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp, lp2.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, gh2, rtol=1e-5, atol=1e-6)
+    seq, seq_ent = __import__("fastdpo").linear_sequence_logps(
+        h.clone().requires_grad_(), w, labels, bias=b, shift=True, backend=backend,
+        softcap=4.0, return_entropy="detached")
+    assert not seq_ent.requires_grad and seq.requires_grad
+    with pytest.raises(ValueError, match="return_entropy"):
+        linear_token_logps(hh, w, labels, return_entropy="yes")
+
+
 @pytest.mark.parametrize("backend_name", ["torch", "native"])
 def test_token_logps_skips_ignored_rows(backend_name):
     """Trainable head: forward 1 + backward 3 matmuls, over the labelled rows only."""
