@@ -12,6 +12,7 @@ from fastdpo import reference as R
 from fastdpo.autograd import linear_loss as AL
 from fastdpo.losses.fused_linear import linear_dpo_loss
 from fastdpo.losses import LOSS_TYPES, dpo_loss
+from matmul_count import MatmulFlops
 from tolerance import assert_rule
 
 LS = {"robust": 0.1, "exo_pair": 1e-3, "aot": 0.05, "aot_unpaired": 0.05}
@@ -212,29 +213,6 @@ def test_errors_name_the_argument():
 
 
 # ------------------------------------------------------------------------- matmul counts
-
-
-class MatmulFlops:
-    """Counts the multiply-adds of every mm / addmm that runs (inside custom ops too), from the
-    profiler's record of each aten call and its input shapes."""
-
-    NAMES = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2)}
-
-    def __enter__(self):
-        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                           record_shapes=True)
-        self.prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.prof.__exit__(*exc)
-        self.macs = 0
-        for e in self.prof.events():
-            if e.name in self.NAMES:
-                i, j = self.NAMES[e.name]
-                a, b = e.input_shapes[i], e.input_shapes[j]
-                self.macs += a[0] * a[1] * b[1]
-        return False
 
 
 def gemms(rows, H, V, **kw):
