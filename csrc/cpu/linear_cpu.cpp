@@ -99,6 +99,8 @@ Head make_head(const at::Tensor& hidden, const at::Tensor& weight,
   TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be (N, H), got shape ", hidden.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), op,
               ": weight must be (V, H) with H = ", hidden.size(1), ", got shape ", weight.sizes());
+  // no vocabulary chunk would run: the outputs would be left uninitialised
+  TORCH_CHECK_VALUE(weight.size(0) > 0, op, ": weight has an empty vocabulary dimension (V = 0)");
   check_float_input(hidden, op, "hidden");
   check_float_input(weight, op, "weight");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), op,

@@ -99,7 +99,7 @@ def test_masked_chunks_shards_and_bad_labels(C):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
 
 
-def test_every_row_ignored_and_no_grads():
+def test_every_row_ignored_and_no_grads(C):
     h, w, b, y = make((9,), 16, 700, torch.float32, seed=44, bias=True)
     y[:] = -100
     out = fwd(h, w, b, y, -100, 1.0, 1.0, 0.0, 0, 700, True, False)
@@ -113,7 +113,7 @@ def test_every_row_ignored_and_no_grads():
     assert d_h.numel() == d_w.numel() == d_b.numel() == 0
 
 
-def test_refuses_bad_arguments():
+def test_refuses_bad_arguments(C):
     h, w, b, y = make((4,), 16, 30, torch.float32)
     with pytest.raises(RuntimeError, match="float64"):
         fwd(h.double(), w, b, y, -100, 1.0, 1.0, 0.0, 0, 30, False, False)
@@ -158,3 +158,17 @@ def test_batch_invariant_any_batch_and_thread_count(C):
         runs.append(out + bwd(gl, ge, h, w, b, labels, out[1], out[2], out[3], -100, 0.7, 1.0,
                               2.0, 0, V, True, True, True, False))
     assert all(torch.equal(a, c) for a, c in zip(*runs))
+
+
+@pytest.mark.parametrize("N", [0, 3])
+def test_refuses_an_empty_vocabulary(C, N):
+    """A (0, H) weight has no row to normalise over: ValueError naming the weight, not outputs
+    left uninitialised (at::empty) by a loop over no vocabulary chunk."""
+    h, y = torch.randn(N, 8), torch.arange(N)
+    w = torch.randn(0, 8)
+    with pytest.raises(ValueError, match="weight.*empty vocabulary"):
+        fwd(h, w, None, y, -100, 1.0, 1.0, 0.0, 0, 50, True, False)
+    g = torch.ones(N)
+    with pytest.raises(ValueError, match="weight.*empty vocabulary"):
+        bwd(g, None, h, w, None, y, g, g, None, -100, 1.0, 1.0, 0.0, 0, 50, True, True, False,
+            False)
