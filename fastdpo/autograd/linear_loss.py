@@ -263,7 +263,17 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     rows only; the backward is ``grad_logp * u``. Returns ``(logp, row_max, log_sum, u)``, ``u``
     ``(N, H)`` fp32 (0 on ignored rows). ``batch_invariant``: chunks of exactly
     ``MIN_CHUNK_ROWS`` rows, the last one padded with ignored rows.
+
+    The native backend on CPU runs it in C++ instead (``native_linear_frozen_fwd``): per token tile,
+    one sweep of L2-sized vocabulary blocks with an online softmax, two GEMMs per block in cache
+    and one parallel region (``chunk_rows`` does not apply; batch invariance holds with its own
+    fixed tiles).
     """
+    if row_backend == "native" and hidden.device.type == "cpu" and hidden.dtype in ops.DTYPES[
+            "native"]:
+        return ops.get_op("native", "linear_frozen_fwd")(
+            hidden, weight, bias, labels, ignore_index, float(temperature), float(logit_scale),
+            float(softcap) if softcap else 0.0, bool(batch_invariant))
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
