@@ -252,6 +252,13 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
 # ------------------------------------------------ frozen head of the per-token log-probs
 
 
+def _native_frozen() -> bool:
+    """Whether the loaded extension has the native frozen-head op (an extension built before it
+    keeps the Python loop below)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastdpo::native_linear_frozen_fwd",
+                                                          "CPU")
+
+
 def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
                         logit_scale, softcap, *, chunk_rows=None, batch_invariant=False):
     """Forward of a head whose weight (and bias) need no gradient, with each token's gradient
@@ -269,8 +276,8 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     and one parallel region (``chunk_rows`` does not apply; batch invariance holds with its own
     fixed tiles).
     """
-    if row_backend == "native" and hidden.device.type == "cpu" and hidden.dtype in ops.DTYPES[
-            "native"]:
+    if (row_backend == "native" and hidden.device.type == "cpu"
+            and hidden.dtype in ops.DTYPES["native"] and _native_frozen()):
         return ops.get_op("native", "linear_frozen_fwd")(
             hidden, weight, bias, labels, ignore_index, float(temperature), float(logit_scale),
             float(softcap) if softcap else 0.0, bool(batch_invariant))
