@@ -166,6 +166,10 @@ def test_batch_invariant(C, dtype):
     threads = torch.get_num_threads()
     try:
         full = frozen(h, w, b, y, -100, 0.8, 1.0, 3.0, True)
+        for rows in (slice(0, 1), slice(300, 556)):  # one tile: no parallel region around it
+            part = frozen(h[rows], w, b, y[rows], -100, 0.8, 1.0, 3.0, True)
+            for a, e in zip(part, full):
+                assert torch.equal(a, e[rows])
         torch.set_num_threads(1)
         for rows in (slice(0, 1), slice(5, 6), slice(100, 390), slice(650, 700)):
             part = frozen(h[rows], w, b, y[rows], -100, 0.8, 1.0, 3.0, True)
