@@ -532,12 +532,12 @@ Outs frozen_rows(const Head& hd, at::Tensor& u) {
         const float ref = ref_point(m_new);
         s.fs[r] += hd.avx2 ? cpu::block_exp_avx2(xr, vc, ref, c)
                            : cpu::block_exp_generic(xr, vc, ref, c);
+        if (tp) {  // times a'_j = 1 - tanh^2 while the row is in L1 (as rows.transform_grad_)
+          const float* tr = tp + r * vc;
+          for (int64_t j = 0; j < vc; ++j) xr[j] *= 1.0f - tr[j] * tr[j];
+        }
       }
       if (rows > n) x.narrow(0, n, rows - n).zero_();  // padding rows add nothing
-      if (softcap) {
-        at::Tensor t = s.tanh.narrow(0, 0, rows * vc).view({rows, vc});
-        x.mul_(t.mul_(t).neg_().add_(1.0));
-      }
       acc.addmm_(x, w);
     }
     for (int64_t r = 0; r < n; ++r) {
