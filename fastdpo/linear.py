@@ -17,8 +17,19 @@ from .torch_backend import linear as _chunk_loops  # noqa: F401  (registers the 
 from .sequences import check_reduction, mask_sequence_starts, reduce_sequences
 
 
+def _entropy_mode(return_entropy):
+    """``(with_entropy, entropy_grad)`` of ``return_entropy``: a bool, or ``"detached"``."""
+    if isinstance(return_entropy, str):
+        if return_entropy != "detached":
+            raise ValueError(f"return_entropy must be True, False or 'detached', got "
+                             f"{return_entropy!r}")
+        return True, False
+    return return_entropy, True
+
+
 def _check(hidden, weight, labels, bias, *, ignore_index, temperature, logit_scale, softcap,
            backend, validate, shift, return_entropy, batch_invariant):
+    return_entropy, _ = _entropy_mode(return_entropy)
     _validate.check_options(ignore_index=ignore_index, temperature=temperature, backend=backend,
                             validate=validate, shift=shift, return_entropy=return_entropy,
                             batch_invariant=batch_invariant)
@@ -65,7 +76,8 @@ def linear_token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, 
         bias: optional ``(V,)`` LM-head bias.
         shift: pair position ``t`` with the label at ``t + 1`` (causal LM). ``hidden`` is not
             copied (unless its leading dimensions cannot be merged into one).
-        return_entropy: also return each token's softmax entropy (same pass).
+        return_entropy: also return each token's softmax entropy (same pass); ``"detached"``:
+            as a metric without gradient, which keeps a frozen head's 2-matmul path.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
         validate: check label values (default: on for CPU tensors, off for CUDA ones;
             ``validate=True`` also checks inside ``torch.compile``).
@@ -94,10 +106,11 @@ def linear_token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, 
         _validate.check_label_values(labels, ignore_index, vocab_total)
     if torch.is_autocast_enabled(dev.type):  # compute in the autocast dtype, like F.linear
         hidden = hidden.to(torch.get_autocast_dtype(dev.type))
+    return_entropy, entropy_grad = _entropy_mode(return_entropy)
     opts = RowOptions(backend=backends.resolve(backend, dev, hidden.dtype),
                       ignore_index=ignore_index, temperature=float(temperature),
                       vocab_start=vocab_start, vocab_total=vocab_total,
-                      with_entropy=return_entropy, shift=shift, logit_scale=float(logit_scale),
+                      with_entropy=return_entropy, entropy_grad=entropy_grad, shift=shift, logit_scale=float(logit_scale),
                       softcap=float(softcap) if softcap else 0.0, shards=shards,
                       batch_invariant=batch_invariant)
     needs_grad = torch.is_grad_enabled() and any(

@@ -12,6 +12,7 @@ from fastdpo import reference as R
 from fastdpo.autograd import linear_loss as AL
 from fastdpo.losses.fused_linear import linear_dpo_loss
 from fastdpo.losses import LOSS_TYPES, dpo_loss
+from matmul_count import MatmulFlops
 from tolerance import assert_rule
 
 LS = {"robust": 0.1, "exo_pair": 1e-3, "aot": 0.05, "aot_unpaired": 0.05}
@@ -214,29 +215,6 @@ def test_errors_name_the_argument():
 # ------------------------------------------------------------------------- matmul counts
 
 
-class MatmulFlops:
-    """Counts the multiply-adds of every mm / addmm that runs (inside custom ops too), from the
-    profiler's record of each aten call and its input shapes."""
-
-    NAMES = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2)}
-
-    def __enter__(self):
-        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                           record_shapes=True)
-        self.prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.prof.__exit__(*exc)
-        self.macs = 0
-        for e in self.prof.events():
-            if e.name in self.NAMES:
-                i, j = self.NAMES[e.name]
-                a, b = e.input_shapes[i], e.input_shapes[j]
-                self.macs += a[0] * a[1] * b[1]
-        return False
-
-
 def gemms(rows, H, V, **kw):
     h, w, _, labels, rc, rr, _ = batch(B=4, T=10, H=H, V=V, seed=1)
     n_rows = int((labels[:, 1:] != -100).sum())
@@ -304,6 +282,38 @@ def test_frozen_head_token_logps(backend, opts):
         outs.append((ref, torch.autograd.grad(ref, h2, g.to(dtype))[0]))
     assert_rule(lp, outs[0][0], outs[1][0], torch.float32, what="logps")
     assert_rule(gh, outs[0][1], outs[1][1], torch.float32, what="d hidden")
+
+
+def test_frozen_head_detached_entropy(backend):
+    """return_entropy="detached" (entropy as a metric, e.g. FastDPOTrainer's entropy logs)
+    keeps the frozen head's 2 matmuls; its entropy equals the differentiable one and carries no
+    graph, the log-probs and d hidden are the same as without entropy."""
+    from fastdpo.linear import linear_token_logps
+
+    h, w, b, labels, *_ = batch(B=2, T=7, H=12, V=41, bias=True, seed=14)
+    hh = h.clone().requires_grad_()
+    g = torch.randn(2 * 2, 6, generator=torch.Generator().manual_seed(1))
+    with MatmulFlops() as fm:
+        lp, ent = linear_token_logps(hh, w, labels, bias=b, shift=True, backend=backend,
+                                     softcap=4.0, return_entropy="detached")
+        (gh,) = torch.autograd.grad(lp, hh, g)
+    n_rows = int((labels[:, 1:] != -100).sum())
+    if backend != "triton":
+        assert fm.macs == 2 * n_rows * 12 * 41
+    assert not ent.requires_grad and ent.shape == lp.shape
+    h2 = h.clone().requires_grad_()
+    lp2, ent2 = linear_token_logps(h2, w, labels, bias=b, shift=True, backend=backend,
+                                   softcap=4.0, return_entropy=True)
+    (gh2,) = torch.autograd.grad(lp2, h2, g)
+    torch.testing.assert_close(ent, ent2.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp, lp2.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, gh2, rtol=1e-5, atol=1e-6)
+    seq, seq_ent = __import__("fastdpo").linear_sequence_logps(
+        h.clone().requires_grad_(), w, labels, bias=b, shift=True, backend=backend,
+        softcap=4.0, return_entropy="detached")
+    assert not seq_ent.requires_grad and seq.requires_grad
+    with pytest.raises(ValueError, match="return_entropy"):
+        linear_token_logps(hh, w, labels, return_entropy="yes")
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "native"])

@@ -56,25 +56,27 @@ class LinearTokenLogps(torch.autograd.Function):
         h2, lab = flat_rows(hidden, labels, opts.shift, opts.ignore_index)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         ctx.unit = None
-        if (need_h and not need_w and not (need_b and bias is not None) and not opts.with_entropy
+        ent_grad = opts.with_entropy and opts.entropy_grad
+        if (need_h and not need_w and not (need_b and bias is not None) and not ent_grad
                 and opts.shards is None and opts.vocab_start == 0
                 and not torch.compiler.is_compiling()):  # data-dependent row selection
-            logp, row_max, log_sum, ctx.unit = frozen_head_forward(
+            logp, row_max, log_sum, ctx.unit, ent = frozen_head_forward(
                 opts.backend, h2, weight, bias, lab, opts.ignore_index, opts.temperature,
-                opts.logit_scale, opts.softcap, batch_invariant=opts.batch_invariant)
+                opts.logit_scale, opts.softcap, batch_invariant=opts.batch_invariant,
+                with_entropy=opts.with_entropy)
             ctx.hidden_meta = (hidden.shape, hidden.dtype)
             ctx.set_materialize_grads(False)
-            ent = logp.new_empty((0,))
+            ent = ent.view(labels.shape) if opts.with_entropy else ent
             ctx.mark_non_differentiable(ent)
             return logp.view(labels.shape), ent
         logp, row_max, log_sum, ent = forward_rows(opts, h2, weight, bias, lab)
         ctx.save_for_backward(hidden, weight, bias, lab, row_max, log_sum,
-                              ent if opts.with_entropy else None)
+                              ent if ent_grad else None)
         ctx.opts = opts
         ctx.set_materialize_grads(False)
         if opts.with_entropy:
             ent = ent.view(labels.shape)
-        else:
+        if not ent_grad:
             ctx.mark_non_differentiable(ent)
         return logp.view(labels.shape), ent
 

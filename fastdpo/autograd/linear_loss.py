@@ -260,15 +260,17 @@ def _native_frozen() -> bool:
 
 
 def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
-                        logit_scale, softcap, *, chunk_rows=None, batch_invariant=False):
+                        logit_scale, softcap, *, chunk_rows=None, batch_invariant=False,
+                        with_entropy=False):
     """Forward of a head whose weight (and bias) need no gradient, with each token's gradient
     direction formed in the same pass: ``u = d logp / d hidden = a'(.) W^T (onehot - p) / T``.
 
     Chunks of labelled rows hold their full vocabulary row of logits (``(R, V)`` fp32), so the row
     op gives the final statistics at once and ``logps_bwd`` (with ``grad_logp = 1``) the
     ``d logits``; one more matmul turns them into ``u``. Two matmuls in all, over the labelled
-    rows only; the backward is ``grad_logp * u``. Returns ``(logp, row_max, log_sum, u)``, ``u``
-    ``(N, H)`` fp32 (0 on ignored rows). ``batch_invariant``: chunks of exactly
+    rows only; the backward is ``grad_logp * u``. Returns ``(logp, row_max, log_sum, u, ent)``,
+    ``u`` ``(N, H)`` fp32 (0 on ignored rows), ``ent`` the entropy (no gradient; empty unless
+    ``with_entropy``). ``batch_invariant``: chunks of exactly
     ``MIN_CHUNK_ROWS`` rows, the last one padded with ignored rows.
 
     The native backend on CPU runs it in C++ instead (``native_linear_frozen_fwd``): per token tile,
@@ -290,6 +292,7 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     logp = torch.zeros(N, dtype=acc, device=dev)
     row_max, log_sum = torch.zeros_like(logp), torch.zeros_like(logp)
     u = torch.zeros((N, H), dtype=acc, device=dev)
+    ent = torch.zeros(N if with_entropy else 0, dtype=acc, device=dev)
     sel_all = torch.nonzero(labels != ignore_index).squeeze(1)
     n_act = sel_all.numel()
     if batch_invariant:
@@ -313,7 +316,7 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
         lab = pad_rows(labels.index_select(0, sel), R, ignore_index).view(1, R)
         h = pad_rows(hidden.index_select(0, sel).to(opd), R, 0)
         logits_tile(h, w, b, logit_scale, softcap, x, t)
-        lp, m, ls, _ = row_fwd(x.view(1, R, V), lab, ignore_index, T, 0, V, False)
+        lp, m, ls, e = row_fwd(x.view(1, R, V), lab, ignore_index, T, 0, V, with_entropy)
         row_bwd(ones[:, :R], None, x.view(1, R, V), lab, m, ls, None, ignore_index, T, 0, V,
                 x.view(1, R, V))
         dz = rows.transform_grad_(x, t, logit_scale, softcap)
@@ -321,7 +324,9 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
         logp.index_copy_(0, sel, lp.view(R)[:n])
         row_max.index_copy_(0, sel, m.view(R)[:n])
         log_sum.index_copy_(0, sel, ls.view(R)[:n])
-    return logp, row_max, log_sum, u
+        if with_entropy:
+            ent.index_copy_(0, sel, e.view(R)[:n])
+    return logp, row_max, log_sum, u, ent
 
 
 class LinearPairLoss(torch.autograd.Function):

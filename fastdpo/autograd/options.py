@@ -22,6 +22,7 @@ class RowOptions:
     vocab_start: int = 0
     vocab_total: int = 0
     with_entropy: bool = False
+    entropy_grad: bool = True        # False: the entropy is a metric (no gradient flows to it)
     shift: bool = False
     inplace_backward: bool = False   # logits path only
     logit_scale: float = 1.0         # fused LM head only

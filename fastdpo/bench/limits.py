@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .workloads import Case
+from .machine import meminfo_bytes
 
 # Multiple of the bare GEMMs an implementation is assumed to take before this run measured it
 # (the quick preset's CPU figures, rounded up).
@@ -38,15 +39,7 @@ COMPILES = ("torch.compile", "cce[torch_compile]", "liger.fused_linear_dpo")
 
 
 def mem_available_bytes() -> int | None:
-    """``MemAvailable`` of /proc/meminfo (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return meminfo_bytes("MemAvailable")
 
 
 def fp32_logits_bytes(case: Case) -> int:

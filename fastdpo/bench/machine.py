@@ -44,15 +44,20 @@ def cpu_flags() -> list[str]:
     return [x for x in wanted if x in have]
 
 
-def memory_total_bytes() -> int | None:
+def meminfo_bytes(key: str) -> int | None:
+    """A ``/proc/meminfo`` entry (``MemTotal``, ``MemAvailable``) in bytes; None where absent."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def memory_total_bytes() -> int | None:
+    return meminfo_bytes("MemTotal")
 
 
 def versions() -> dict:

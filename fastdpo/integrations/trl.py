@@ -239,7 +239,9 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
         lab = shift_labels[mask].to(weight.device)
         kw = dict(bias=bias, softcap=softcap, logit_scale=logit_scale, backend=self._fd_backend)
         want_entropy = stats and getattr(self.args, "entropy_metrics", True)
-        out = linear_token_logps(rows, weight, lab, return_entropy=want_entropy, **kw)
+        # the entropy is a metric: "detached" keeps a frozen (LoRA) head's 2-matmul path
+        out = linear_token_logps(rows, weight, lab,
+                                 return_entropy="detached" if want_entropy else False, **kw)
         lp, ent = out if want_entropy else (out, None)
 
         def scatter(x, dtype=None):

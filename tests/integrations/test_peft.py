@@ -21,6 +21,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 import fastdpo.reference  # noqa: E402
 from fastdpo.integrations.trl import FastDPOConfig, FastDPOTrainer  # noqa: E402
 from test_trl import one_thread, tokenizer  # noqa: E402,F401  (fixtures)
+from matmul_count import MatmulFlops  # noqa: E402
 from test_trl import TRL_METRICS, assert_logs_close, dataset, tiny_llama, train_log  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
@@ -125,33 +126,6 @@ def test_precomputed_reference_of_a_trained_adapter_matches_trl(tokenizer):
     assert_logs_close([ev[0]], [ev[1]], names=names + ["eval_loss"])
 
 
-class HeadMatmuls:
-    """Multiply-adds of the mm / addmm calls that involve the vocabulary dimension (the LM
-    head's; the decoder's and LoRA's matmuls never do at these sizes), from the profiler."""
-
-    NAMES = {"aten::mm": (0, 1), "aten::addmm": (1, 2)}
-
-    def __init__(self, vocab):
-        self.vocab = vocab
-
-    def __enter__(self):
-        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                           record_shapes=True)
-        self.prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.prof.__exit__(*exc)
-        self.macs = 0
-        for e in self.prof.events():
-            if e.name in self.NAMES:
-                i, j = self.NAMES[e.name]
-                a, b = e.input_shapes[i], e.input_shapes[j]
-                if self.vocab in (a[0], a[1], b[1]):
-                    self.macs += a[0] * a[1] * b[1]
-        return False
-
-
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_frozen_head_fast_path_under_lora(tokenizer, backend):
     """Policy pass: 2 head matmuls over the completion tokens (forward forms the logits and
@@ -167,15 +141,15 @@ def test_frozen_head_fast_path_under_lora(tokenizer, backend):
     V, H = cfg.vocab_size, cfg.hidden_size
     assert V not in (H, cfg.intermediate_size, 4, 2 * H // cfg.num_attention_heads)
     n_rows = int((labels[:, 1:] != -100).sum())
-    with HeadMatmuls(V) as pol:
+    with MatmulFlops(V) as pol:
         out = tr._head_pass(tr.model, model_kwargs, labels, policy=True, stats=False)
         out.logps.sum().backward()
     assert pol.macs == 2 * n_rows * H * V, pol.macs / (n_rows * H * V)
     lora_grads = [p.grad for n, p in tr.model.named_parameters() if "lora_B" in n]
     assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
-    with HeadMatmuls(V) as ref:
+    with MatmulFlops(V) as ref:
         tr._reference_logps(None, batch, dict(model_kwargs), labels)
     assert ref.macs == n_rows * H * V, ref.macs / (n_rows * H * V)
-    with HeadMatmuls(V) as step:  # the whole loss: policy 2 + reference 1
+    with MatmulFlops(V) as step:  # the whole loss: policy 2 + reference 1
         tr.compute_loss(tr.model, batch).backward()
     assert step.macs == 3 * n_rows * H * V, step.macs / (n_rows * H * V)

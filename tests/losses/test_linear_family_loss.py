@@ -14,7 +14,7 @@ import fastdpo
 from fastdpo import reference as R
 from fastdpo.losses import cpo_loss, kto_loss, orpo_loss
 from fastdpo.losses.fused_linear_family import linear_cpo_loss, linear_kto_loss, linear_orpo_loss
-from test_linear_loss import MatmulFlops
+from matmul_count import MatmulFlops
 from tolerance import assert_rule
 
 def batch(B=3, T=9, H=16, V=53, dtype=torch.float32, seed=0, bias=False):
