@@ -276,13 +276,14 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     The native backend on CPU runs it in C++ instead (``native_linear_frozen_fwd``): per token tile,
     one sweep of L2-sized vocabulary blocks with an online softmax, two GEMMs per block in cache
     and one parallel region (``chunk_rows`` does not apply; batch invariance holds with its own
-    fixed tiles).
+    fixed tiles; no entropy yet: ``with_entropy`` takes the loop below).
     """
-    if (row_backend == "native" and hidden.device.type == "cpu"
+    if (row_backend == "native" and hidden.device.type == "cpu" and not with_entropy
             and hidden.dtype in ops.DTYPES["native"] and _native_frozen()):
-        return ops.get_op("native", "linear_frozen_fwd")(
+        out = ops.get_op("native", "linear_frozen_fwd")(
             hidden, weight, bias, labels, ignore_index, float(temperature), float(logit_scale),
             float(softcap) if softcap else 0.0, bool(batch_invariant))
+        return (*out, out[0].new_empty((0,)))
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
