@@ -66,7 +66,7 @@ struct Head {
 // Buffers of one thread, allocated (and first touched) by that thread.
 struct Scratch {
   at::Tensor x, tanh, h, w, dw, tmp, acc;
-  std::vector<float> fm, fs, fx, fg;  // frozen head: running max, sum, label logit, label a'
+  std::vector<float> fm, fs, ft, fx, fg;  // frozen head: running max, sum, label logit, label a'
   std::vector<LabelInfo> labs;
   int64_t w_chunk = -1;  // chunk whose fp32 weight rows `w` holds
 };
@@ -468,7 +468,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_rows(const Head& hd, con
 //     u = d logp / d hidden = (a'_label w_label - acc / s) * logit_scale * c,
 // the chain rule of logp = (x_label - m) c - log s. Token tiles are independent: threads take
 // whole tiles from the counter and no merge is needed.
-Outs frozen_rows(const Head& hd, at::Tensor& u) {
+// With entropy, also t = sum exp((x_j - m) c) (x_j - m) c per row (online_softmax.h's state).
+Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& entropy) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const int64_t N = hd.N, H = hd.H, V = hd.V, K = chunks_of(hd), Vc = hd.tile.cols;
   int64_t Nc = tile_rows_of(hd);
@@ -483,6 +484,7 @@ Outs frozen_rows(const Head& hd, at::Tensor& u) {
   float* o_max = row_max.data_ptr<float>();
   float* o_sum = log_sum.data_ptr<float>();
   float* o_u = u.data_ptr<float>();
+  float* o_ent = with_entropy ? entropy.data_ptr<float>() : nullptr;
   const float* w32 = hd.weight.data_ptr<float>();
   const float c = hd.c, gscale = static_cast<float>(hd.logit_scale) * hd.c;
   const bool softcap = hd.softcap != 0.0;
@@ -497,6 +499,7 @@ Outs frozen_rows(const Head& hd, at::Tensor& u) {
     float* a = acc.data_ptr<float>();
     s.fm.assign(n, -INFINITY);
     s.fs.assign(n, 0.0f);
+    s.ft.assign(n, 0.0f);
     s.fx.assign(n, 0.0f);
     s.fg.assign(n, 1.0f);
     s.labs.resize(n);
@@ -520,8 +523,10 @@ Outs frozen_rows(const Head& hd, at::Tensor& u) {
         const float mb = hd.avx2 ? cpu::block_max_avx2(xr, vc) : cpu::block_max_generic(xr, vc);
         const float m_old = s.fm[r], m_new = Math<float>::max(mb, m_old);
         if (m_new != m_old) {  // (m_old = -inf: scale 0, and nothing was added yet)
-          const float alpha =
-              Math<float>::exp(scaled_diff(m_old, make_shift(ref_point(m_new), c), 0.0f));
+          const float delta = scaled_diff(m_old, make_shift(ref_point(m_new), c), 0.0f);
+          const float alpha = Math<float>::exp(delta);
+          if (o_ent)  // as online_softmax.h's rescale (an empty state stays 0)
+            s.ft[r] = alpha * Math<float>::fma(Math<float>::max(kLowestExpArg, delta), s.fs[r], s.ft[r]);
           s.fs[r] *= alpha;
           if (v > 0) {
             float* ar = a + r * H;
@@ -530,8 +535,11 @@ Outs frozen_rows(const Head& hd, at::Tensor& u) {
           s.fm[r] = m_new;
         }
         const float ref = ref_point(m_new);
-        s.fs[r] += hd.avx2 ? cpu::block_exp_avx2(xr, vc, ref, c)
-                           : cpu::block_exp_generic(xr, vc, ref, c);
+        float tb = 0.0f;
+        float* tp_ent = o_ent ? &tb : nullptr;
+        s.fs[r] += hd.avx2 ? cpu::block_exp_avx2(xr, vc, ref, c, tp_ent)
+                           : cpu::block_exp_generic(xr, vc, ref, c, tp_ent);
+        s.ft[r] += tb;
         if (tp) {  // times a'_j = 1 - tanh^2 while the row is in L1 (as rows.transform_grad_)
           const float* tr = tp + r * vc;
           for (int64_t j = 0; j < vc; ++j) xr[j] *= 1.0f - tr[j] * tr[j];
@@ -543,7 +551,8 @@ Outs frozen_rows(const Head& hd, at::Tensor& u) {
     for (int64_t r = 0; r < n; ++r) {
       const int64_t i = n0 + r;
       const LabelInfo& lab = s.labs[r];
-      const RowStats<float> st = finalize(SoftmaxState<float>{s.fm[r], s.fs[r], 0.0f});
+      const RowStats<float> st = finalize(SoftmaxState<float>{s.fm[r], s.fs[r], s.ft[r]});
+      if (o_ent) o_ent[i] = st.entropy;
       o_max[i] = st.row_max;
       o_sum[i] = st.log_sum;
       o_logp[i] = label_logp(lab.kind, s.fx[r], st, c);
@@ -642,10 +651,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
   return {d_h, d_w, d_b};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_frozen_fwd_cpu(
+FrozenResult linear_frozen_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t ignore_index, double temperature, double logit_scale,
-    double softcap, bool batch_invariant) {
+    double softcap, bool batch_invariant, bool with_entropy) {
   const char* op = "native_linear_frozen_fwd";
   Head hd = make_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
                       softcap, 0, weight.size(0), batch_invariant, op);
@@ -653,20 +662,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_frozen_fwd_cpu
   hd.weight = hd.weight.to(at::kFloat).contiguous();
   const int64_t N = hd.N;
   const auto sel = labelled_rows(hd);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
   if (!sel.has_value()) {
-    at::Tensor u = at::empty({N, hd.H}, at::TensorOptions().dtype(at::kFloat));
-    return frozen_rows(hd, u);
+    at::Tensor u = at::empty({N, hd.H}, f32), ent = at::empty({with_entropy ? N : 0}, f32);
+    auto out = frozen_rows(hd, u, with_entropy, ent);
+    return {std::get<0>(out), std::get<1>(out), std::get<2>(out), u, ent};
   }
   hd.hidden = hd.hidden.index_select(0, *sel);
   hd.labels = hd.labels.index_select(0, *sel);
   hd.N = sel->size(0);
-  at::Tensor u_rows = at::empty({hd.N, hd.H}, at::TensorOptions().dtype(at::kFloat));
-  auto out = frozen_rows(hd, u_rows);
+  at::Tensor u_rows = at::empty({hd.N, hd.H}, f32);
+  at::Tensor ent_rows = at::empty({with_entropy ? hd.N : 0}, f32);
+  auto out = frozen_rows(hd, u_rows, with_entropy, ent_rows);
   auto scatter = [&](const at::Tensor& t) {
     return at::zeros({N}, t.options()).index_copy_(0, *sel, t);
   };
   at::Tensor u = at::zeros({N, hd.H}, u_rows.options()).index_copy_(0, *sel, u_rows);
-  return {scatter(std::get<0>(out)), scatter(std::get<1>(out)), scatter(std::get<2>(out)), u};
+  return {scatter(std::get<0>(out)), scatter(std::get<1>(out)), scatter(std::get<2>(out)), u,
+          with_entropy ? scatter(ent_rows) : ent_rows};
 }
 
 std::tuple<int64_t, int64_t, int64_t, int64_t> linear_cpu_plan(int64_t V, int64_t H) {

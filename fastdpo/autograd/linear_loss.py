@@ -276,14 +276,13 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     The native backend on CPU runs it in C++ instead (``native_linear_frozen_fwd``): per token tile,
     one sweep of L2-sized vocabulary blocks with an online softmax, two GEMMs per block in cache
     and one parallel region (``chunk_rows`` does not apply; batch invariance holds with its own
-    fixed tiles; no entropy yet: ``with_entropy`` takes the loop below).
+    fixed tiles; the entropy from the same online softmax).
     """
-    if (row_backend == "native" and hidden.device.type == "cpu" and not with_entropy
+    if (row_backend == "native" and hidden.device.type == "cpu"
             and hidden.dtype in ops.DTYPES["native"] and _native_frozen()):
-        out = ops.get_op("native", "linear_frozen_fwd")(
+        return ops.get_op("native", "linear_frozen_fwd")(
             hidden, weight, bias, labels, ignore_index, float(temperature), float(logit_scale),
-            float(softcap) if softcap else 0.0, bool(batch_invariant))
-        return (*out, out[0].new_empty((0,)))
+            float(softcap) if softcap else 0.0, bool(batch_invariant), bool(with_entropy))
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -308,25 +307,26 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     b = None if bias is None else bias.to(acc)
     ones = torch.ones((1, R_max), dtype=acc, device=dev)
     T = float(temperature)
-    for r0 in range(0, n_act, R_max):
-        sel = sel_all[r0:r0 + R_max]
-        n = sel.numel()
-        R = R_max if batch_invariant else n
-        x = buf[:R * V].view(R, V)
-        t = tbuf[:R * V].view(R, V) if softcap else None
-        lab = pad_rows(labels.index_select(0, sel), R, ignore_index).view(1, R)
-        h = pad_rows(hidden.index_select(0, sel).to(opd), R, 0)
-        logits_tile(h, w, b, logit_scale, softcap, x, t)
-        lp, m, ls, e = row_fwd(x.view(1, R, V), lab, ignore_index, T, 0, V, with_entropy)
-        row_bwd(ones[:, :R], None, x.view(1, R, V), lab, m, ls, None, ignore_index, T, 0, V,
-                x.view(1, R, V))
-        dz = rows.transform_grad_(x, t, logit_scale, softcap)
-        u.index_copy_(0, sel, mm_acc(dz if dz.dtype == opd else dz.to(opd), w)[:n])
-        logp.index_copy_(0, sel, lp.view(R)[:n])
-        row_max.index_copy_(0, sel, m.view(R)[:n])
-        log_sum.index_copy_(0, sel, ls.view(R)[:n])
-        if with_entropy:
-            ent.index_copy_(0, sel, e.view(R)[:n])
+    with torch.autocast(dev.type, enabled=False):  # fp32 matmuls, as inside the ops
+        for r0 in range(0, n_act, R_max):
+            sel = sel_all[r0:r0 + R_max]
+            n = sel.numel()
+            R = R_max if batch_invariant else n
+            x = buf[:R * V].view(R, V)
+            t = tbuf[:R * V].view(R, V) if softcap else None
+            lab = pad_rows(labels.index_select(0, sel), R, ignore_index).view(1, R)
+            h = pad_rows(hidden.index_select(0, sel).to(opd), R, 0)
+            logits_tile(h, w, b, logit_scale, softcap, x, t)
+            lp, m, ls, e = row_fwd(x.view(1, R, V), lab, ignore_index, T, 0, V, with_entropy)
+            row_bwd(ones[:, :R], None, x.view(1, R, V), lab, m, ls, None, ignore_index, T, 0, V,
+                    x.view(1, R, V))
+            dz = rows.transform_grad_(x, t, logit_scale, softcap)
+            u.index_copy_(0, sel, mm_acc(dz if dz.dtype == opd else dz.to(opd), w)[:n])
+            logp.index_copy_(0, sel, lp.view(R)[:n])
+            row_max.index_copy_(0, sel, m.view(R)[:n])
+            log_sum.index_copy_(0, sel, ls.view(R)[:n])
+            if with_entropy:
+                ent.index_copy_(0, sel, e.view(R)[:n])
     return logp, row_max, log_sum, u, ent
 
 

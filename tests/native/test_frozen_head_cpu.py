@@ -18,8 +18,10 @@ from test_linear import DTYPES, head_logits, make
 from tolerance import assert_rule
 
 
-def frozen(*args):
-    return ops.get_op("native", "linear_frozen_fwd")(*args)
+def frozen(*args, with_entropy=False):
+    """``(logp, row_max, log_sum, u)``, and the entropy with ``with_entropy``."""
+    out = ops.get_op("native", "linear_frozen_fwd")(*args, with_entropy)
+    return out if with_entropy else out[:4]
 
 
 def python_loop(h, w, b, y, temperature=1.0, logit_scale=1.0, softcap=0.0):
@@ -198,3 +200,43 @@ def test_opcheck(C):
     op = ops.get_op("native", "linear_frozen_fwd")
     torch.library.opcheck(op, (h, w, b, y, -100, 0.7, 1.0, 4.0, False))
     torch.library.opcheck(op, (h.bfloat16(), w.bfloat16(), None, y, -100, 1.0, 0.5, 0.0, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset,temperature", [(0.0, 1.0), (0.0, 0.7), (1e3, 1.0), (0.0, 0.01)])
+def test_detached_entropy_from_the_same_sweep(C, kernel, dtype, offset, temperature, counted):
+    """return_entropy="detached" (FastDPOTrainer's entropy metrics under LoRA) stays on the
+    native frozen op: the entropy comes from the same online softmax, rescaled with the running
+    max as online_softmax.h, and meets the float64 oracle under the rule, softcap included."""
+    V = 2 * cols(C) + 77
+    h, w, b, y = make((600,), 16, V, dtype, seed=52, bias=True)
+    b = b + offset
+    y[::5] = -100
+    for softcap in (None, 5.0):
+        kw = dict(softcap=softcap, temperature=temperature, logit_scale=0.9)
+        hh = h.detach().clone().requires_grad_(True)
+        lp, ent = linear_token_logps(hh, w, y, bias=b, backend="native",
+                                     return_entropy="detached", **kw)
+        assert not ent.requires_grad
+        z64 = head_logits(h.double(), w.double(), b.double(), logit_scale=0.9, softcap=softcap)
+        _, ent64 = R.token_logps(z64, y, temperature=temperature, return_entropy=True)
+        zlo = head_logits(h, w, b, logit_scale=0.9, softcap=softcap)
+        _, entlo = R.token_logps(zlo, y, temperature=temperature, return_entropy=True,
+                                 dtype=dtype)
+        assert_rule(ent, ent64, entlo, dtype, what="entropy")
+        assert bool((ent[y == -100] == 0).all())
+    assert counted.count(("native", "linear_frozen_fwd")) == 2
+
+
+def test_entropy_of_masked_blocks_matches_python_loop(C, kernel):
+    """-inf blocks before and after the max (the rescale of an empty state must stay 0)."""
+    V = 3 * cols(C)
+    h, w, b, y = make((40,), 8, V, torch.float32, seed=53, bias=True)
+    b[: cols(C)] = -math.inf                # the first block dead: the state starts empty
+    b[2 * cols(C) + 3:2 * cols(C) + 9] = 30.0  # the max grows in the last block
+    y[y < cols(C)] = 2 * cols(C) + 4
+    got = frozen(h, w, b, y, -100, 0.8, 1.0, 0.0, False, with_entropy=True)
+    ref = linear_loss.frozen_head_forward("torch", h, w, b, y, -100, 0.8, 1.0, 0.0,
+                                          with_entropy=True)
+    torch.testing.assert_close(got[4], ref[4], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got[0], ref[0], rtol=2e-5, atol=2e-5)
