@@ -55,6 +55,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
     double logit_scale, double softcap, int64_t vocab_start, int64_t vocab_total,
     bool need_hidden_grad, bool need_weight_grad, bool need_bias_grad, bool batch_invariant);
 
+// A frozen head's forward with each token's d logp / d hidden (native_linear_frozen_fwd):
+// (logp, row_max, log_sum, u, entropy), u (N, H) fp32, 0 on ignored rows; entropy (N,) with
+// with_entropy, else empty (a metric: no gradient).
+using FrozenResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+FrozenResult linear_frozen_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, int64_t ignore_index, double temperature, double logit_scale,
+    double softcap, bool batch_invariant, bool with_entropy);
+
 // (tile rows, tile columns, L2 bytes, L3 bytes) the CPU fused head uses for V, H (tests, bench).
 std::tuple<int64_t, int64_t, int64_t, int64_t> linear_cpu_plan(int64_t V, int64_t H);
 // (d_hidden groups, token block rows) of its backward for N tokens of `itemsize` bytes.

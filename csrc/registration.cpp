@@ -18,6 +18,7 @@ TORCH_LIBRARY_IMPL(fastdpo, CPU, m) {
   m.impl("native_logps_bwd", TORCH_FN(fastdpo::logps_bwd_cpu));
   m.impl("native_linear_logps_fwd", TORCH_FN(fastdpo::linear_fwd_cpu));
   m.impl("native_linear_logps_bwd", TORCH_FN(fastdpo::linear_bwd_cpu));
+  m.impl("native_linear_frozen_fwd", TORCH_FN(fastdpo::linear_frozen_fwd_cpu));
 }
 
 #ifdef FASTDPO_WITH_CUDA

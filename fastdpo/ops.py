@@ -185,6 +185,32 @@ def _fake_for(backend: str, op: str):
     return checked
 
 
+# Native CPU only: a frozen head's forward (the weight and bias need no gradient) returning each
+# token's ``u = d logp / d hidden`` as well, ``(N, H)`` fp32 (0 on ignored rows), so the backward
+# is ``grad_logp * u`` (:func:`fastdpo.autograd.linear_loss.frozen_head_forward`); with
+# ``with_entropy`` also the entropy (a metric, no gradient), else an empty 5th output.
+_LINEAR_FROZEN_FWD = (
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
+    "float temperature, float logit_scale, float softcap, bool batch_invariant, "
+    "bool with_entropy=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _fake_linear_frozen_fwd(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
+                            softcap, batch_invariant, with_entropy=False):
+    torch._check(hidden.dtype in DTYPES["native"],
+                 lambda: f"the native backend does not take {hidden.dtype} inputs")
+    logp, row_max, log_sum, ent = _fake_linear_fwd(hidden, weight, bias, labels, ignore_index,
+                                                   temperature, logit_scale, softcap, 0, 0,
+                                                   with_entropy, batch_invariant)
+    return (logp, row_max, log_sum, hidden.new_empty(tuple(hidden.shape), dtype=torch.float32),
+            ent)
+
+
+lib.define("native_linear_frozen_fwd" + _LINEAR_FROZEN_FWD)
+torch.library.register_fake(f"{LIB_NAME}::native_linear_frozen_fwd", _fake_linear_frozen_fwd,
+                            lib=lib)
+
 for _backend in BACKENDS:
     for _op, _schema in SCHEMAS.items():
         lib.define(op_name(_backend, _op) + _schema)

@@ -463,3 +463,21 @@ def test_token_weights_follow_sequence_logps_semantics():
     tw = torch.where(labels == -100, float("nan"), tw)
     check_all(tuple(data), kind="sigmoid", backend="torch", token_weights=tw, average=True,
               chunk_rows=6)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "native"])
+def test_frozen_head_under_autocast(backend_name):
+    """Under CPU autocast the frozen head's Python loop had its matmuls cast to bf16 and failed
+    (index_copy_ of bf16 into fp32); it computes as for bf16 hidden states outside autocast."""
+    from fastdpo.linear import linear_token_logps
+
+    h, w, b, labels, *_ = batch(B=2, T=7, H=12, V=41, bias=True, seed=15)
+    hh = h.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = linear_token_logps(hh, w, labels, bias=b, shift=True, backend=backend_name)
+    (gh,) = torch.autograd.grad(lp.sum(), hh)
+    h2 = h.to(torch.bfloat16).requires_grad_()
+    lp2 = linear_token_logps(h2, w, labels, bias=b, shift=True, backend=backend_name)
+    (gh2,) = torch.autograd.grad(lp2.sum(), h2)
+    torch.testing.assert_close(lp, lp2, rtol=0, atol=0)
+    torch.testing.assert_close(gh, gh2.float(), rtol=1e-2, atol=1e-3)

@@ -23,6 +23,11 @@
 //
 // batch_invariant: every token tile is padded to the full Nc rows and the number of groups is
 // fixed, so no GEMM shape or reduction order depends on the batch or the thread count.
+//
+// Frozen head (native_linear_frozen_fwd, the weight needs no gradient): items are token tiles,
+// each one sweep over the vocabulary chunks with an online softmax that also accumulates the
+// softmax-weighted weight rows, so each token's d logp / d hidden comes out with its log-prob:
+// two GEMMs per tile and chunk, no second pass, no merge (see frozen_rows).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -37,6 +42,7 @@
 #include "cpu/linear_plan.h"
 #include "cpu/logps_cpu.h"
 #include "fastdpo/combine.h"
+#include "fastdpo/online_softmax.h"
 #include "fastdpo/params.h"
 #include "ops.h"
 
@@ -59,7 +65,9 @@ struct Head {
 
 // Buffers of one thread, allocated (and first touched) by that thread.
 struct Scratch {
-  at::Tensor x, tanh, h, w, dw, tmp;
+  at::Tensor x, tanh, h, w, dw, tmp, acc;
+  std::vector<float> fm, fs, ft, fx, fg;  // frozen head: running max, sum, label logit, label a'
+  std::vector<LabelInfo> labs;
   int64_t w_chunk = -1;  // chunk whose fp32 weight rows `w` holds
 };
 
@@ -452,6 +460,119 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_rows(const Head& hd, con
   return {d.d_h, d.d_w, d.d_b};
 }
 
+// ------------------------------------------------------------- frozen head (LoRA / PEFT)
+
+// Per token tile, one sweep over the vocabulary blocks with an online softmax: per row the
+// running max m and sum s, and an fp32 accumulator acc (rows x H) of
+// sum_j exp((x_j - m) c) a'_j w_j, rescaled by exp((m_old - m_new) c) when the max grows
+// (a'_j = 1 - tanh^2 with softcap, else 1). Each block costs the logits GEMM and the
+// (weights x block) GEMM, both on the thread's L2-sized tile. At the end
+//     u = d logp / d hidden = (a'_label w_label - acc / s) * logit_scale * c,
+// the chain rule of logp = (x_label - m) c - log s. Token tiles are independent: threads take
+// whole tiles from the counter and no merge is needed.
+// With entropy, also t = sum exp((x_j - m) c) (x_j - m) c per row (online_softmax.h's state).
+Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& entropy) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const int64_t N = hd.N, H = hd.H, V = hd.V, K = chunks_of(hd), Vc = hd.tile.cols;
+  int64_t Nc = tile_rows_of(hd);
+  if (!hd.invariant) {  // small batches: a tile for every thread
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    Nc = std::min(Nc, std::max<int64_t>({1, std::min<int64_t>(64, N), (N + threads - 1) / threads}));
+  }
+  const int64_t tiles = (N + Nc - 1) / Nc;
+  at::Tensor logp = at::empty({N}, f32), row_max = at::empty({N}, f32);
+  at::Tensor log_sum = at::empty({N}, f32);
+  float* o_logp = logp.data_ptr<float>();
+  float* o_max = row_max.data_ptr<float>();
+  float* o_sum = log_sum.data_ptr<float>();
+  float* o_u = u.data_ptr<float>();
+  float* o_ent = with_entropy ? entropy.data_ptr<float>() : nullptr;
+  const float* w32 = hd.weight.data_ptr<float>();
+  const float c = hd.c, gscale = static_cast<float>(hd.logit_scale) * hd.c;
+  const bool softcap = hd.softcap != 0.0;
+  const LabelRule rule{hd.ignore_index, 0, V};
+  std::vector<Scratch> slots;
+  run_items(tiles, slots, [&](Scratch& s, int64_t item) {
+    const int64_t n0 = item * Nc, n = std::min(Nc, N - n0), rows = hd.invariant ? Nc : n;
+    const at::Tensor h = hidden_tile(hd, s, n0, n, rows);
+    if (!s.acc.defined()) s.acc = f32_buffer(Nc, H);
+    at::Tensor acc = s.acc.narrow(0, 0, rows);
+    acc.zero_();
+    float* a = acc.data_ptr<float>();
+    s.fm.assign(n, -INFINITY);
+    s.fs.assign(n, 0.0f);
+    s.ft.assign(n, 0.0f);
+    s.fx.assign(n, 0.0f);
+    s.fg.assign(n, 1.0f);
+    s.labs.resize(n);
+    for (int64_t r = 0; r < n; ++r) s.labs[r] = classify_label(labels_at(hd, n0 + r).at(0, 0), rule, V);
+    for (int64_t v = 0; v < K; ++v) {
+      const int64_t v0 = v * Vc, vc = std::min(Vc, V - v0);
+      const at::Tensor w = hd.weight.narrow(0, v0, vc);
+      at::Tensor x = logits_tile(hd, s, h, w, v0, vc, softcap);
+      float* xp = x.data_ptr<float>();
+      const float* tp = softcap ? s.tanh.data_ptr<float>() : nullptr;
+      for (int64_t r = 0; r < n; ++r) {
+        float* xr = xp + r * vc;
+        const LabelInfo& lab = s.labs[r];
+        if (lab.kind == LabelKind::kLocal && lab.local >= v0 && lab.local < v0 + vc) {
+          s.fx[r] = xr[lab.local - v0];
+          if (tp) {
+            const float t = tp[r * vc + lab.local - v0];
+            s.fg[r] = 1.0f - t * t;
+          }
+        }
+        const float mb = hd.avx2 ? cpu::block_max_avx2(xr, vc) : cpu::block_max_generic(xr, vc);
+        const float m_old = s.fm[r], m_new = Math<float>::max(mb, m_old);
+        if (m_new != m_old) {  // (m_old = -inf: scale 0, and nothing was added yet)
+          const float delta = scaled_diff(m_old, make_shift(ref_point(m_new), c), 0.0f);
+          const float alpha = Math<float>::exp(delta);
+          if (o_ent)  // as online_softmax.h's rescale (an empty state stays 0)
+            s.ft[r] = alpha * Math<float>::fma(Math<float>::max(kLowestExpArg, delta), s.fs[r], s.ft[r]);
+          s.fs[r] *= alpha;
+          if (v > 0) {
+            float* ar = a + r * H;
+            for (int64_t j = 0; j < H; ++j) ar[j] *= alpha;
+          }
+          s.fm[r] = m_new;
+        }
+        const float ref = ref_point(m_new);
+        float tb = 0.0f;
+        float* tp_ent = o_ent ? &tb : nullptr;
+        s.fs[r] += hd.avx2 ? cpu::block_exp_avx2(xr, vc, ref, c, tp_ent)
+                           : cpu::block_exp_generic(xr, vc, ref, c, tp_ent);
+        s.ft[r] += tb;
+        if (tp) {  // times a'_j = 1 - tanh^2 while the row is in L1 (as rows.transform_grad_)
+          const float* tr = tp + r * vc;
+          for (int64_t j = 0; j < vc; ++j) xr[j] *= 1.0f - tr[j] * tr[j];
+        }
+      }
+      if (rows > n) x.narrow(0, n, rows - n).zero_();  // padding rows add nothing
+      acc.addmm_(x, w);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t i = n0 + r;
+      const LabelInfo& lab = s.labs[r];
+      const RowStats<float> st = finalize(SoftmaxState<float>{s.fm[r], s.fs[r], s.ft[r]});
+      if (o_ent) o_ent[i] = st.entropy;
+      o_max[i] = st.row_max;
+      o_sum[i] = st.log_sum;
+      o_logp[i] = label_logp(lab.kind, s.fx[r], st, c);
+      float* ur = o_u + i * H;
+      const float* ar = a + r * H;
+      const float sum = s.fs[r];
+      if (lab.kind != LabelKind::kLocal) {  // an invalid label: no label term, as logps_bwd
+        for (int64_t j = 0; j < H; ++j) ur[j] = (0.0f - ar[j] / sum) * gscale;
+        continue;
+      }
+      const float* wl = w32 + lab.local * H;
+      const float g = s.fg[r];
+      for (int64_t j = 0; j < H; ++j) ur[j] = (g * wl[j] - ar[j] / sum) * gscale;
+    }
+  });
+  return {logp, row_max, log_sum, u};
+}
+
 at::Tensor rows_f32(const std::optional<at::Tensor>& t, const char* op, const char* name,
                     int64_t N) {
   if (!t.has_value() || !t->defined() || t->numel() == 0) return at::Tensor();
@@ -530,6 +651,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
   backward_rows(hd, g, d);
   if (sel.has_value() && need_hidden_grad) d_h.index_copy_(0, *sel, d_h_rows);
   return {d_h, d_w, d_b};
+}
+
+FrozenResult linear_frozen_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, int64_t ignore_index, double temperature, double logit_scale,
+    double softcap, bool batch_invariant, bool with_entropy) {
+  const char* op = "native_linear_frozen_fwd";
+  Head hd = make_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
+                      softcap, 0, weight.size(0), batch_invariant, op);
+  // fp32 weight rows, read by every token tile (cast once, as the Python loop does)
+  hd.weight = hd.weight.to(at::kFloat).contiguous();
+  const int64_t N = hd.N;
+  const auto sel = labelled_rows(hd);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  if (!sel.has_value()) {
+    at::Tensor u = at::empty({N, hd.H}, f32), ent = at::empty({with_entropy ? N : 0}, f32);
+    auto out = frozen_rows(hd, u, with_entropy, ent);
+    return {std::get<0>(out), std::get<1>(out), std::get<2>(out), u, ent};
+  }
+  hd.hidden = hd.hidden.index_select(0, *sel);
+  hd.labels = hd.labels.index_select(0, *sel);
+  hd.N = sel->size(0);
+  at::Tensor u_rows = at::empty({hd.N, hd.H}, f32);
+  at::Tensor ent_rows = at::empty({with_entropy ? hd.N : 0}, f32);
+  auto out = frozen_rows(hd, u_rows, with_entropy, ent_rows);
+  auto scatter = [&](const at::Tensor& t) {
+    return at::zeros({N}, t.options()).index_copy_(0, *sel, t);
+  };
+  at::Tensor u = at::zeros({N, hd.H}, u_rows.options()).index_copy_(0, *sel, u_rows);
+  return {scatter(std::get<0>(out)), scatter(std::get<1>(out)), scatter(std::get<2>(out)), u,
+          with_entropy ? scatter(ent_rows) : ent_rows};
 }
 
 std::tuple<int64_t, int64_t, int64_t, int64_t> linear_cpu_plan(int64_t V, int64_t H) {

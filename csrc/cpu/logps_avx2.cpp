@@ -281,6 +281,62 @@ void logps_bwd_rows_avx2(const LogpsBwdParams& p, int64_t r0, int64_t r1) {
   }
 }
 
+// Blocks of a row for the CPU frozen head's streamed softmax (linear_cpu.cpp): the max (NaN
+// skipped, as the running max of the row kernels), and x_j <- exp((x_j - ref) c) in place with
+// their sum (8 lane sums, then across lanes: a fixed order for a given n).
+float block_max_avx2(const float* x, int64_t n) {
+  using avx2_impl::F8;
+  F8 m(-INFINITY);
+  const int64_t full = n / 8 * 8;
+  for (int64_t i = 0; i < full; i += 8) m = Math<F8>::max(avx2_impl::load8(x + i), m);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m.v);
+  float out = lanes[0];
+  for (int l = 1; l < 8; ++l) out = Math<float>::max(lanes[l], out);
+  for (int64_t i = full; i < n; ++i) out = Math<float>::max(x[i], out);
+  return out;
+}
+
+template <bool kEntropy>
+static float block_exp_impl(float* x, int64_t n, float ref, float c, float* t) {
+  using avx2_impl::F8;
+  const Shift<F8> sh = make_shift(F8(ref), F8(c));
+  const F8 zero(0.0f), lowest(kLowestExpArg);
+  F8 s(0.0f), tt(0.0f);
+  const int64_t full = n / 8 * 8;
+  for (int64_t i = 0; i < full; i += 8) {
+    const F8 d = scaled_diff(avx2_impl::load8(x + i), sh, zero);
+    const F8 e = Math<F8>::exp(d);
+    avx2_impl::store8(x + i, e);
+    s = s + e;
+    if constexpr (kEntropy) tt = Math<F8>::fma(e, Math<F8>::max(lowest, d), tt);
+  }
+  if (full < n) {  // the tail padded with -inf (exp gives 0)
+    alignas(32) float buf[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                                -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    std::memcpy(buf, x + full, static_cast<size_t>(n - full) * sizeof(float));
+    const F8 d = scaled_diff(avx2_impl::load8(buf), sh, zero);
+    const F8 e = Math<F8>::exp(d);
+    _mm256_store_ps(buf, e.v);
+    std::memcpy(x + full, buf, static_cast<size_t>(n - full) * sizeof(float));
+    s = s + e;
+    if constexpr (kEntropy) tt = Math<F8>::fma(e, Math<F8>::max(lowest, d), tt);  // pads: 0
+  }
+  alignas(32) float lanes[8];
+  if constexpr (kEntropy) {
+    _mm256_store_ps(lanes, tt.v);
+    *t = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  }
+  _mm256_store_ps(lanes, s.v);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+float block_exp_avx2(float* x, int64_t n, float ref, float c, float* t) {
+  return t ? block_exp_impl<true>(x, n, ref, c, t) : block_exp_impl<false>(x, n, ref, c, t);
+}
+
 void exp_avx2(const float* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; i += 8) {
     float buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -337,6 +393,10 @@ void logps_bwd_rows_avx2(const LogpsBwdParams& p, int64_t r0, int64_t r1) {
 }
 void exp_avx2(const float* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = std::exp(in[i]);
+}
+float block_max_avx2(const float* x, int64_t n) { return block_max_generic(x, n); }
+float block_exp_avx2(float* x, int64_t n, float ref, float c, float* t) {
+  return block_exp_generic(x, n, ref, c, t);
 }
 void round_trip_avx2(const float* in, float* out, int64_t n, DType dtype) {
   round_trip_generic(in, out, n, dtype);

@@ -67,6 +67,25 @@ void logps_bwd_rows_generic(const LogpsBwdParams& p, int64_t r0, int64_t r1) {
   }
 }
 
+float block_max_generic(const float* x, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) m = Math<float>::max(x[i], m);
+  return m;
+}
+
+float block_exp_generic(float* x, int64_t n, float ref, float c, float* t) {
+  const Shift<float> sh = make_shift(ref, c);
+  float s[4] = {0, 0, 0, 0}, tt[4] = {0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = scaled_diff(x[i], sh, 0.0f);
+    x[i] = Math<float>::exp(d);
+    s[i % 4] += x[i];
+    if (t) tt[i % 4] = Math<float>::fma(x[i], Math<float>::max(kLowestExpArg, d), tt[i % 4]);
+  }
+  if (t) *t = (tt[0] + tt[1]) + (tt[2] + tt[3]);
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
 void round_trip_generic(const float* in, float* out, int64_t n, DType dtype) {
   for (int64_t i = 0; i < n; ++i) {
     switch (dtype) {

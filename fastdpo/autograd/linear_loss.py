@@ -252,6 +252,13 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
 # ------------------------------------------------ frozen head of the per-token log-probs
 
 
+def _native_frozen() -> bool:
+    """Whether the loaded extension has the native frozen-head op (an extension built before it
+    keeps the Python loop below)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastdpo::native_linear_frozen_fwd",
+                                                          "CPU")
+
+
 def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
                         logit_scale, softcap, *, chunk_rows=None, batch_invariant=False,
                         with_entropy=False):
@@ -265,7 +272,17 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     ``u`` ``(N, H)`` fp32 (0 on ignored rows), ``ent`` the entropy (no gradient; empty unless
     ``with_entropy``). ``batch_invariant``: chunks of exactly
     ``MIN_CHUNK_ROWS`` rows, the last one padded with ignored rows.
+
+    The native backend on CPU runs it in C++ instead (``native_linear_frozen_fwd``): per token tile,
+    one sweep of L2-sized vocabulary blocks with an online softmax, two GEMMs per block in cache
+    and one parallel region (``chunk_rows`` does not apply; batch invariance holds with its own
+    fixed tiles; the entropy from the same online softmax).
     """
+    if (row_backend == "native" and hidden.device.type == "cpu"
+            and hidden.dtype in ops.DTYPES["native"] and _native_frozen()):
+        return ops.get_op("native", "linear_frozen_fwd")(
+            hidden, weight, bias, labels, ignore_index, float(temperature), float(logit_scale),
+            float(softcap) if softcap else 0.0, bool(batch_invariant), bool(with_entropy))
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -290,25 +307,26 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     b = None if bias is None else bias.to(acc)
     ones = torch.ones((1, R_max), dtype=acc, device=dev)
     T = float(temperature)
-    for r0 in range(0, n_act, R_max):
-        sel = sel_all[r0:r0 + R_max]
-        n = sel.numel()
-        R = R_max if batch_invariant else n
-        x = buf[:R * V].view(R, V)
-        t = tbuf[:R * V].view(R, V) if softcap else None
-        lab = pad_rows(labels.index_select(0, sel), R, ignore_index).view(1, R)
-        h = pad_rows(hidden.index_select(0, sel).to(opd), R, 0)
-        logits_tile(h, w, b, logit_scale, softcap, x, t)
-        lp, m, ls, e = row_fwd(x.view(1, R, V), lab, ignore_index, T, 0, V, with_entropy)
-        row_bwd(ones[:, :R], None, x.view(1, R, V), lab, m, ls, None, ignore_index, T, 0, V,
-                x.view(1, R, V))
-        dz = rows.transform_grad_(x, t, logit_scale, softcap)
-        u.index_copy_(0, sel, mm_acc(dz if dz.dtype == opd else dz.to(opd), w)[:n])
-        logp.index_copy_(0, sel, lp.view(R)[:n])
-        row_max.index_copy_(0, sel, m.view(R)[:n])
-        log_sum.index_copy_(0, sel, ls.view(R)[:n])
-        if with_entropy:
-            ent.index_copy_(0, sel, e.view(R)[:n])
+    with torch.autocast(dev.type, enabled=False):  # fp32 matmuls, as inside the ops
+        for r0 in range(0, n_act, R_max):
+            sel = sel_all[r0:r0 + R_max]
+            n = sel.numel()
+            R = R_max if batch_invariant else n
+            x = buf[:R * V].view(R, V)
+            t = tbuf[:R * V].view(R, V) if softcap else None
+            lab = pad_rows(labels.index_select(0, sel), R, ignore_index).view(1, R)
+            h = pad_rows(hidden.index_select(0, sel).to(opd), R, 0)
+            logits_tile(h, w, b, logit_scale, softcap, x, t)
+            lp, m, ls, e = row_fwd(x.view(1, R, V), lab, ignore_index, T, 0, V, with_entropy)
+            row_bwd(ones[:, :R], None, x.view(1, R, V), lab, m, ls, None, ignore_index, T, 0, V,
+                    x.view(1, R, V))
+            dz = rows.transform_grad_(x, t, logit_scale, softcap)
+            u.index_copy_(0, sel, mm_acc(dz if dz.dtype == opd else dz.to(opd), w)[:n])
+            logp.index_copy_(0, sel, lp.view(R)[:n])
+            row_max.index_copy_(0, sel, m.view(R)[:n])
+            log_sum.index_copy_(0, sel, ls.view(R)[:n])
+            if with_entropy:
+                ent.index_copy_(0, sel, e.view(R)[:n])
     return logp, row_max, log_sum, u, ent
 
 
