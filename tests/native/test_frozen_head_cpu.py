@@ -15,6 +15,7 @@ from fastdpo import reference as R
 from fastdpo.autograd import linear_loss
 from fastdpo.linear import linear_token_logps
 from test_linear import DTYPES, head_logits, make
+from test_linear_cpu import exact_offset_case
 from tolerance import assert_rule
 
 
@@ -111,14 +112,7 @@ def test_ignored_rows_are_zero(C):
 def test_extreme_offsets_and_temperature(C, kernel, offset, temperature):
     """Logits exact in fp32 (integer hidden states, weights on a grid no coarser than the
     offset's ulp), so any error is the row math's: it must not grow with the offset."""
-    V = 2 * cols(C) + 40
-    g = torch.Generator().manual_seed(53)
-    step = max(1.0 / 32, math.ulp(torch.tensor(offset, dtype=torch.float32).item()))
-    h = torch.randint(-3, 4, (300, 16), generator=g).float()
-    w = torch.randint(-3, 4, (V, 16), generator=g).float() * step
-    y = torch.randint(0, V, (300,), generator=g)
-    y[::5] = -100
-    check_frozen(h, w, torch.full((V,), offset), y, temperature=temperature)
+    check_frozen(*exact_offset_case(2 * cols(C) + 40, offset, seed=53), temperature=temperature)
 
 
 def test_masked_blocks_invalid_labels_and_dead_rows(C, kernel):

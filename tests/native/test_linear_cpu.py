@@ -65,14 +65,19 @@ def test_token_blocks(C, dtype):
 def test_extreme_offsets_and_temperature(C, offset, temperature):
     """Logits exact in fp32 (integer hidden states, weights on a grid no coarser than the
     offset's ulp), so any error is the row math's: it must not grow with the offset."""
-    V = 2 * cols(C) + 40
-    g = torch.Generator().manual_seed(42)
+    check("native", *exact_offset_case(2 * cols(C) + 40, offset, seed=42),
+          temperature=temperature)
+
+
+def exact_offset_case(V, offset, *, seed):
+    """``(h, w, bias, labels)`` whose logits are exact in fp32 around ``offset``."""
+    g = torch.Generator().manual_seed(seed)
     step = max(1.0 / 32, math.ulp(torch.tensor(offset, dtype=torch.float32).item()))
     h = torch.randint(-3, 4, (300, 16), generator=g).float()
     w = torch.randint(-3, 4, (V, 16), generator=g).float() * step
     y = torch.randint(0, V, (300,), generator=g)
     y[::5] = -100
-    check("native", h, w, torch.full((V,), offset), y, temperature=temperature)
+    return h, w, torch.full((V,), offset), y
 
 
 def test_masked_chunks_shards_and_bad_labels(C):
