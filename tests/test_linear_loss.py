@@ -224,21 +224,56 @@ def gemms(rows, H, V, **kw):
     refkw = (dict(ref_hidden=h * 0.5, ref_weight=w) if ref else
              dict(ref_chosen_logps=rc, ref_rejected_logps=rr))
     with MatmulFlops() as fm:
-        loss, _ = linear_dpo_loss(hh, ww, labels, backend="torch", chunk_rows=7, **refkw, **kw)
+        loss, _ = linear_dpo_loss(hh, ww, labels, backend="torch",
+                                  chunk_rows=kw.pop("chunk_rows", 20), **refkw, **kw)
         if loss.requires_grad:
             loss.backward()
-    return fm.macs / (n_rows * H * V)
+    fm.max_rows = max((e.input_shapes[0][0] for e in fm.prof.events()
+                       if e.name == "aten::mm" and e.input_shapes[1][1] == V), default=0)
+    return fm.macs / (n_rows * H * V), fm.max_rows
 
 
 @pytest.mark.parametrize("rows,expected", [((True, True), 3), ((False, True), 2),
                                            ((True, False), 2), ((False, False), 1)])
 def test_gemm_count(rows, expected):
-    assert gemms(rows, 24, 97) == expected
+    assert gemms(rows, 24, 97)[0] == expected
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "native"])
+def test_pairs_over_the_budget_are_streamed(backend_name):
+    """A pair with more rows than the chunk budget is not held whole: a first log-prob pass,
+    then slabs of at most chunk_rows rows with the known pair gradients (4 matmuls instead of
+    3); every loss type still matches the float64 oracle (check_all with small chunk_rows)."""
+    macs, max_rows = gemms((True, True), 24, 97, chunk_rows=5)
+    assert macs == 4 and 0 < max_rows <= 5
+    macs, max_rows = gemms((True, True), 24, 97, chunk_rows=40)
+    assert macs == 3 and max_rows > 5
+    check_all(batch(seed=3), kind="ipo", backend=backend_name, chunk_rows=3)
+
+
+def test_pair_limit_streams_without_chunk_rows(monkeypatch):
+    """Without chunk_rows, pairs are kept whole (3 matmuls) unless one pair's fp32 logits exceed
+    PAIR_LIMIT_BYTES (FASTDPO_LINEAR_PAIR_LIMIT_MB): then it is streamed, in chunk-budget slabs."""
+    h, w, _, labels, rc, rr, _ = batch(B=4, T=10, H=24, V=97, seed=1)
+    args = dict(ref_chosen_logps=rc, ref_rejected_logps=rr, backend="torch")
+    hh = h.clone().requires_grad_()
+    with MatmulFlops() as fm:
+        linear_dpo_loss(hh, w, labels, **args)[0].backward()
+    assert AL.pair_limit_rows(128, 97, False) >= 128
+    monkeypatch.setattr(AL, "PAIR_LIMIT_BYTES", 1)
+    monkeypatch.setattr(AL, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(AL, "MIN_CHUNK_BYTES", 1)
+    h2 = h.clone().requires_grad_()
+    with MatmulFlops() as fs:
+        loss = linear_dpo_loss(h2, w, labels, **args)[0]
+        loss.backward()
+    assert fs.macs == fm.macs * 3 // 2  # frozen weight: 2 matmuls -> a first pass + 2
+    torch.testing.assert_close(h2.grad, hh.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_gemm_count_reference_and_batch_losses():
-    assert gemms((True, True), 24, 97, ref=True) == 4           # + the reference's logits
-    assert gemms((True, False), 24, 97, loss_type="aot") == 3   # a first log-prob pass
+    assert gemms((True, True), 24, 97, ref=True)[0] == 4           # + the reference's logits
+    assert gemms((True, False), 24, 97, loss_type="aot")[0] == 3   # a first log-prob pass
 
 
 def test_chunks_hold_whole_pairs_within_the_cap():

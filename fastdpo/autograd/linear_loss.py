@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
 
 from .. import ops, rows
 from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
+from .linear_stream import PassResult, streamed
 from .options import refuse_double_backward
 
 # Extra memory for one chunk's logits, as a fraction of the full (rows, V) logits in the hidden
@@ -42,6 +43,10 @@ from .options import refuse_double_backward
 CHUNK_FRACTION = float(os.environ.get("FASTDPO_LINEAR_MEMORY_FRACTION", "0.05"))
 MIN_CHUNK_BYTES = 16 << 20
 MIN_CHUNK_ROWS = 128
+# Chunks hold whole pairs (3 matmuls); a pair whose fp32 logits exceed this is streamed in slabs
+# of the chunk budget instead (a first log-prob pass: 1 matmul more on its rows). An explicit
+# chunk_rows is a hard bound.
+PAIR_LIMIT_BYTES = int(os.environ.get("FASTDPO_LINEAR_PAIR_LIMIT_MB", "1024")) << 20
 # Rows of every matmul and row-kernel call under batch invariance (a fixed shape, whatever N).
 INVARIANT_TILE_ROWS = 128
 
@@ -97,7 +102,7 @@ def build_rows(h2, labels, weights, pairs: int, seq_len: int, acc, *, parts: int
     return PairRows(h2, labels, weights.to(acc), order, seq, offsets, pairs, parts, extra)
 
 
-def _unit_rows(pr: PairRows, j0: int, j1: int) -> int:
+def unit_rows(pr: PairRows, j0: int, j1: int) -> int:
     B, off = pr.pairs, pr.offsets
     return sum(off[k * B + j1] - off[k * B + j0] for k in range(pr.parts))
 
@@ -107,7 +112,7 @@ def chunk_pairs(pr: PairRows, cap_rows: int):
     unit each)."""
     out, j0, rows_now = [], 0, 0
     for j in range(pr.pairs):
-        n = _unit_rows(pr, j, j + 1)
+        n = unit_rows(pr, j, j + 1)
         if j > j0 and rows_now + n > cap_rows:
             out.append((j0, j))
             j0, rows_now = j, 0
@@ -125,28 +130,35 @@ def plan_rows(n_rows: int, V: int, itemsize: int, softcap: bool, chunk_rows=None
     return max(MIN_CHUNK_ROWS, budget // per_row)
 
 
+def pair_limit_rows(cap: int, V: int, softcap: bool, chunk_rows=None) -> int:
+    """Most rows one pair may hold at once before it is streamed (see ``PAIR_LIMIT_BYTES``)."""
+    if chunk_rows is not None:
+        return cap
+    return max(cap, PAIR_LIMIT_BYTES // (V * 4 * (2 if softcap else 1)))
+
+
 # pair_grads(j0, j1, *sums) -> one (j1 - j0,) gradient per part: dL/d(sequence log-prob)
 PairGrads = Callable[..., tuple]
 
 
-class PassResult(NamedTuple):
-    logps: tuple            # one (B,) tensor of sequence log-probs per part
-    extra: Optional[tuple]  # the same sums under ``PairRows.extra`` (None without)
-    d_hidden: Optional[torch.Tensor]
-    d_weight: Optional[torch.Tensor]
-    d_bias: Optional[torch.Tensor]
-
-
 def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Optional[PairGrads],
               need_h: bool, need_w: bool, need_b: bool, hidden_shape=None, tile: int = 0,
-              extra_grad=0.0) -> PassResult:
+              extra_grad=0.0, slab: int = 0, known_grads: bool = False) -> PassResult:
     """The chunk loop (module docstring): the sequence log-probs and the gradients (None where
     not needed or no ``pair_grads``). ``pair_grads`` gets each chunk's units ``[j0, j1)`` and
     their sequence log-probs, one tensor per part, and returns ``dL/d logp`` per part.
 
     ``tile > 0`` (batch invariance): every matmul and row op runs on slabs of exactly ``tile``
     rows (the last one padded with ignored rows), so no shape depends on the batch and a row's
-    results are bitwise the same whatever else the batch holds."""
+    results are bitwise the same whatever else the batch holds.
+
+    ``slab > 0`` with a forward-only pass or ``known_grads`` (``pair_grads`` does not read this
+    pass's sums: they came from a first pass) streams each chunk in slabs of ``slab`` rows, so
+    one pair larger than the budget never holds its whole logits
+    (:func:`fastdpo.autograd.linear_stream.streamed`)."""
+    if slab and (pair_grads is None or known_grads) and pr.extra is None:
+        return streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
+                        hidden_shape, tile, slab)
     h2 = pr.h2
     dev, V = h2.device, weight.shape[0]
     acc = ops.acc_dtype(h2.dtype)
@@ -175,7 +187,7 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     def padded(n):
         return n if not tile else -(-n // tile) * tile
 
-    max_rows = max([padded(_unit_rows(pr, j0, j1)) for j0, j1 in chunks] + [0])
+    max_rows = max([padded(unit_rows(pr, j0, j1)) for j0, j1 in chunks] + [0])
     buf = torch.empty(max_rows * V, dtype=acc, device=dev)
     tbuf = torch.empty(max_rows * V if (grads and softcap) else 0, dtype=acc, device=dev)
     for j0, j1 in chunks:

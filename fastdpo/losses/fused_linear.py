@@ -28,7 +28,8 @@ from .. import _validate, backends, ops
 from ..autograd.linear import flat_rows
 from ..sequences import average_weights, token_weights_of
 from ..autograd.linear_loss import (INVARIANT_TILE_ROWS, Head, LinearPairLoss, PairRows,
-                                   build_rows, chunk_pairs, plan_rows, run_pairs)
+                                   build_rows, chunk_pairs, pair_limit_rows, plan_rows,
+                                   run_pairs, unit_rows)
 from . import args as loss_args
 from .dpo import dpo_loss, loss_config, preference_metrics
 from .functional import PairInputs, combined
@@ -104,6 +105,7 @@ class FusedBatch:
     lengths: torch.Tensor   # (parts * B,) label counts
     extra_lengths: Optional[torch.Tensor]  # (parts * B,) counts of extra_labels
     V: int
+    slab: int = 0           # > 0: a pair exceeds the chunk budget; stream slabs of this many rows
 
 
 def prepare(name, hidden, weight, labels, bias, *, parts, ignore_index, shift, temperature,
@@ -143,8 +145,13 @@ def prepare(name, hidden, weight, labels, bias, *, parts, ignore_index, shift, t
     rows = build_rows(h2, lab, w_rows, B, labels.shape[1], acc, parts=parts, extra=extra)
     cap = plan_rows(h2.shape[0], V, hidden.element_size(), bool(softcap), chunk_rows)
     tile = INVARIANT_TILE_ROWS if batch_invariant else 0
-    return FusedBatch(hidden, head, rows, chunk_pairs(rows, cap), tile, lab, w_rows, lengths,
-                      extra_lengths, V)
+    chunks = chunk_pairs(rows, cap)
+    # a chunk holds whole pairs: one pair over the budget is streamed instead (a first log-prob
+    # pass, then slabs of rows with the known pair gradients: 1 matmul more on those rows)
+    limit = pair_limit_rows(cap, V, bool(softcap), chunk_rows)
+    big = any(unit_rows(rows, j0, j1) > limit for j0, j1 in chunks if j1 - j0 == 1)
+    return FusedBatch(hidden, head, rows, chunks, tile, lab, w_rows, lengths, extra_lengths, V,
+                      slab=cap if big else 0)
 
 
 def reference_logps(fb: FusedBatch, ref_hidden, ref_weight, ref_bias, labels, shift):
@@ -168,7 +175,7 @@ def reference_logps(fb: FusedBatch, ref_hidden, ref_weight, ref_bias, labels, sh
                            parts=pr.parts))
         return run_pairs(fb.head, rows, ref_weight.detach(),
                          None if ref_bias is None else ref_bias.detach(), fb.chunks, None, False,
-                         False, False, tile=fb.tile).logps
+                         False, False, tile=fb.tile, slab=fb.slab).logps
 
 
 def _head(backend, hidden, ignore_index, temperature, logit_scale, softcap):
@@ -292,7 +299,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         return None if t is None else t.detach().to(acc)
 
     rc_, rr_, s_, m_ = cast(rc), cast(rr), cast(target_probs), cast(reward_margins)
-    batch_mode = delta_fn is not None or any(t in BATCH_TYPES for t in cfg.loss_types)
+    batch_mode = (delta_fn is not None or any(t in BATCH_TYPES for t in cfg.loss_types)
+                  or fb.slab > 0)
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad
             for t in (hidden, weight, bias, target_probs, reward_margins)]
     need_h, need_w, need_b, need_s, need_m = need
@@ -336,7 +344,7 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                     return grads_of(j0, j1, pc_c, pr_c, delta0)
             else:  # first pass: every pair's log-probs, then the whole batch's pair gradients
                 pc0, pr0 = run_pairs(head, pr_rows, w_, b_, chunks, None, False, False, False,
-                                     tile=tile).logps
+                                     tile=tile, slab=fb.slab).logps
                 delta = delta0
                 if delta_fn is not None:
                     delta = delta_fn(pc0, pr0, rc_, rr_)
@@ -349,7 +357,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
 
             (pc, pr), _, d_h, d_w, d_b = run_pairs(head, pr_rows, w_, b_, chunks, pair_grads,
                                                    need_h, need_w, need_b,
-                                                   hidden_shape=hidden.shape, tile=tile)
+                                                   hidden_shape=hidden.shape, tile=tile,
+                                                   slab=fb.slab, known_grads=batch_mode)
             loss = acc_loss["pairs"] * r + acc_loss["sft"]
         grads = (d_h, d_w, d_b, None if ds is None else ds.to(target_probs.dtype),
                  None if dm is None else dm.to(reward_margins.dtype))

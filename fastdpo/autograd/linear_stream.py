@@ -1,0 +1,91 @@
+"""The chunk loop of :func:`fastdpo.autograd.linear_loss.run_pairs` in slabs of rows, for pairs
+larger than the chunk budget: the pair gradients are known first (a log-prob pass), so each
+slab's logits, ``d logits`` and matmuls are done at once and the buffer holds one slab."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import ops, rows
+from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
+
+
+class PassResult(NamedTuple):
+    logps: tuple            # one (B,) tensor of sequence log-probs per part
+    extra: Optional[tuple]  # the same sums under ``PairRows.extra`` (None without)
+    d_hidden: Optional[torch.Tensor]
+    d_weight: Optional[torch.Tensor]
+    d_bias: Optional[torch.Tensor]
+
+
+
+def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b, hidden_shape,
+             tile, slab):
+    """``run_pairs`` in slabs of rows: each slab's logits, log-probs and (the pair gradients being
+    known) its ``d logits`` and matmuls at once; the buffer holds one slab."""
+    h2 = pr.h2
+    dev, V = h2.device, weight.shape[0]
+    acc = ops.acc_dtype(h2.dtype)
+    opd = operand_dtype(h2.dtype, dev)
+    B, off, K = pr.pairs, pr.offsets, pr.parts
+    grads = pair_grads is not None and (need_h or need_w or need_b)
+    need_b = need_b and bias is not None
+    w = weight if weight.dtype == opd else weight.to(opd)
+    b = None if bias is None else bias.to(acc)
+    row_fwd = ops.get_op(head.backend, "logps_fwd")
+    row_bwd = ops.get_op(head.backend, "logps_bwd")
+    T, ii = float(head.temperature), head.ignore_index
+    softcap = head.softcap if head.softcap else 0.0
+    S = tile if tile else max(1, slab)  # under batch invariance every slab is one fixed tile
+    out = torch.zeros(K * B, dtype=acc, device=dev)
+    d_h = torch.zeros(h2.shape, dtype=h2.dtype, device=dev) if grads and need_h else None
+    d_w = torch.zeros(weight.shape, dtype=acc, device=dev) if grads and need_w else None
+    d_b = torch.zeros(V, dtype=acc, device=dev) if grads and need_b else None
+    buf = torch.empty(S * V, dtype=acc, device=dev)
+    tbuf = torch.empty(S * V if (grads and softcap) else 0, dtype=acc, device=dev)
+    for j0, j1 in chunks:
+        P = j1 - j0
+        spans = [(off[k * B + j0], off[k * B + j1]) for k in range(K)]
+        sel = torch.cat([pr.order[a:e] for a, e in spans])
+        seq = torch.cat([pr.seq[a:e] - k * B - j0 + k * P for k, (a, e) in enumerate(spans)])
+        sums = torch.zeros(K * P, dtype=acc, device=dev)
+        g_seq = None
+        if grads:  # known: independent of this pass's sums
+            g_seq = torch.cat(list(pair_grads(j0, j1, *sums.split(P)))).to(acc)
+        for s0 in range(0, sel.numel(), S):
+            rs, sq = sel[s0:s0 + S], seq[s0:s0 + S]
+            n = rs.numel()
+            n_pad = S if tile else n
+            h = pad_rows(h2.index_select(0, rs).to(opd), n_pad, 0)
+            lab = pad_rows(pr.labels.index_select(0, rs), n_pad, ii).view(1, n_pad)
+            scale = pr.scale.index_select(0, rs)
+            x = buf[:n_pad * V].view(n_pad, V)
+            t = tbuf[:n_pad * V].view(n_pad, V) if (grads and softcap) else None
+            logits_tile(h, w, b, head.logit_scale, softcap, x, t)
+            lp, rmax, lsum = row_fwd(x.view(1, n_pad, V), lab, ii, T, 0, V, False)[:3]
+            sums.index_add_(0, sq, lp.view(n_pad)[:n] * scale)
+            if not grads:
+                continue
+            g_row = pad_rows(g_seq.index_select(0, sq) * scale, n_pad, 0).view(1, n_pad)
+            xs = x.view(1, n_pad, V)
+            row_bwd(g_row, None, xs, lab, rmax, lsum, None, ii, T, 0, V, xs)
+            dz = rows.transform_grad_(x, t, head.logit_scale, softcap)
+            dz = dz if dz.dtype == opd else dz.to(opd)
+            if need_h:
+                d_h.index_copy_(0, rs, mm_acc(dz, w)[:n].to(d_h.dtype))
+            if need_w:
+                mm_acc(dz.t(), h, out=d_w, accumulate=True)
+            if need_b:
+                d_b += x.sum(0, dtype=acc)
+        for k in range(K):
+            out[k * B + j0:k * B + j1] = sums[k * P:(k + 1) * P]
+    if d_h is not None and hidden_shape is not None:
+        d_h = d_h.view(hidden_shape)
+    if d_w is not None and d_w.dtype != weight.dtype:
+        d_w = d_w.to(weight.dtype)
+    if d_b is not None and d_b.dtype != bias.dtype:
+        d_b = d_b.to(bias.dtype)
+    logps = tuple(out[k * B:(k + 1) * B].clone() if K > 1 else out for k in range(K))
+    return PassResult(logps, None, d_h, d_w, d_b)
