@@ -34,7 +34,7 @@ import torch
 
 from .. import ops, rows
 from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
-from .linear_stream import PassResult, streamed
+from .linear_stream import PassResult, loop_setup, streamed
 from .options import refuse_double_backward
 
 # Extra memory for one chunk's logits, as a fraction of the full (rows, V) logits in the hidden
@@ -159,20 +159,11 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     if slab and (pair_grads is None or known_grads) and pr.extra is None:
         return streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
                         hidden_shape, tile, slab)
-    h2 = pr.h2
-    dev, V = h2.device, weight.shape[0]
-    acc = ops.acc_dtype(h2.dtype)
-    opd = operand_dtype(h2.dtype, dev)
+    h2, dev, V, acc, opd, w, b, row_fwd, row_bwd, T, ii, softcap = loop_setup(head, pr, weight,
+                                                                             bias)
     B, off, K = pr.pairs, pr.offsets, pr.parts
     grads = pair_grads is not None and (need_h or need_w or need_b)
     need_b = need_b and bias is not None
-    # CPU low-precision weights are cast once (fp32 GEMMs); elsewhere the weight is used as is.
-    w = weight if weight.dtype == opd else weight.to(opd)
-    b = None if bias is None else bias.to(acc)
-    row_fwd = ops.get_op(head.backend, "logps_fwd")
-    row_bwd = ops.get_op(head.backend, "logps_bwd")
-    T, ii = float(head.temperature), head.ignore_index
-    softcap = head.softcap if head.softcap else 0.0
     out = torch.zeros(K * B, dtype=acc, device=dev)
     ext = torch.zeros(K * B, dtype=acc, device=dev) if pr.extra is not None else None
     d_h = d_w = d_b = None

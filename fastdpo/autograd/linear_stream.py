@@ -21,23 +21,29 @@ class PassResult(NamedTuple):
 
 
 
+def loop_setup(head, pr, weight, bias):
+    """What both chunk loops take from their arguments: ``(h2, device, V, acc dtype, operand
+    dtype, weight and bias as the matmuls take them, row_fwd, row_bwd, T, ignore_index,
+    softcap)``. CPU low-precision weights are cast once (fp32 GEMMs); elsewhere used as is."""
+    h2 = pr.h2
+    acc = ops.acc_dtype(h2.dtype)
+    opd = operand_dtype(h2.dtype, h2.device)
+    w = weight if weight.dtype == opd else weight.to(opd)
+    b = None if bias is None else bias.to(acc)
+    return (h2, h2.device, weight.shape[0], acc, opd, w, b,
+            ops.get_op(head.backend, "logps_fwd"), ops.get_op(head.backend, "logps_bwd"),
+            float(head.temperature), head.ignore_index, head.softcap if head.softcap else 0.0)
+
+
 def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b, hidden_shape,
              tile, slab):
     """``run_pairs`` in slabs of rows: each slab's logits, log-probs and (the pair gradients being
     known) its ``d logits`` and matmuls at once; the buffer holds one slab."""
-    h2 = pr.h2
-    dev, V = h2.device, weight.shape[0]
-    acc = ops.acc_dtype(h2.dtype)
-    opd = operand_dtype(h2.dtype, dev)
+    h2, dev, V, acc, opd, w, b, row_fwd, row_bwd, T, ii, softcap = loop_setup(head, pr, weight,
+                                                                             bias)
     B, off, K = pr.pairs, pr.offsets, pr.parts
     grads = pair_grads is not None and (need_h or need_w or need_b)
     need_b = need_b and bias is not None
-    w = weight if weight.dtype == opd else weight.to(opd)
-    b = None if bias is None else bias.to(acc)
-    row_fwd = ops.get_op(head.backend, "logps_fwd")
-    row_bwd = ops.get_op(head.backend, "logps_bwd")
-    T, ii = float(head.temperature), head.ignore_index
-    softcap = head.softcap if head.softcap else 0.0
     S = tile if tile else max(1, slab)  # under batch invariance every slab is one fixed tile
     out = torch.zeros(K * B, dtype=acc, device=dev)
     d_h = torch.zeros(h2.shape, dtype=h2.dtype, device=dev) if grads and need_h else None
