@@ -34,7 +34,7 @@ import torch
 
 from .. import ops, rows
 from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
-from .linear_stream import PassResult, loop_setup, streamed
+from .linear_stream import PassResult, chunk_selection, loop_setup, streamed
 from .options import refuse_double_backward
 
 # Extra memory for one chunk's logits, as a fraction of the full (rows, V) logits in the hidden
@@ -161,7 +161,7 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
                         hidden_shape, tile, slab)
     h2, dev, V, acc, opd, w, b, row_fwd, row_bwd, T, ii, softcap = loop_setup(head, pr, weight,
                                                                              bias)
-    B, off, K = pr.pairs, pr.offsets, pr.parts
+    B, K = pr.pairs, pr.parts
     grads = pair_grads is not None and (need_h or need_w or need_b)
     need_b = need_b and bias is not None
     out = torch.zeros(K * B, dtype=acc, device=dev)
@@ -183,9 +183,7 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     tbuf = torch.empty(max_rows * V if (grads and softcap) else 0, dtype=acc, device=dev)
     for j0, j1 in chunks:
         P = j1 - j0
-        spans = [(off[k * B + j0], off[k * B + j1]) for k in range(K)]
-        sel = torch.cat([pr.order[a:e] for a, e in spans])
-        seq = torch.cat([pr.seq[a:e] - k * B - j0 + k * P for k, (a, e) in enumerate(spans)])
+        sel, seq = chunk_selection(pr, j0, j1)
         R = sel.numel()
         Rp = padded(R)
         slabs = [(s0, min(Rp, s0 + (tile or Rp))) for s0 in range(0, Rp, tile or max(Rp, 1))]

@@ -35,13 +35,23 @@ def loop_setup(head, pr, weight, bias):
             float(head.temperature), head.ignore_index, head.softcap if head.softcap else 0.0)
 
 
+def chunk_selection(pr, j0, j1):
+    """``(sel, seq)`` of units ``[j0, j1)``: their rows (indices into ``pr.h2``) part by part, and
+    each row's sequence within the chunk (part ``k`` of unit ``j`` is ``k * (j1 - j0) + j - j0``)."""
+    B, off, P = pr.pairs, pr.offsets, j1 - j0
+    spans = [(off[k * B + j0], off[k * B + j1]) for k in range(pr.parts)]
+    sel = torch.cat([pr.order[a:e] for a, e in spans])
+    seq = torch.cat([pr.seq[a:e] - k * B - j0 + k * P for k, (a, e) in enumerate(spans)])
+    return sel, seq
+
+
 def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b, hidden_shape,
              tile, slab):
     """``run_pairs`` in slabs of rows: each slab's logits, log-probs and (the pair gradients being
     known) its ``d logits`` and matmuls at once; the buffer holds one slab."""
     h2, dev, V, acc, opd, w, b, row_fwd, row_bwd, T, ii, softcap = loop_setup(head, pr, weight,
                                                                              bias)
-    B, off, K = pr.pairs, pr.offsets, pr.parts
+    B, K = pr.pairs, pr.parts
     grads = pair_grads is not None and (need_h or need_w or need_b)
     need_b = need_b and bias is not None
     S = tile if tile else max(1, slab)  # under batch invariance every slab is one fixed tile
@@ -53,9 +63,7 @@ def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
     tbuf = torch.empty(S * V if (grads and softcap) else 0, dtype=acc, device=dev)
     for j0, j1 in chunks:
         P = j1 - j0
-        spans = [(off[k * B + j0], off[k * B + j1]) for k in range(K)]
-        sel = torch.cat([pr.order[a:e] for a, e in spans])
-        seq = torch.cat([pr.seq[a:e] - k * B - j0 + k * P for k, (a, e) in enumerate(spans)])
+        sel, seq = chunk_selection(pr, j0, j1)
         sums = torch.zeros(K * P, dtype=acc, device=dev)
         g_seq = None
         if grads:  # known: independent of this pass's sums
