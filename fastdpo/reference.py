@@ -13,7 +13,13 @@ def token_logps(logits, labels, *, ignore_index=-100, temperature=1.0, shift=Fal
                 return_entropy=False, dtype=torch.float64, **_):
     if shift:
         logits, labels = logits[..., :-1, :], labels[..., 1:]
-    z = logits.to(dtype) / temperature
+    x = logits.to(dtype)
+    if dtype == torch.float64 and x.shape[-1]:
+        # the oracle: subtract the row max before dividing, so |logits| ~ 1e8 loses no digits to
+        # the division (shift invariant; a row without a finite max is left as it is)
+        m = x.detach().amax(-1, keepdim=True)
+        x = x - torch.where(torch.isfinite(m), m, 0.0)
+    z = x / temperature
     logp_all = torch.log_softmax(z, dim=-1)
     active = labels != ignore_index
     V = logits.shape[-1]

@@ -213,3 +213,38 @@ def test_fastdpo_check_turns_checks_on_under_compile(monkeypatch):
     f = _compiled(lambda x, y: fastdpo.token_logps(x, y, backend="torch"), "aot_eager")
     with pytest.raises((ValueError, RuntimeError), match="labels must lie in"):
         f(logits, labels)
+
+
+# ---------------------------------------------------------------- the oracle at large offsets
+
+
+@pytest.mark.parametrize("offset", [1e8, -1e8, 1e12])
+@pytest.mark.parametrize("temperature", [0.7, 3.0])
+def test_oracle_is_exact_at_large_fp64_offsets(offset, temperature):
+    """The fp64 oracle divided by the temperature before subtracting the row max, so at logits
+    near 1e8 its own rounding (~1e-8) exceeded the rule's fp64 atol and a correct kernel failed
+    against it (property-test case: torch backend, V=5, masked, 1e8, T=0.7)."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64) + offset
+    x[1, 2] = -math.inf
+    labels = torch.tensor([0, 3, 4])
+    lp, ent = R.token_logps(x, labels, temperature=temperature, return_entropy=True)
+    for r in range(3):
+        z = [mpmath.mpf(float(v)) / mpmath.mpf(temperature) for v in x[r].tolist()
+             if v != -math.inf]
+        lse = mpmath.log(mpmath.fsum(mpmath.exp(v - max(z)) for v in z)) + max(z)
+        want = mpmath.mpf(float(x[r, labels[r]])) / mpmath.mpf(temperature) - lse
+        want_ent = -mpmath.fsum(mpmath.exp(v - lse) * (v - lse) for v in z)
+        assert abs(float(want) - lp[r].item()) <= 1e-12, (r, float(want), lp[r].item())
+        assert abs(float(want_ent) - ent[r].item()) <= 1e-12, (r, float(want_ent), ent[r].item())
+
+
+def test_extreme_fp64_case_holds_the_rule():
+    """The property-test example that failed against the inexact oracle, replayed."""
+    from test_properties import check_extreme_case
+
+    check_extreme_case("torch", dict(dtype=torch.float64, V=5, pattern="masked",
+                                     magnitude=1e8, sign=1.0, temperature=0.7, seed=329))
