@@ -516,3 +516,101 @@ def test_frozen_head_under_autocast(backend_name):
     (gh2,) = torch.autograd.grad(lp2.sum(), h2)
     torch.testing.assert_close(lp, lp2, rtol=0, atol=0)
     torch.testing.assert_close(gh, gh2.float(), rtol=1e-2, atol=1e-3)
+
+
+# ------------------------------------------------- passes without d_weight: the native ops
+
+
+def _spy_native(monkeypatch):
+    """Record each pass run_pairs hands to the native ops (``grads``: a frozen-head policy pass),
+    and make the Python loop fail, so a test sees which path ran."""
+    calls = []
+    real = AL.native_pass
+
+    def spy(*args, **kw):
+        calls.append(args[6])
+        return real(*args, **kw)
+
+    def no_loop(*a, **k):
+        raise AssertionError("the Python chunk loop ran")
+
+    monkeypatch.setattr(AL, "native_pass", spy)
+    monkeypatch.setattr(AL, "logits_tile", no_loop)
+    return calls
+
+
+FROZEN_KINDS = ["sigmoid", "ipo", "soft", "distill", "sft", "bco_pair", "apo_down",
+                ["sigmoid", "sft"]]
+
+
+@pytest.mark.parametrize("kind", FROZEN_KINDS)
+def test_frozen_head_dpo_takes_the_native_op(kind, monkeypatch):
+    """A frozen head (LoRA/PEFT): the policy pass is the native frozen-head op (d logp / d hidden
+    in the same sweep), values and d hidden against the float64 oracle; no Python loop."""
+    data = batch(B=3, T=9, H=16, V=53, seed=31, bias=True)
+    h, w, b, labels, rc, rr, extra = data
+    calls = _spy_native(monkeypatch)
+    hh = h.clone().requires_grad_()
+    s = extra["target_probs"].clone().requires_grad_() if "soft" in kind else None
+    m = extra["reward_margins"].clone().requires_grad_() if "distill" in kind else None
+    loss, metrics = linear_dpo_loss(hh, w, labels, bias=b, ref_chosen_logps=rc,
+                                    ref_rejected_logps=rr, target_probs=s, reward_margins=m,
+                                    backend="native", temperature=0.8, softcap=5.0,
+                                    **loss_kwargs(kind))
+    wrt = [t for t in (hh, s, m) if t is not None]
+    grads = torch.autograd.grad(loss, wrt)
+    assert calls and calls[-1] is True
+    monkeypatch.undo()
+    kw = dict(kind=kind, temperature=0.8, softcap=5.0)
+    loss64, g64, m64 = oracle(*data, dtype=torch.float64, **kw)
+    loss_lo, glo, _ = oracle(*data, dtype=torch.float32, **kw)
+    keep = [0] + list(range(3, len(g64)))  # hidden, then target_probs / reward_margins
+    assert_rule(loss, loss64, loss_lo, torch.float32, what="loss")
+    for g, i in zip(grads, keep):
+        assert_rule(g, g64[i], glo[i], torch.float32, what=f"grad {i}")
+    for k in m64:
+        assert_rule(metrics[k], m64[k], m64[k].float(), torch.float32, what=k)
+
+
+def test_native_passes_equal_the_python_loop(monkeypatch):
+    """The reference pass (no grad) and a frozen policy pass through the native ops give what the
+    Python chunk loop gives (same rows, same sums, the pair gradients in the same chunk order)."""
+    h, w, b, labels, _, _, _ = batch(B=4, T=11, H=16, V=300, seed=32, bias=True)
+    g = torch.Generator().manual_seed(5)
+    rh, rw = torch.randn(h.shape, generator=g), w + 0.1 * torch.randn(w.shape, generator=g)
+    weights = torch.rand(labels.shape, generator=g)
+    weights[:, 5] = 0.0  # zero-weight rows are skipped like ignored ones
+
+    def run(native):
+        if not native:
+            monkeypatch.setattr(AL, "native_applies", lambda *a: False)
+        hh = h.clone().requires_grad_()
+        loss, mets = linear_dpo_loss(hh, w, labels, bias=b, ref_hidden=rh, ref_weight=rw,
+                                     token_weights=weights, backend="native", chunk_rows=30,
+                                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+        monkeypatch.undo()
+        return loss, torch.autograd.grad(loss, hh)[0], mets
+
+    calls = []
+    real = AL.native_pass
+    monkeypatch.setattr(AL, "native_pass", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
+    got = run(True)
+    assert calls == [False, True]  # the reference pass, then the policy's
+    want = run(False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
+    for k in want[2]:
+        torch.testing.assert_close(got[2][k], want[2][k], rtol=1e-6, atol=1e-5)
+
+
+def test_trainable_head_keeps_the_python_loop(monkeypatch):
+    """d_weight is not formed by the native ops: a trainable head's policy pass stays in the
+    chunk loop (3 matmuls), only its reference pass goes native."""
+    h, w, _, labels, _, _, _ = batch(seed=33)
+    calls = []
+    real = AL.native_pass
+    monkeypatch.setattr(AL, "native_pass", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = linear_dpo_loss(hh, ww, labels, ref_hidden=h, ref_weight=w, backend="native")
+    torch.autograd.grad(loss, (hh, ww))
+    assert calls == [False]

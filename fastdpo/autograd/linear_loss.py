@@ -34,6 +34,7 @@ import torch
 
 from .. import ops, rows
 from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
+from .linear_native import native_applies, native_pass
 from .linear_stream import PassResult, chunk_selection, loop_setup, streamed
 from .options import refuse_double_backward
 
@@ -156,13 +157,16 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     pass's sums: they came from a first pass) streams each chunk in slabs of ``slab`` rows, so
     one pair larger than the budget never holds its whole logits
     (:func:`fastdpo.autograd.linear_stream.streamed`)."""
+    grads = pair_grads is not None and (need_h or need_w or need_b)
+    if native_applies(head, pr, weight, bias, grads, need_w, need_b):
+        return native_pass(head, pr, weight, bias, chunks, pair_grads, grads, need_h,
+                           hidden_shape, tile > 0, extra_grad)
     if slab and (pair_grads is None or known_grads) and pr.extra is None:
         return streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
                         hidden_shape, tile, slab)
     h2, dev, V, acc, opd, w, b, row_fwd, row_bwd, T, ii, softcap = loop_setup(head, pr, weight,
                                                                              bias)
     B, K = pr.pairs, pr.parts
-    grads = pair_grads is not None and (need_h or need_w or need_b)
     need_b = need_b and bias is not None
     out = torch.zeros(K * B, dtype=acc, device=dev)
     ext = torch.zeros(K * B, dtype=acc, device=dev) if pr.extra is not None else None
