@@ -19,6 +19,8 @@ TORCH_LIBRARY_IMPL(fastdpo, CPU, m) {
   m.impl("native_linear_logps_fwd", TORCH_FN(fastdpo::linear_fwd_cpu));
   m.impl("native_linear_logps_bwd", TORCH_FN(fastdpo::linear_bwd_cpu));
   m.impl("native_linear_frozen_fwd", TORCH_FN(fastdpo::linear_frozen_fwd_cpu));
+  m.impl("native_linear_keep_fwd", TORCH_FN(fastdpo::linear_keep_fwd_cpu));
+  m.impl("native_linear_keep_bwd", TORCH_FN(fastdpo::linear_keep_bwd_cpu));
 }
 
 #ifdef FASTDPO_WITH_CUDA
@@ -176,6 +178,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_cpu_bwd_plan", &fastdpo::linear_cpu_bwd_plan, py::arg("N"), py::arg("V"),
         py::arg("H"), py::arg("itemsize"), py::arg("batch_invariant") = false,
         "(d_hidden groups, token block rows) of the CPU fused LM head's backward.");
+  m.def("linear_keep_numel", &fastdpo::linear_keep_numel, py::arg("N"), py::arg("V"),
+        py::arg("H"), py::arg("batch_invariant") = false,
+        "fp32 floats of the kept-logits buffer of native_linear_keep_fwd for N rows.");
   m.def("exp_avx2", &exp_avx2, py::arg("x"));
   m.def("round_trip", &round_trip, py::arg("x"), py::arg("dtype"), py::arg("kernel"));
 }

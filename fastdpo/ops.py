@@ -211,6 +211,44 @@ lib.define("native_linear_frozen_fwd" + _LINEAR_FROZEN_FWD)
 torch.library.register_fake(f"{LIB_NAME}::native_linear_frozen_fwd", _fake_linear_frozen_fwd,
                             lib=lib)
 
+# Native CPU only: one chunk of a trainable head with its logits kept, so the backward needs no
+# recompute (3 GEMMs; :func:`fastdpo.autograd.linear_native.kept_chunk`). The forward writes the
+# transformed logits into ``keep`` (``fastdpo.native._C.linear_keep_numel`` fp32 floats, tile by
+# tile) and returns ``(logp, row_max, log_sum)``; the backward forms ``d logits`` there in place,
+# adds ``d_weight`` / ``d_bias`` into the fp32 accumulators it is given (empty: not wanted) and
+# returns ``d_hidden`` (empty unless ``need_hidden_grad``).
+_LINEAR_KEEP_FWD = (
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
+    "float temperature, float logit_scale, float softcap, bool batch_invariant, "
+    "Tensor(a!) keep) -> (Tensor, Tensor, Tensor)"
+)
+_LINEAR_KEEP_BWD = (
+    "(Tensor(a!) keep, Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, "
+    "Tensor labels, Tensor row_max, Tensor log_sum, int ignore_index, float temperature, "
+    "float logit_scale, float softcap, bool batch_invariant, bool need_hidden_grad, "
+    "Tensor(b!) d_weight, Tensor(c!) d_bias) -> Tensor"
+)
+
+
+def _fake_linear_keep_fwd(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
+                          softcap, batch_invariant, keep):
+    torch._check(hidden.dtype in DTYPES["native"],
+                 lambda: f"the native backend does not take {hidden.dtype} inputs")
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty((n,), dtype=torch.float32) for _ in range(3))
+
+
+def _fake_linear_keep_bwd(keep, grad_logp, hidden, weight, bias, labels, row_max, log_sum,
+                          ignore_index, temperature, logit_scale, softcap, batch_invariant,
+                          need_hidden_grad, d_weight, d_bias):
+    return hidden.new_empty(tuple(hidden.shape) if need_hidden_grad else (0,))
+
+
+lib.define("native_linear_keep_fwd" + _LINEAR_KEEP_FWD)
+lib.define("native_linear_keep_bwd" + _LINEAR_KEEP_BWD)
+torch.library.register_fake(f"{LIB_NAME}::native_linear_keep_fwd", _fake_linear_keep_fwd, lib=lib)
+torch.library.register_fake(f"{LIB_NAME}::native_linear_keep_bwd", _fake_linear_keep_bwd, lib=lib)
+
 for _backend in BACKENDS:
     for _op, _schema in SCHEMAS.items():
         lib.define(op_name(_backend, _op) + _schema)

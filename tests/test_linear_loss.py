@@ -107,28 +107,33 @@ def test_every_backend(backend, kind):
     dict(average=True),
     dict(f_divergence_type="js_divergence"),
 ])
-def test_head_options_and_bias(opts):
-    check_all(batch(bias=True, seed=7), kind="sigmoid", backend="torch", chunk_rows=7, **opts)
+@pytest.mark.parametrize("backend_name", ["torch", "native"])
+def test_head_options_and_bias(opts, backend_name):
+    check_all(batch(bias=True, seed=7), kind="sigmoid", backend=backend_name, chunk_rows=7,
+              **opts)
 
 
-def test_token_weights_and_extreme_offset():
+@pytest.mark.parametrize("backend_name", ["torch", "native"])
+def test_token_weights_and_extreme_offset(backend_name):
     data = list(batch(seed=11))
     data[0] = data[0] * 30 + 0  # sharp softmax
     data[2] = torch.full((data[1].shape[0],), 1e4)  # a large logit offset (bias)
     g = torch.Generator().manual_seed(1)
     tw = torch.rand(data[3].shape, generator=g)
-    check_all(tuple(data), kind="sigmoid", backend="torch", token_weights=tw, chunk_rows=6)
+    check_all(tuple(data), kind="sigmoid", backend=backend_name, token_weights=tw, chunk_rows=6)
 
 
+@pytest.mark.parametrize("backend_name", ["torch", "native"])
 @pytest.mark.parametrize("rows", [1, 9, 1000])
-def test_multi_loss_with_sft_any_chunking(rows):
-    check_all(batch(B=4, seed=5), kind=["sigmoid", "bco_pair", "sft"], backend="torch",
+def test_multi_loss_with_sft_any_chunking(rows, backend_name):
+    check_all(batch(B=4, seed=5), kind=["sigmoid", "bco_pair", "sft"], backend=backend_name,
               loss_weights=[0.8, 0.2, 1.0], chunk_rows=rows)
 
 
-def test_bf16_inputs_within_rule():
+@pytest.mark.parametrize("backend_name", ["torch", "native"])
+def test_bf16_inputs_within_rule(backend_name):
     data = batch(dtype=torch.bfloat16, seed=2)
-    loss, grads, _ = ours(*data, kind="sigmoid", backend="torch", chunk_rows=8)
+    loss, grads, _ = ours(*data, kind="sigmoid", backend=backend_name, chunk_rows=8)
     loss64, grads64, _ = oracle(*data, dtype=torch.float64, kind="sigmoid")
     loss_lo, grads_lo, _ = oracle(*data, dtype=torch.bfloat16, kind="sigmoid")
     assert_rule(loss, loss64, loss_lo, torch.bfloat16, what="loss")
@@ -603,14 +608,111 @@ def test_native_passes_equal_the_python_loop(monkeypatch):
         torch.testing.assert_close(got[2][k], want[2][k], rtol=1e-6, atol=1e-5)
 
 
-def test_trainable_head_keeps_the_python_loop(monkeypatch):
-    """d_weight is not formed by the native ops: a trainable head's policy pass stays in the
-    chunk loop (3 matmuls), only its reference pass goes native."""
-    h, w, _, labels, _, _, _ = batch(seed=33)
-    calls = []
+def _spy_kept(monkeypatch):
+    """Count the kept-chunk C++ calls of a trainable head; the Python loop's GEMMs must not run."""
+    from fastdpo.autograd.linear_native import KeptChunks
+
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        real = getattr(KeptChunks, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(KeptChunks, name, spy)
+
+    def no_loop(*a, **k):
+        raise AssertionError("the Python chunk loop ran")
+
+    monkeypatch.setattr(AL, "logits_tile", no_loop)
+    return calls
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(softcap=3.0, logit_scale=1.7, temperature=0.6),
+                                  dict(average=True, reduction="sum")])
+def test_trainable_head_runs_each_chunk_in_cpp(opts, monkeypatch):
+    """A trainable head: each chunk is two C++ calls (logits kept, no recompute), the reference
+    pass one native op; values and every gradient (bias too) against the float64 oracle."""
+    data = batch(B=4, T=10, H=16, V=300, seed=34, bias=True)
+    calls = _spy_kept(monkeypatch)
+    native = []
     real = AL.native_pass
-    monkeypatch.setattr(AL, "native_pass", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
-    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss, _ = linear_dpo_loss(hh, ww, labels, ref_hidden=h, ref_weight=w, backend="native")
-    torch.autograd.grad(loss, (hh, ww))
-    assert calls == [False]
+    monkeypatch.setattr(AL, "native_pass", lambda *a, **k: native.append(a[6]) or real(*a, **k))
+    loss, grads, metrics = ours(*data, kind=["sigmoid", "sft"], backend="native",
+                                loss_weights=[1.0, 0.3], chunk_rows=25, **opts)
+    monkeypatch.undo()
+    n_chunks = len(AL.chunk_pairs(AL.build_rows(
+        data[0].reshape(-1, 16), torch.cat([data[3][:, 1:], torch.full((8, 1), -100)], 1).reshape(-1),
+        (torch.cat([data[3][:, 1:], torch.full((8, 1), -100)], 1) != -100).reshape(-1).float(),
+        4, 10, torch.float32), 25))
+    assert n_chunks > 1 and calls == {"forward": n_chunks, "backward": n_chunks}
+    assert native == []  # reference log-probs given
+    kw = dict(kind=["sigmoid", "sft"], loss_weights=[1.0, 0.3], **opts)
+    loss64, g64, m64 = oracle(*data, dtype=torch.float64, **kw)
+    loss_lo, glo, _ = oracle(*data, dtype=torch.float32, **kw)
+    assert_rule(loss, loss64, loss_lo, torch.float32, what="loss")
+    for i, (g, a, e) in enumerate(zip(grads, g64, glo)):
+        assert_rule(g, a, e, torch.float32, what=f"grad {i}")
+    for k in m64:
+        assert_rule(metrics[k], m64[k], m64[k].float(), torch.float32, what=k)
+
+
+def test_kept_chunks_equal_the_python_loop(monkeypatch):
+    """The C++ chunk (logits kept) gives what the Python loop gives, bf16 inputs too."""
+    from fastdpo.autograd.linear_native import KeptChunks
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        data = batch(B=3, T=12, H=16, V=300, seed=35, bias=True, dtype=dtype)
+        got = ours(*data, kind="ipo", backend="native", chunk_rows=30, softcap=4.0)
+        monkeypatch.setattr(KeptChunks, "applies", staticmethod(lambda *a: False))
+        want = ours(*data, kind="ipo", backend="native", chunk_rows=30, softcap=4.0)
+        monkeypatch.undo()
+        torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
+        for a, b in zip(got[1], want[1]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
+def test_batch_invariant_trainable_head(kind, monkeypatch):
+    """batch_invariant with a trainable head on the native backend (the C++ chunks): a pair's
+    d hidden rows (so its log-probs and loss, which they scale by) are bitwise the same in any
+    batch."""
+    h, w, _, labels, rc, rr, _ = batch(B=6, T=30, H=16, V=300, seed=36)
+    labels[0, :11] = labels[6, :13] = -100
+    calls = _spy_kept(monkeypatch)
+    results = []  # chunks of 1 to 6 pairs (a pair has at most 58 rows: none is streamed)
+    for pick, rows in (([0, 1], 1000), ([0, 2, 3, 4, 5, 1], 60), ([3, 0], 130)):
+        idx = torch.tensor(pick + [p + 6 for p in pick])
+        hh, ww = h[idx].clone().requires_grad_(), w.clone().requires_grad_()
+        loss, _ = linear_dpo_loss(hh, ww, labels[idx], ref_chosen_logps=rc[pick],
+                                  ref_rejected_logps=rr[pick], loss_type=kind, reduction="sum",
+                                  backend="native", chunk_rows=rows, batch_invariant=True)
+        gh, _ = torch.autograd.grad(loss, (hh, ww))
+        k0 = pick.index(0)
+        results.append(gh[[k0, k0 + len(pick)]])
+    assert calls["backward"] >= 3
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+
+
+def test_kept_ops_refuse_bad_buffers():
+    """The C++ ops check the buffer and the accumulators they write, by name."""
+    from fastdpo import ops
+    from fastdpo.native import _C
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(10, 8, generator=g), torch.randn(40, 8, generator=g)
+    lab = torch.randint(0, 40, (10,), generator=g)
+    fwd, bwd = ops.get_op("native", "linear_keep_fwd"), ops.get_op("native", "linear_keep_bwd")
+    args = (-100, 1.0, 1.0, 0.0, False)
+    with pytest.raises(ValueError, match="keep holds"):
+        fwd(h, w, None, lab, *args, torch.empty(_C.linear_keep_numel(10, 40, 8) - 1))
+    keep = torch.empty(_C.linear_keep_numel(10, 40, 8))
+    lp, m, s = fwd(h, w, None, lab, *args, keep)
+    with pytest.raises(RuntimeError, match="d_weight must be"):
+        bwd(keep, torch.ones(10), h, w, None, lab, m, s, *args, True, torch.zeros(40, 7),
+            torch.empty(0))
+    with pytest.raises(RuntimeError, match="d_bias given without a bias"):
+        bwd(keep, torch.ones(10), h, w, None, lab, m, s, *args, True, torch.empty(0),
+            torch.zeros(40))

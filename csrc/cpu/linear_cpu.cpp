@@ -61,6 +61,7 @@ struct Head {
   double logit_scale = 1.0, softcap = 0.0;
   bool invariant = false, avx2 = false;
   cpu::TileShape tile{};
+  at::Tensor keep;  // kept logits (native_linear_keep_*): one fixed slot per (chunk, token tile)
 };
 
 // Buffers of one thread, allocated (and first touched) by that thread.
@@ -197,13 +198,21 @@ at::Tensor weight_chunk(const Head& hd, Scratch& s, int64_t v, int64_t v0, int64
   return w;
 }
 
-// The transformed logits (before the temperature) of a tile, in the thread's buffer; with
-// softcap the tanh is kept for the backward's chain rule. As fastdpo.rows.transform_logits_.
+// Slot of the kept logits of chunk v and token tile t (tile_rows_of x tile.cols floats each):
+// the forward writes it, the backward turns it into d logits in place.
+at::Tensor keep_slot(const Head& hd, int64_t v, int64_t t, int64_t rows, int64_t vc) {
+  const int64_t Nc = tile_rows_of(hd), tiles = (hd.N + Nc - 1) / Nc;
+  return hd.keep.narrow(0, (v * tiles + t) * Nc * hd.tile.cols, rows * vc).view({rows, vc});
+}
+
+// The transformed logits (before the temperature) of a tile, in the thread's buffer (or `dest`);
+// with softcap the tanh is kept for the backward's chain rule. As
+// fastdpo.rows.transform_logits_.
 at::Tensor logits_tile(const Head& hd, Scratch& s, const at::Tensor& h, const at::Tensor& w,
-                       int64_t v0, int64_t vc, bool keep_tanh) {
+                       int64_t v0, int64_t vc, bool keep_tanh, at::Tensor dest = at::Tensor()) {
   const int64_t rows = h.size(0);
-  if (!s.x.defined()) s.x = at::empty({hd.tile.rows * hd.tile.cols}, at::kFloat);
-  at::Tensor x = s.x.narrow(0, 0, rows * vc).view({rows, vc});
+  if (!dest.defined() && !s.x.defined()) s.x = at::empty({hd.tile.rows * hd.tile.cols}, at::kFloat);
+  at::Tensor x = dest.defined() ? dest : s.x.narrow(0, 0, rows * vc).view({rows, vc});
   at::mm_out(x, h, w.t());
   if (hd.bias32.defined()) x.add_(hd.bias32.narrow(0, v0, vc));
   if (hd.softcap != 0.0) {
@@ -239,7 +248,10 @@ Outs forward_rows(const Head& hd, bool with_entropy) {
     const int64_t v = item / tiles, n0 = (item % tiles) * Nc;
     const int64_t v0 = v * Vc, vc = std::min(Vc, V - v0), n = std::min(Nc, N - n0);
     const at::Tensor h = hidden_tile(hd, s, n0, n, hd.invariant ? Nc : n);
-    const at::Tensor x = logits_tile(hd, s, h, weight_chunk(hd, s, v, v0, vc), v0, vc, false);
+    const at::Tensor dest =
+        hd.keep.defined() ? keep_slot(hd, v, n0 / Nc, h.size(0), vc) : at::Tensor();
+    const at::Tensor x =
+        logits_tile(hd, s, h, weight_chunk(hd, s, v, v0, vc), v0, vc, false, dest);
     LogpsFwdParams p;
     p.dtype = DType::kFloat32;
     p.logits = x.data_ptr<float>();
@@ -310,7 +322,9 @@ struct SweepOut {
 void sweep_block(const Head& hd, const RowGrads& g, int64_t s0, int64_t ns, int64_t groups,
                  const SweepOut& d, bool accumulate, at::Tensor& dh_acc) {
   const int64_t V = hd.V, H = hd.H, K = chunks_of(hd), Vc = hd.tile.cols;
-  const int64_t Nc = hd.invariant ? hd.tile.rows : std::max<int64_t>(1, std::min(hd.tile.rows, ns));
+  const bool kept = hd.keep.defined();  // the forward's tiles: blocks start on their bounds
+  const int64_t Nc = hd.invariant || kept ? tile_rows_of(hd)
+                                          : std::max<int64_t>(1, std::min(hd.tile.rows, ns));
   const bool want_h = d.d_h.defined(), want_w = d.d_w.defined(), want_b = d.d_b.defined();
   const bool w_direct = want_w && d.d_w.scalar_type() == at::kFloat;
   const bool b_direct = want_b && d.d_b.scalar_type() == at::kFloat;
@@ -342,7 +356,16 @@ void sweep_block(const Head& hd, const RowGrads& g, int64_t s0, int64_t ns, int6
       for (int64_t n0 = s0; n0 < s0 + ns; n0 += Nc) {
         const int64_t n = std::min(Nc, s0 + ns - n0), rows = hd.invariant ? Nc : n;
         const at::Tensor h = hidden_tile(hd, s, n0, n, rows);
-        at::Tensor x = logits_tile(hd, s, h, w, v0, vc, hd.softcap != 0.0);
+        at::Tensor x;
+        if (kept) {
+          x = keep_slot(hd, v, n0 / Nc, rows, vc);
+          if (hd.softcap != 0.0) {  // the tanh of the chain rule, from the kept logits
+            if (!s.tanh.defined()) s.tanh = at::empty({hd.tile.rows * hd.tile.cols}, at::kFloat);
+            s.tanh.narrow(0, 0, rows * vc).view({rows, vc}).copy_(x).mul_(1.0 / hd.softcap);
+          }
+        } else {
+          x = logits_tile(hd, s, h, w, v0, vc, hd.softcap != 0.0);
+        }
         LogpsBwdParams p;
         p.dtype = DType::kFloat32;
         p.logits = x.data_ptr<float>();
@@ -682,6 +705,79 @@ FrozenResult linear_frozen_fwd_cpu(
   at::Tensor u = at::zeros({N, hd.H}, u_rows.options()).index_copy_(0, *sel, u_rows);
   return {scatter(std::get<0>(out)), scatter(std::get<1>(out)), scatter(std::get<2>(out)), u,
           with_entropy ? scatter(ent_rows) : ent_rows};
+}
+
+int64_t linear_keep_numel(int64_t N, int64_t V, int64_t H, bool batch_invariant) {
+  if (N <= 0 || V <= 0) return 0;
+  const cpu::TileShape t = cpu::tile_shape(V, H, cpu::cache_sizes());
+  const int64_t Nc = batch_invariant ? t.rows : std::max<int64_t>(1, std::min(t.rows, N));
+  return ((V + t.cols - 1) / t.cols) * ((N + Nc - 1) / Nc) * Nc * t.cols;
+}
+
+namespace {
+
+void set_keep(Head& hd, const at::Tensor& keep, const char* op) {
+  TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.dim() == 1 && keep.is_contiguous() &&
+                  keep.device().is_cpu(),
+              op, ": keep must be a contiguous 1-D fp32 CPU tensor, got ", keep.scalar_type(),
+              " of shape ", keep.sizes());
+  const int64_t need = linear_keep_numel(hd.N, hd.V, hd.H, hd.invariant);
+  TORCH_CHECK_VALUE(keep.numel() >= need, op, ": keep holds ", keep.numel(),
+                    " floats; the tiles of this call need ", need, " (linear_keep_numel)");
+  hd.keep = keep;
+}
+
+// An fp32 accumulator the caller passes (empty: not wanted).
+bool accumulator(const at::Tensor& t, at::IntArrayRef shape, const char* op, const char* name) {
+  if (t.numel() == 0) return false;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == shape, op, ": ",
+              name, " must be a contiguous fp32 tensor of shape ", shape, " (or empty), got ",
+              t.scalar_type(), " of shape ", t.sizes());
+  return true;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_keep_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, int64_t ignore_index, double temperature, double logit_scale,
+    double softcap, bool batch_invariant, at::Tensor& keep) {
+  const char* op = "native_linear_keep_fwd";
+  Head hd = make_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
+                      softcap, 0, weight.size(0), batch_invariant, op);
+  set_keep(hd, keep, op);
+  auto out = forward_rows(hd, false);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+}
+
+at::Tensor linear_keep_bwd_cpu(at::Tensor& keep, const at::Tensor& grad_logp,
+                               const at::Tensor& hidden, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+                               const at::Tensor& row_max, const at::Tensor& log_sum,
+                               int64_t ignore_index, double temperature, double logit_scale,
+                               double softcap, bool batch_invariant, bool need_hidden_grad,
+                               at::Tensor& d_weight, at::Tensor& d_bias) {
+  const char* op = "native_linear_keep_bwd";
+  Head hd = make_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
+                      softcap, 0, weight.size(0), batch_invariant, op);
+  set_keep(hd, keep, op);
+  const int64_t N = hd.N;
+  RowGrads g;
+  g.grad_logp = rows_f32(grad_logp, op, "grad_logp", N);
+  g.row_max = rows_f32(row_max, op, "row_max", N);
+  g.log_sum = rows_f32(log_sum, op, "log_sum", N);
+  TORCH_CHECK(N == 0 || (g.grad_logp.defined() && g.row_max.defined() && g.log_sum.defined()),
+              op, ": grad_logp, row_max and log_sum are required");
+  const bool want_w = accumulator(d_weight, weight.sizes(), op, "d_weight");
+  const bool want_b = accumulator(d_bias, {hd.V}, op, "d_bias");
+  TORCH_CHECK(!want_b || hd.bias32.defined(), op, ": d_bias given without a bias");
+  at::Tensor d_h = need_hidden_grad ? at::zeros_like(hidden, at::MemoryFormat::Contiguous)
+                                    : hidden.new_empty({0});
+  if (N == 0 || !(need_hidden_grad || want_w || want_b)) return d_h;
+  const SweepOut d{need_hidden_grad ? d_h : at::Tensor(), want_w ? d_weight : at::Tensor(),
+                   want_b ? d_bias : at::Tensor()};
+  backward_rows(hd, g, d);  // fp32 accumulators: d_weight / d_bias add to what they hold
+  return d_h;
 }
 
 std::tuple<int64_t, int64_t, int64_t, int64_t> linear_cpu_plan(int64_t V, int64_t H) {

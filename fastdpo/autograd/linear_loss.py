@@ -34,7 +34,7 @@ import torch
 
 from .. import ops, rows
 from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
-from .linear_native import native_applies, native_pass
+from .linear_native import KeptChunks, native_applies, native_pass
 from .linear_stream import PassResult, chunk_selection, loop_setup, streamed
 from .options import refuse_double_backward
 
@@ -173,16 +173,21 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     d_h = d_w = d_b = None
     if grads and need_h:
         d_h = torch.zeros(h2.shape, dtype=h2.dtype, device=dev)
-    if grads and need_w:
-        d_w = torch.empty(weight.shape, dtype=acc, device=dev)  # the first matmul writes it
-    w_written = False
+    kept = None  # the native GEMMs and row kernels of each chunk (linear_native.KeptChunks)
+    if KeptChunks.applies(head, pr, weight, bias, grads):
+        kept = KeptChunks(head, weight, bias, max([unit_rows(pr, *c) for c in chunks] + [0]),
+                          tile > 0)
+    if grads and need_w:  # the first matmul writes it (kept: every chunk adds into it)
+        d_w = (torch.zeros if kept else torch.empty)(weight.shape, dtype=acc, device=dev)
+    w_written = kept is not None
     if grads and need_b:
         d_b = torch.zeros(V, dtype=acc, device=dev)
+    empty = torch.empty(0, dtype=acc, device=dev)
 
     def padded(n):
         return n if not tile else -(-n // tile) * tile
 
-    max_rows = max([padded(unit_rows(pr, j0, j1)) for j0, j1 in chunks] + [0])
+    max_rows = 0 if kept else max([padded(unit_rows(pr, j0, j1)) for j0, j1 in chunks] + [0])
     buf = torch.empty(max_rows * V, dtype=acc, device=dev)
     tbuf = torch.empty(max_rows * V if (grads and softcap) else 0, dtype=acc, device=dev)
     for j0, j1 in chunks:
@@ -192,7 +197,11 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
         Rp = padded(R)
         slabs = [(s0, min(Rp, s0 + (tile or Rp))) for s0 in range(0, Rp, tile or max(Rp, 1))]
         sums = torch.zeros(K * P, dtype=acc, device=dev)
-        if R:
+        if R and kept:
+            h, lab = pr.h2.index_select(0, sel), pr.labels.index_select(0, sel)
+            scale = pr.scale.index_select(0, sel)
+            lp, rmax, lsum = kept.forward(h, lab)
+        elif R:
             h = pad_rows(pr.h2.index_select(0, sel).to(opd), Rp, 0)
             lab = pad_rows(pr.labels.index_select(0, sel), Rp, ii).view(1, Rp)
             scale = pr.scale.index_select(0, sel)
@@ -206,6 +215,7 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
                                      False)[:3])
             lp, rmax, lsum = (torch.cat(c, 1) if len(c) > 1 else c[0] for c in zip(*stats))
             lp = lp.view(Rp)[:R]
+        if R:
             if ext is None:
                 sums.index_add_(0, seq, lp * scale)
             else:  # a row of one term only adds exactly 0 to the other's sums, even a NaN
@@ -225,6 +235,13 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
         g_row = torch.cat(list(g)).to(acc).index_select(0, seq) * scale
         if ext is not None:
             g_row = g_row + extra_grad * extra
+        if kept:
+            dh = kept.backward(h, lab, g_row, rmax, lsum, need_h,
+                               d_w if d_w is not None else empty,
+                               d_b if d_b is not None else empty)
+            if need_h:
+                d_h.index_copy_(0, sel, dh)
+            continue
         g_row = pad_rows(g_row, Rp, 0).view(1, Rp)
         for s0, s1 in slabs:
             xs = x[s0:s1].view(1, s1 - s0, V)

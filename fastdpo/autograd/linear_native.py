@@ -1,11 +1,17 @@
-""":func:`fastdpo.autograd.linear_loss.run_pairs` through the native C++ head on CPU, where the
-pass needs no ``d_weight``: a forward-only pass (a reference model, a first log-prob pass) runs
-``linear_logps_fwd`` and a frozen-head policy pass ``linear_frozen_fwd`` (each token's
-``d logp / d hidden`` formed in the same sweep). Both are one parallel region over cache-sized
-tiles, with no ``(rows, V)`` buffer, instead of a GEMM and row kernels per chunk from Python.
+""":func:`fastdpo.autograd.linear_loss.run_pairs` through the native C++ head on CPU.
 
-The per-token results are reduced into sequence log-probs and, chunk by chunk in the same order,
-handed to ``pair_grads``, so the caller sees the same calls as from the Python loop.
+A pass that needs no ``d_weight`` (a reference model, a first log-prob pass) runs
+``linear_logps_fwd``, a frozen-head policy pass ``linear_frozen_fwd`` (each token's
+``d logp / d hidden`` formed in the same sweep): one parallel region over cache-sized tiles, with
+no ``(rows, V)`` buffer. The per-token results are reduced into sequence log-probs and, chunk by
+chunk in the same order, handed to ``pair_grads``, so the caller sees the same calls as from the
+Python loop.
+
+A trainable head keeps the chunk loop (a chunk's pair gradients need its log-probs first), but
+each chunk is two C++ calls (:class:`KeptChunks`): ``linear_keep_fwd`` writes the chunk's logits
+into a buffer reused by every chunk and returns the row statistics; ``linear_keep_bwd`` turns them
+into ``d logits`` in place and forms ``d_hidden`` and ``d_weight`` from them. Each call is one
+parallel region over the same tiles (3 GEMMs, no recompute).
 """
 
 from __future__ import annotations
@@ -16,24 +22,63 @@ from .. import ops
 from .linear_stream import PassResult
 
 
-def native_applies(head, pr, weight, bias, grads: bool, need_w: bool, need_b: bool) -> bool:
-    """Whether the native ops can run this pass (CPU, a dtype the native backend takes, the
-    weight in the hidden states' dtype, and no ``d_weight`` / ``d_bias`` wanted)."""
+def native_head(head, pr, weight, bias) -> bool:
+    """Whether the native ops take this pass's inputs (the native backend on CPU, a dtype it
+    takes, weight and bias in the hidden states' dtype)."""
     h2 = pr.h2
     if head.backend != "native" or h2.device.type != "cpu":
         return False
     if h2.dtype not in ops.DTYPES["native"] or weight.dtype != h2.dtype:
         return False
-    if bias is not None and bias.dtype != h2.dtype:
+    return bias is None or bias.dtype == h2.dtype
+
+
+def native_applies(head, pr, weight, bias, grads: bool, need_w: bool, need_b: bool) -> bool:
+    """Whether :func:`native_pass` runs this pass: native inputs and no ``d_weight`` /
+    ``d_bias`` wanted."""
+    if not native_head(head, pr, weight, bias):
         return False
     if grads and (need_w or (need_b and bias is not None)):
         return False
-    return not grads or _has_frozen()
+    return not grads or _has("native_linear_frozen_fwd")
 
 
-def _has_frozen() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastdpo::native_linear_frozen_fwd",
-                                                          "CPU")
+def _has(op: str) -> bool:
+    """Whether the loaded extension has ``op`` (one built before it keeps the Python loop)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdpo::{op}", "CPU")
+
+
+class KeptChunks:
+    """The chunk loop's GEMMs and row kernels for a trainable head, in C++: per chunk
+    :meth:`forward` (logits kept in one buffer sized for the largest chunk) then
+    :meth:`backward` (``d_hidden`` of the chunk's rows, ``d_weight`` / ``d_bias`` added into
+    fp32 accumulators)."""
+
+    @staticmethod
+    def applies(head, pr, weight, bias, grads: bool) -> bool:
+        return grads and native_head(head, pr, weight, bias) and _has("native_linear_keep_bwd")
+
+    def __init__(self, head, weight, bias, max_rows: int, batch_invariant: bool):
+        from ..native import _C
+
+        V, H = weight.shape
+        self.head, self.weight, self.bias, self.inv = head, weight, bias, batch_invariant
+        self.keep = torch.empty(_C.linear_keep_numel(max_rows, V, H, batch_invariant),
+                                dtype=torch.float32)
+        self.args = (head.ignore_index, float(head.temperature), float(head.logit_scale),
+                     float(head.softcap))
+
+    def forward(self, h, lab):
+        """``(logp, row_max, log_sum)`` of rows ``h`` with labels ``lab`` (all ``(R,)`` fp32)."""
+        return ops.get_op("native", "linear_keep_fwd")(h, self.weight, self.bias, lab,
+                                                       *self.args, self.inv, self.keep)
+
+    def backward(self, h, lab, g_row, row_max, log_sum, need_h: bool, d_w, d_b):
+        """``d_hidden`` of the rows (empty unless ``need_h``); ``d_w`` / ``d_b`` (fp32, or empty
+        tensors) accumulate."""
+        return ops.get_op("native", "linear_keep_bwd")(
+            self.keep, g_row, h, self.weight, self.bias, lab, row_max, log_sum, *self.args,
+            self.inv, need_h, d_w, d_b)
 
 
 def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h: bool,
