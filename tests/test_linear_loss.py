@@ -716,3 +716,34 @@ def test_kept_ops_refuse_bad_buffers():
     with pytest.raises(RuntimeError, match="d_bias given without a bias"):
         bwd(keep, torch.ones(10), h, w, None, lab, m, s, *args, True, torch.empty(0),
             torch.zeros(40))
+
+
+@pytest.mark.parametrize("case", ["streamed", "batch_type", "streamed_average"])
+def test_second_pass_after_a_native_first_pass_recomputes_in_cpp(case, monkeypatch):
+    """A pair over the chunk budget (or a loss needing the whole batch first) on the native
+    backend: the first pass is the native forward (its row statistics kept), the second the
+    native backward recomputing each tile's logits in cache: no Python loop, no kept chunk;
+    values and every gradient against the float64 oracle."""
+    from fastdpo.autograd import linear_native as LN
+
+    data = batch(B=3, T=14, H=16, V=200, seed=37, bias=True)
+    kept = _spy_kept(monkeypatch)
+    recomputed = []
+    real = LN.recompute_pass
+    monkeypatch.setattr(AL, "recompute_pass",
+                        lambda *a, **k: recomputed.append(1) or real(*a, **k))
+    kw = {"streamed": dict(kind="sigmoid", chunk_rows=6, softcap=3.0, temperature=0.7),
+          "batch_type": dict(kind=["sigmoid", "aot", "sft"],
+                             loss_weights=[0.5, 0.3, 0.2]),
+          "streamed_average": dict(kind="ipo", chunk_rows=9, average=True,
+                                   reduction="sum")}[case]
+    loss, grads, metrics = ours(*data, backend="native", **kw)
+    assert recomputed == [1] and kept == {"forward": 0, "backward": 0}
+    monkeypatch.undo()
+    loss64, g64, m64 = oracle(*data, dtype=torch.float64, **kw)
+    loss_lo, glo, _ = oracle(*data, dtype=torch.float32, **kw)
+    assert_rule(loss, loss64, loss_lo, torch.float32, what="loss")
+    for i, (g, a, e) in enumerate(zip(grads, g64, glo)):
+        assert_rule(g, a, e, torch.float32, what=f"grad {i}")
+    for k in m64:
+        assert_rule(metrics[k], m64[k], m64[k].float(), torch.float32, what=k)

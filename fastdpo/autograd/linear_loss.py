@@ -34,7 +34,8 @@ import torch
 
 from .. import ops, rows
 from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
-from .linear_native import KeptChunks, native_applies, native_pass
+from .linear_native import (KeptChunks, native_applies, native_head, native_pass,
+                            recompute_pass)
 from .linear_stream import PassResult, chunk_selection, loop_setup, streamed
 from .options import refuse_double_backward
 
@@ -144,7 +145,8 @@ PairGrads = Callable[..., tuple]
 
 def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Optional[PairGrads],
               need_h: bool, need_w: bool, need_b: bool, hidden_shape=None, tile: int = 0,
-              extra_grad=0.0, slab: int = 0, known_grads: bool = False) -> PassResult:
+              extra_grad=0.0, slab: int = 0, known_grads: bool = False,
+              first: Optional[PassResult] = None) -> PassResult:
     """The chunk loop (module docstring): the sequence log-probs and the gradients (None where
     not needed or no ``pair_grads``). ``pair_grads`` gets each chunk's units ``[j0, j1)`` and
     their sequence log-probs, one tensor per part, and returns ``dL/d logp`` per part.
@@ -156,11 +158,20 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     ``slab > 0`` with a forward-only pass or ``known_grads`` (``pair_grads`` does not read this
     pass's sums: they came from a first pass) streams each chunk in slabs of ``slab`` rows, so
     one pair larger than the budget never holds its whole logits
-    (:func:`fastdpo.autograd.linear_stream.streamed`)."""
+    (:func:`fastdpo.autograd.linear_stream.streamed`).
+
+    ``first``: the result of that first log-prob pass over the same rows; from the native
+    backend (it has the row statistics) a ``known_grads`` pass is the native backward, which
+    recomputes the logits tile by tile in cache and holds none
+    (:func:`fastdpo.autograd.linear_native.recompute_pass`)."""
     grads = pair_grads is not None and (need_h or need_w or need_b)
     if native_applies(head, pr, weight, bias, grads, need_w, need_b):
         return native_pass(head, pr, weight, bias, chunks, pair_grads, grads, need_h,
                            hidden_shape, tile > 0, extra_grad)
+    if (grads and known_grads and first is not None and first.rows is not None
+            and native_head(head, pr, weight, bias)):
+        return recompute_pass(head, pr, weight, bias, chunks, pair_grads, first, need_h, need_w,
+                              need_b, hidden_shape, tile > 0, extra_grad)
     if slab and (pair_grads is None or known_grads) and pr.extra is None:
         return streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
                         hidden_shape, tile, slab)

@@ -93,11 +93,11 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
     args = (h2, weight, bias, lab, ii, float(head.temperature), float(head.logit_scale),
             float(head.softcap))
     if grads:
-        lp, _, _, unit, _ = ops.get_op("native", "linear_frozen_fwd")(*args, batch_invariant,
-                                                                     False)
+        lp, row_max, log_sum, unit, _ = ops.get_op("native", "linear_frozen_fwd")(
+            *args, batch_invariant, False)
     else:
-        lp = ops.get_op("native", "linear_logps_fwd")(*args, 0, weight.shape[0], False,
-                                                       batch_invariant)[0]
+        lp, row_max, log_sum, _ = ops.get_op("native", "linear_logps_fwd")(
+            *args, 0, weight.shape[0], False, batch_invariant)
         unit = None
     lp = lp.to(acc).index_select(0, pr.order)
     scale = pr.scale.index_select(0, pr.order)
@@ -111,15 +111,8 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
         ext = torch.zeros_like(out).index_add_(0, pr.seq, torch.where(extra != 0, lp * extra, 0.0))
     d_h = None
     if pair_grads is not None:
-        g_seq = torch.zeros(K * B, dtype=acc, device=h2.device)
-        for j0, j1 in chunks:
-            g = pair_grads(j0, j1, *(out[k * B + j0:k * B + j1] for k in range(K)))
-            for k in range(K):
-                g_seq[k * B + j0:k * B + j1] = g[k]
+        g_row = row_grads(pr, chunks, pair_grads, out, scale, extra_grad)
         if grads and need_h:
-            g_row = g_seq.index_select(0, pr.seq) * scale
-            if ext is not None:
-                g_row = g_row + extra_grad * extra
             d_h = torch.zeros(h2.shape, dtype=h2.dtype, device=h2.device)
             rows_u = unit.index_select(0, pr.order) * g_row.to(unit.dtype).unsqueeze(1)
             d_h.index_copy_(0, pr.order, rows_u.to(h2.dtype))
@@ -127,4 +120,47 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
                 d_h = d_h.view(hidden_shape)
     logps = tuple(out[k * B:(k + 1) * B].clone() if K > 1 else out for k in range(K))
     extras = None if ext is None else tuple(ext[k * B:(k + 1) * B] for k in range(K))
-    return PassResult(logps, extras, d_h, None, None)
+    return PassResult(logps, extras, d_h, None, None, rows=(row_max, log_sum))
+
+
+def row_grads(pr, chunks, pair_grads, sums, scale, extra_grad=0.0):
+    """Each active row's ``dL/d logp`` (in ``pr.order``): ``pair_grads`` chunk by chunk on the
+    sequence sums ``sums`` (``(parts * B,)``), times the row's weight, plus the extra term's."""
+    B, K = pr.pairs, pr.parts
+    g_seq = torch.zeros(K * B, dtype=sums.dtype, device=sums.device)
+    for j0, j1 in chunks:
+        g = pair_grads(j0, j1, *(sums[k * B + j0:k * B + j1] for k in range(K)))
+        for k in range(K):
+            g_seq[k * B + j0:k * B + j1] = g[k]
+    g_row = g_seq.index_select(0, pr.seq) * scale
+    if pr.extra is not None:
+        g_row = g_row + extra_grad * pr.extra.index_select(0, pr.order)
+    return g_row
+
+
+def recompute_pass(head, pr, weight, bias, chunks, pair_grads, first: PassResult, need_h: bool,
+                   need_w: bool, need_b: bool, hidden_shape, batch_invariant: bool,
+                   extra_grad=0.0) -> PassResult:
+    """The second pass of a loss whose pair gradients came from a first (native) log-prob pass:
+    the native backward (``linear_logps_bwd``) recomputes each tile's logits in cache from
+    ``first``'s row statistics, so no chunk's logits are ever held (1 matmul more than keeping
+    them, which the first pass already cost)."""
+    h2, V = pr.h2, weight.shape[0]
+    acc = pr.scale.dtype
+    sums = torch.cat(first.logps).to(acc)
+    scale = pr.scale.index_select(0, pr.order)
+    g_row = row_grads(pr, chunks, pair_grads, sums, scale, extra_grad)
+    grad_logp = torch.zeros(h2.shape[0], dtype=torch.float32, device=h2.device)
+    grad_logp[pr.order] = g_row.to(torch.float32)
+    lab = torch.full_like(pr.labels, head.ignore_index)
+    lab[pr.order] = pr.labels[pr.order]
+    need_b = need_b and bias is not None
+    row_max, log_sum = first.rows
+    d_h, d_w, d_b = ops.get_op("native", "linear_logps_bwd")(
+        grad_logp, None, h2, weight, bias, lab, row_max, log_sum, None, head.ignore_index,
+        float(head.temperature), float(head.logit_scale), float(head.softcap), 0, V, need_h,
+        need_w, need_b, batch_invariant)
+    if need_h and hidden_shape is not None:
+        d_h = d_h.view(hidden_shape)
+    return PassResult(first.logps, first.extra, d_h if need_h else None,
+                      d_w if need_w else None, d_b if need_b else None)

@@ -18,6 +18,7 @@ class PassResult(NamedTuple):
     d_hidden: Optional[torch.Tensor]
     d_weight: Optional[torch.Tensor]
     d_bias: Optional[torch.Tensor]
+    rows: Optional[tuple] = None  # (row_max, log_sum) of all N rows, from a native forward pass
 
 
 

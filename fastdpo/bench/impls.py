@@ -154,6 +154,26 @@ def _fastdpo_impl(backend: str, inplace: bool) -> Impl:
         "inplace_backward=False: the gradient gets its own buffer")
 
 
+def _fastdpo_lean(backend: str) -> Impl:
+    """``linear_dpo_loss`` holding at most one planned chunk of logits (``chunk_rows`` = the
+    memory goal's chunk): a pair larger than that is streamed, one matmul more."""
+    def lin_dpo(case):
+        import fastdpo
+        from fastdpo.autograd.linear_loss import plan_rows
+
+        def f(hidden, weight, ref_hidden, ref_weight, labels, beta):
+            rows = plan_rows(labels.numel(), weight.shape[0], hidden.element_size(), False)
+            return fastdpo.linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden,
+                                           ref_weight=ref_weight, beta=beta, shift=False,
+                                           backend=backend, chunk_rows=rows)[0]
+
+        return f
+
+    return Impl(name=f"fastdpo[{backend},lean]", family="fastdpo", kinds=("linear_dpo",),
+                reason_fn=_fastdpo_reason(backend), builders={"linear_dpo": lin_dpo},
+                note="chunk_rows = one planned chunk: pairs over it streamed (4 policy matmuls)")
+
+
 # ---------------------------------------------------------------- peers
 
 
@@ -331,7 +351,8 @@ def _flash_attn_ce() -> Impl:
 def all_impls() -> list[Impl]:
     """Every implementation, fastdpo's first, in report order."""
     return [
-        _fastdpo_impl("native", True), _fastdpo_impl("triton", True), _fastdpo_impl("torch", True),
+        _fastdpo_impl("native", True), _fastdpo_lean("native"), _fastdpo_impl("triton", True),
+        _fastdpo_impl("torch", True),
         _eager(), _compile(), _trl_selective(), _trl_chunked(), _liger_ce(), _liger_flce(),
         _liger_dpo(), _cce("cce"), _cce("torch_compile"), _flash_attn_ce(),
     ]

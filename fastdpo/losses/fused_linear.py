@@ -339,12 +339,14 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
             delta0 = delta0.detach().reshape(()).to(acc)
         w_, b_ = weight.detach(), None if bias is None else bias.detach()
         with torch.no_grad():
+            first = None
             if not batch_mode:
                 def pair_grads(j0, j1, pc_c, pr_c):
                     return grads_of(j0, j1, pc_c, pr_c, delta0)
             else:  # first pass: every pair's log-probs, then the whole batch's pair gradients
-                pc0, pr0 = run_pairs(head, pr_rows, w_, b_, chunks, None, False, False, False,
-                                     tile=tile, slab=fb.slab).logps
+                first = run_pairs(head, pr_rows, w_, b_, chunks, None, False, False, False,
+                                  tile=tile, slab=fb.slab)
+                pc0, pr0 = first.logps
                 delta = delta0
                 if delta_fn is not None:
                     delta = delta_fn(pc0, pr0, rc_, rr_)
@@ -355,10 +357,11 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                 def pair_grads(j0, j1, pc_c, pr_c):
                     return gc_all[j0:j1], gr_all[j0:j1]
 
-            (pc, pr), _, d_h, d_w, d_b = run_pairs(head, pr_rows, w_, b_, chunks, pair_grads,
+            (pc, pr), _, d_h, d_w, d_b, _ = run_pairs(head, pr_rows, w_, b_, chunks, pair_grads,
                                                    need_h, need_w, need_b,
                                                    hidden_shape=hidden.shape, tile=tile,
-                                                   slab=fb.slab, known_grads=batch_mode)
+                                                   slab=fb.slab, known_grads=batch_mode,
+                                                   first=first)
             loss = acc_loss["pairs"] * r + acc_loss["sft"]
         grads = (d_h, d_w, d_b, None if ds is None else ds.to(target_probs.dtype),
                  None if dm is None else dm.to(reward_margins.dtype))
