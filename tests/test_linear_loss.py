@@ -89,6 +89,18 @@ def check_all(data, *, kind, backend, dtype=torch.float32, **kw):
         assert_rule(metrics[k], metrics64[k], metrics64[k].float(), dtype, what=k)
 
 
+def assert_oracle(loss, grads, metrics, data, grad_index=None, **kw):
+    """``(loss, grads, metrics)`` of one fp32 run against the float64 oracle under the rule;
+    ``grad_index``: the oracle's gradient each of ``grads`` is (default: all, in order)."""
+    loss64, g64, m64 = oracle(*data, dtype=torch.float64, **kw)
+    loss_lo, glo, _ = oracle(*data, dtype=torch.float32, **kw)
+    assert_rule(loss, loss64, loss_lo, torch.float32, what="loss")
+    for g, i in zip(grads, grad_index or range(len(g64))):
+        assert_rule(g, g64[i], glo[i], torch.float32, what=f"grad {i}")
+    for k in m64:
+        assert_rule(metrics[k], m64[k], m64[k].float(), torch.float32, what=k)
+
+
 @pytest.mark.parametrize("kind", LOSS_TYPES)
 def test_every_loss_type_matches_float64(kind):
     check_all(batch(seed=LOSS_TYPES.index(kind)), kind=kind, backend="torch", chunk_rows=5)
@@ -566,15 +578,9 @@ def test_frozen_head_dpo_takes_the_native_op(kind, monkeypatch):
     grads = torch.autograd.grad(loss, wrt)
     assert calls and calls[-1] is True
     monkeypatch.undo()
-    kw = dict(kind=kind, temperature=0.8, softcap=5.0)
-    loss64, g64, m64 = oracle(*data, dtype=torch.float64, **kw)
-    loss_lo, glo, _ = oracle(*data, dtype=torch.float32, **kw)
-    keep = [0] + list(range(3, len(g64)))  # hidden, then target_probs / reward_margins
-    assert_rule(loss, loss64, loss_lo, torch.float32, what="loss")
-    for g, i in zip(grads, keep):
-        assert_rule(g, g64[i], glo[i], torch.float32, what=f"grad {i}")
-    for k in m64:
-        assert_rule(metrics[k], m64[k], m64[k].float(), torch.float32, what=k)
+    # the oracle's gradients: hidden, weight, bias, then target_probs / reward_margins
+    assert_oracle(loss, grads, metrics, data, grad_index=[0, 3, 4][:len(grads)], kind=kind,
+                  temperature=0.8, softcap=5.0)
 
 
 def test_native_passes_equal_the_python_loop(monkeypatch):
@@ -642,20 +648,10 @@ def test_trainable_head_runs_each_chunk_in_cpp(opts, monkeypatch):
     loss, grads, metrics = ours(*data, kind=["sigmoid", "sft"], backend="native",
                                 loss_weights=[1.0, 0.3], chunk_rows=25, **opts)
     monkeypatch.undo()
-    n_chunks = len(AL.chunk_pairs(AL.build_rows(
-        data[0].reshape(-1, 16), torch.cat([data[3][:, 1:], torch.full((8, 1), -100)], 1).reshape(-1),
-        (torch.cat([data[3][:, 1:], torch.full((8, 1), -100)], 1) != -100).reshape(-1).float(),
-        4, 10, torch.float32), 25))
-    assert n_chunks > 1 and calls == {"forward": n_chunks, "backward": n_chunks}
+    assert calls["forward"] == calls["backward"] >= 2  # one pair of calls per chunk
     assert native == []  # reference log-probs given
-    kw = dict(kind=["sigmoid", "sft"], loss_weights=[1.0, 0.3], **opts)
-    loss64, g64, m64 = oracle(*data, dtype=torch.float64, **kw)
-    loss_lo, glo, _ = oracle(*data, dtype=torch.float32, **kw)
-    assert_rule(loss, loss64, loss_lo, torch.float32, what="loss")
-    for i, (g, a, e) in enumerate(zip(grads, g64, glo)):
-        assert_rule(g, a, e, torch.float32, what=f"grad {i}")
-    for k in m64:
-        assert_rule(metrics[k], m64[k], m64[k].float(), torch.float32, what=k)
+    assert_oracle(loss, grads, metrics, data, kind=["sigmoid", "sft"], loss_weights=[1.0, 0.3],
+                  **opts)
 
 
 def test_kept_chunks_equal_the_python_loop(monkeypatch):
@@ -740,10 +736,4 @@ def test_second_pass_after_a_native_first_pass_recomputes_in_cpp(case, monkeypat
     loss, grads, metrics = ours(*data, backend="native", **kw)
     assert recomputed == [1] and kept == {"forward": 0, "backward": 0}
     monkeypatch.undo()
-    loss64, g64, m64 = oracle(*data, dtype=torch.float64, **kw)
-    loss_lo, glo, _ = oracle(*data, dtype=torch.float32, **kw)
-    assert_rule(loss, loss64, loss_lo, torch.float32, what="loss")
-    for i, (g, a, e) in enumerate(zip(grads, g64, glo)):
-        assert_rule(g, a, e, torch.float32, what=f"grad {i}")
-    for k in m64:
-        assert_rule(metrics[k], m64[k], m64[k].float(), torch.float32, what=k)
+    assert_oracle(loss, grads, metrics, data, **kw)

@@ -28,6 +28,12 @@
 // each one sweep over the vocabulary chunks with an online softmax that also accumulates the
 // softmax-weighted weight rows, so each token's d logp / d hidden comes out with its log-prob:
 // two GEMMs per tile and chunk, no second pass, no merge (see frozen_rows).
+//
+// Kept chunk (native_linear_keep_fwd / _bwd, a trainable head under linear_dpo_loss, whose pair
+// gradients need the chunk's log-probs before any gradient): the forward above writes each
+// tile's logits into the caller's buffer (one fixed slot per chunk and token tile) instead of the
+// thread's; the backward above reads them from there instead of recomputing (the softcap's tanh
+// taken back as x / softcap), so the chunk costs 3 GEMMs. Its token blocks start on tile bounds.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -444,6 +450,9 @@ BwdPlan bwd_plan(int64_t N, int64_t V, int64_t H, int64_t itemsize, int64_t chun
   if (!invariant) {  // fewer groups (still >= threads) before splitting the tokens
     groups = std::min(groups, std::max(threads, part / std::max<int64_t>(1, N * row_bytes)));
   }
+  // a few groups, each one item: a multiple of the threads, or one thread idles at the end
+  // (3 groups on 2 threads leave one for the last third of the sweep)
+  if (!invariant && groups > threads && groups < 4 * threads) groups = groups / threads * threads;
   groups = std::max<int64_t>(1, std::min(groups, chunks));
   int64_t rows = part / (groups * row_bytes);
   if (rows >= N) return {groups, N};

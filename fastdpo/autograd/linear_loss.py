@@ -15,7 +15,8 @@ rows are skipped). Per chunk, with ``R`` rows:
    input needs no gradient.
 
 So the policy pass costs 3 GEMMs (2 with a frozen head, 1 without gradients) and holds one
-chunk's logits. A loss whose pair gradient depends on the whole batch runs step 1-2 over all
+chunk's logits. On the native CPU backend the passes run in C++ instead
+(:mod:`fastdpo.autograd.linear_native`): steps 1-2 and 4 of a chunk are one call each. A loss whose pair gradient depends on the whole batch runs step 1-2 over all
 chunks first (``pair_grads=None``: log-probs only), then the full loop: one GEMM more.
 
 The backward of :class:`LinearPairLoss` multiplies the stored gradients by the incoming scalar.

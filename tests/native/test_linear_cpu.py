@@ -60,6 +60,19 @@ def test_token_blocks(C, dtype):
         torch.set_num_threads(threads)
 
 
+def test_few_groups_are_a_multiple_of_the_threads(C):
+    """Each d_hidden group is one work item: 3 groups on 2 threads left one thread idle for the
+    last third of the backward (the DPO chunk of 1024 rows at H = 1024, V = 128256)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for N, H, V in ((1024, 1024, 128256), (4096, 1024, 128256), (1000, 700, 50000)):
+            groups, _ = C.linear_cpu_bwd_plan(N, V, H, 4)
+            assert groups % 2 == 0 or groups >= 8, (N, H, V, groups)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.01])
 @pytest.mark.parametrize("offset", [1e3, -1e3, 1e4, 1e8, -1e8])
 def test_extreme_offsets_and_temperature(C, offset, temperature):
