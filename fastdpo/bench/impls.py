@@ -358,6 +358,21 @@ def all_impls() -> list[Impl]:
     ]
 
 
+def split_names(text: str) -> list[str]:
+    """A comma list of implementation names; a comma inside brackets (``fastdpo[native,lean]``)
+    belongs to the name."""
+    names, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            names.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    names.append(cur.strip())
+    return [n for n in names if n]
+
+
 def by_name(names=None) -> list[Impl]:
     impls = all_impls()
     if not names:

@@ -11,7 +11,7 @@ import torch
 from . import memory as mem
 from . import report
 from .ceilings import Ceilings, goals
-from .impls import by_name
+from .impls import by_name, split_names
 from .limits import RowLimits
 from .lmhead import table as lmhead_table
 from .machine import machine_info, machine_tag
@@ -28,7 +28,7 @@ def default_device() -> str:
 
 
 def _impls(names):
-    return by_name(names.split(",") if isinstance(names, str) else names)
+    return by_name(split_names(names) if isinstance(names, str) else names)
 
 
 def _write_plot(rows, key, ylabel, title, out, kind, tag, ts, say, **kw) -> list[Path]:

@@ -11,7 +11,7 @@ import torch
 
 from . import report
 from .ceilings import Ceilings
-from .impls import by_name
+from .impls import by_name, split_names
 from .machine import machine_info, machine_tag
 from .runner import add_ratios, run_preset
 from .presets import NATIVE_TARGET, NATIVE_TARGET_IMPLS, preset
@@ -50,7 +50,7 @@ def main(name: str, workloads, argv=None, native_target=False, script=None) -> i
     args = ap.parse_args(argv)
     device = _device(args.device)
     p, cases = cases_for(workloads, args.preset, device, native_target)
-    impls = by_name(args.impl.split(",")) if args.impl else by_name()
+    impls = by_name(split_names(args.impl)) if args.impl else by_name()
     sub = replace(p, cases=tuple(cases), memory_cases=(), target_impls=NATIVE_TARGET_IMPLS)
     info = machine_info()
     print(f"{name} --{args.preset} on {report.machine_line(info)}")

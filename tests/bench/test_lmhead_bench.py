@@ -235,3 +235,11 @@ def test_cli_selects_the_goal_preset_with_a_row_limit_and_busy():
     assert ap.parse_args([]).preset == "quick" and ap.parse_args([]).row_limit is None
     with pytest.raises(SystemExit):
         ap.parse_args(["--quick", "--preset", "lmhead-goals"])  # one preset at a time
+
+
+def test_impl_lists_keep_bracketed_commas():
+    """``--impl`` splits on the commas between names, not inside ``fastdpo[native,lean]``."""
+    assert impls.split_names("fastdpo[native],fastdpo[native,lean], eager") == [
+        "fastdpo[native]", "fastdpo[native,lean]", "eager"]
+    assert [i.name for i in jobs._impls("fastdpo[native,lean],eager")] == [
+        "fastdpo[native,lean]", "eager"]
