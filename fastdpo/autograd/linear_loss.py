@@ -16,8 +16,10 @@ rows are skipped). Per chunk, with ``R`` rows:
 
 So the policy pass costs 3 GEMMs (2 with a frozen head, 1 without gradients) and holds one
 chunk's logits. On the native CPU backend the passes run in C++ instead
-(:mod:`fastdpo.autograd.linear_native`): steps 1-2 and 4 of a chunk are one call each. A loss whose pair gradient depends on the whole batch runs step 1-2 over all
-chunks first (``pair_grads=None``: log-probs only), then the full loop: one GEMM more.
+(:mod:`fastdpo.autograd.linear_native`): steps 1-2 and 4 of a chunk are one call each.
+A loss whose pair gradient depends on the whole batch runs step 1-2 over all chunks first
+(``pair_grads=None``: log-probs only), then the full loop: one GEMM more (on the native backend
+the native backward, which recomputes each tile's logits in cache and keeps none).
 
 The backward of :class:`LinearPairLoss` multiplies the stored gradients by the incoming scalar.
 
@@ -37,7 +39,7 @@ from .. import ops, rows
 from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
 from .linear_native import (KeptChunks, native_applies, native_head, native_pass,
                             recompute_pass)
-from .linear_stream import PassResult, chunk_selection, loop_setup, streamed
+from .linear_stream import PassResult, chunk_selection, loop_setup, sequence_sums, streamed
 from .options import refuse_double_backward
 
 # Extra memory for one chunk's logits, as a fraction of the full (rows, V) logits in the hidden
@@ -228,15 +230,10 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
             lp, rmax, lsum = (torch.cat(c, 1) if len(c) > 1 else c[0] for c in zip(*stats))
             lp = lp.view(Rp)[:R]
         if R:
-            if ext is None:
-                sums.index_add_(0, seq, lp * scale)
-            else:  # a row of one term only adds exactly 0 to the other's sums, even a NaN
-                extra = pr.extra.index_select(0, sel)
-                sums.index_add_(0, seq, torch.where(scale != 0, lp * scale, 0.0))
-                esums = torch.zeros(K * P, dtype=acc, device=dev).index_add_(
-                    0, seq, torch.where(extra != 0, lp * extra, 0.0))
-                for k in range(K):
-                    ext[k * B + j0:k * B + j1] = esums[k * P:(k + 1) * P]
+            extra = None if ext is None else pr.extra.index_select(0, sel)
+            sums, esums = sequence_sums(seq, lp.to(acc), scale, extra, K * P)
+            for k in range(K if ext is not None else 0):
+                ext[k * B + j0:k * B + j1] = esums[k * P:(k + 1) * P]
         for k in range(K):
             out[k * B + j0:k * B + j1] = sums[k * P:(k + 1) * P]
         if pair_grads is None:

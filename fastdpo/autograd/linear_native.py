@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .linear_stream import PassResult
+from .linear_stream import PassResult, active_labels, sequence_sums
 
 
 def native_head(head, pr, weight, bias) -> bool:
@@ -88,9 +88,7 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
     h2, B, K = pr.h2, pr.pairs, pr.parts
     acc = pr.scale.dtype
     ii = head.ignore_index
-    lab = torch.full_like(pr.labels, ii)  # only the rows the loop would visit
-    lab[pr.order] = pr.labels[pr.order]
-    args = (h2, weight, bias, lab, ii, float(head.temperature), float(head.logit_scale),
+    args = (h2, weight, bias, active_labels(pr, ii), ii, float(head.temperature), float(head.logit_scale),
             float(head.softcap))
     if grads:
         lp, row_max, log_sum, unit, _ = ops.get_op("native", "linear_frozen_fwd")(
@@ -101,14 +99,8 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
         unit = None
     lp = lp.to(acc).index_select(0, pr.order)
     scale = pr.scale.index_select(0, pr.order)
-    out = torch.zeros(K * B, dtype=acc, device=h2.device)
-    ext = None
-    if pr.extra is None:
-        out.index_add_(0, pr.seq, lp * scale)
-    else:  # a row of one term only adds exactly 0 to the other's sums, even a NaN
-        extra = pr.extra.index_select(0, pr.order)
-        out.index_add_(0, pr.seq, torch.where(scale != 0, lp * scale, 0.0))
-        ext = torch.zeros_like(out).index_add_(0, pr.seq, torch.where(extra != 0, lp * extra, 0.0))
+    extra = None if pr.extra is None else pr.extra.index_select(0, pr.order)
+    out, ext = sequence_sums(pr.seq, lp, scale, extra, K * B)
     d_h = None
     if pair_grads is not None:
         g_row = row_grads(pr, chunks, pair_grads, out, scale, extra_grad)
@@ -152,8 +144,7 @@ def recompute_pass(head, pr, weight, bias, chunks, pair_grads, first: PassResult
     g_row = row_grads(pr, chunks, pair_grads, sums, scale, extra_grad)
     grad_logp = torch.zeros(h2.shape[0], dtype=torch.float32, device=h2.device)
     grad_logp[pr.order] = g_row.to(torch.float32)
-    lab = torch.full_like(pr.labels, head.ignore_index)
-    lab[pr.order] = pr.labels[pr.order]
+    lab = active_labels(pr, head.ignore_index)
     need_b = need_b and bias is not None
     row_max, log_sum = first.rows
     d_h, d_w, d_b = ops.get_op("native", "linear_logps_bwd")(

@@ -36,6 +36,25 @@ def loop_setup(head, pr, weight, bias):
             float(head.temperature), head.ignore_index, head.softcap if head.softcap else 0.0)
 
 
+def sequence_sums(seq, lp, scale, extra, n):
+    """``(sums, extra_sums)`` of token log-probs ``lp`` into ``n`` sequences (``seq``: each
+    token's), weighted by ``scale`` and, when given, by ``extra`` (else ``extra_sums`` is None).
+    With ``extra`` a row of one term only adds exactly 0 to the other's sums, even a NaN."""
+    sums = torch.zeros(n, dtype=lp.dtype, device=lp.device)
+    if extra is None:
+        return sums.index_add_(0, seq, lp * scale), None
+    sums.index_add_(0, seq, torch.where(scale != 0, lp * scale, 0.0))
+    esums = torch.zeros_like(sums).index_add_(0, seq, torch.where(extra != 0, lp * extra, 0.0))
+    return sums, esums
+
+
+def active_labels(pr, ignore_index):
+    """``pr``'s labels with ``ignore_index`` on every row the loop would not visit."""
+    lab = torch.full_like(pr.labels, ignore_index)
+    lab[pr.order] = pr.labels[pr.order]
+    return lab
+
+
 def chunk_selection(pr, j0, j1):
     """``(sel, seq)`` of units ``[j0, j1)``: their rows (indices into ``pr.h2``) part by part, and
     each row's sequence within the chunk (part ``k`` of unit ``j`` is ``k * (j1 - j0) + j - j0``)."""

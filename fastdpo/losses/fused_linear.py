@@ -229,6 +229,9 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
             each chunk of logits.
         validate: check label values and loss targets (default on for CPU tensors).
         chunk_rows: rows per chunk (default from the memory budget); a chunk holds whole pairs.
+            Given, it bounds the logits held: a pair with more rows is streamed (a first
+            log-prob pass, one matmul more; on the native CPU head no chunk's logits are held
+            at all). Without it, only a pair over ``FASTDPO_LINEAR_PAIR_LIMIT_MB`` is streamed.
         batch_invariant: run every matmul and row kernel on slabs of a fixed number of rows
             (``INVARIANT_TILE_ROWS``, the last one padded), so each pair's log-probs, loss and
             hidden-state gradient rows are bitwise the same whatever other pairs the batch holds

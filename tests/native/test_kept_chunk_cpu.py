@@ -107,4 +107,5 @@ def test_opcheck(C):
     torch.library.opcheck(bwd, (keep.clone(), g, h, w, b, y, m, s, *args, True,
                                 torch.zeros(w.shape), torch.zeros(300)))
     hb, wb = h.bfloat16(), w.bfloat16()
-    torch.library.opcheck(fwd, (hb, wb, None, y, -100, 1.0, 0.5, 0.0, True, keep_for(C, h, w, True)))
+    torch.library.opcheck(fwd, (hb, wb, None, y, -100, 1.0, 0.5, 0.0, True,
+                                keep_for(C, h, w, True)))
