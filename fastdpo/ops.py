@@ -212,7 +212,7 @@ torch.library.register_fake(f"{LIB_NAME}::native_linear_frozen_fwd", _fake_linea
                             lib=lib)
 
 # Native CPU only: one chunk of a trainable head with its logits kept, so the backward needs no
-# recompute (3 GEMMs; :func:`fastdpo.autograd.linear_native.kept_chunk`). The forward writes the
+# recompute (3 GEMMs; :class:`fastdpo.autograd.linear_native.KeptChunks`). The forward writes the
 # transformed logits into ``keep`` (``fastdpo.native._C.linear_keep_numel`` fp32 floats, tile by
 # tile) and returns ``(logp, row_max, log_sum)``; the backward forms ``d logits`` there in place,
 # adds ``d_weight`` / ``d_bias`` into the fp32 accumulators it is given (empty: not wanted) and
