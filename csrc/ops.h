@@ -64,7 +64,6 @@ FrozenResult linear_frozen_fwd_cpu(
     const at::Tensor& labels, int64_t ignore_index, double temperature, double logit_scale,
     double softcap, bool batch_invariant, bool with_entropy);
 
-// (tile rows, tile columns, L2 bytes, L3 bytes) the CPU fused head uses for V, H (tests, bench).
 // A trainable head's chunk with its logits kept (native_linear_keep_fwd / _bwd): the forward
 // writes them to `keep` (linear_keep_numel floats), the backward forms d logits there in place
 // and adds d_weight / d_bias into fp32 accumulators; 3 GEMMs, no recompute.
@@ -80,6 +79,7 @@ at::Tensor linear_keep_bwd_cpu(at::Tensor& keep, const at::Tensor& grad_logp,
                                double softcap, bool batch_invariant, bool need_hidden_grad,
                                at::Tensor& d_weight, at::Tensor& d_bias);
 int64_t linear_keep_numel(int64_t N, int64_t V, int64_t H, bool batch_invariant);
+// (tile rows, tile columns, L2 bytes, L3 bytes) the CPU fused head uses for V, H (tests, bench).
 std::tuple<int64_t, int64_t, int64_t, int64_t> linear_cpu_plan(int64_t V, int64_t H);
 // (d_hidden groups, token block rows) of its backward for N tokens of `itemsize` bytes.
 std::tuple<int64_t, int64_t> linear_cpu_bwd_plan(int64_t N, int64_t V, int64_t H,

@@ -538,20 +538,23 @@ def test_frozen_head_under_autocast(backend_name):
 # ------------------------------------------------- passes without d_weight: the native ops
 
 
-def _spy_native(monkeypatch):
-    """Record each pass run_pairs hands to the native ops (``grads``: a frozen-head policy pass),
-    and make the Python loop fail, so a test sees which path ran."""
+def _record(monkeypatch, name):
+    """Wrap the pass ``AL.<name>`` that run_pairs hands over to; returns the list of each call's
+    7th argument (``native_pass``: ``grads``, True for a frozen-head policy pass)."""
     calls = []
-    real = AL.native_pass
+    real = getattr(AL, name)
+    monkeypatch.setattr(AL, name, lambda *a, **k: calls.append(a[6]) or real(*a, **k))
+    return calls
 
-    def spy(*args, **kw):
-        calls.append(args[6])
-        return real(*args, **kw)
+
+def _spy_native(monkeypatch):
+    """Record each pass run_pairs hands to the native ops and make the Python loop fail, so a
+    test sees which path ran."""
+    calls = _record(monkeypatch, "native_pass")
 
     def no_loop(*a, **k):
         raise AssertionError("the Python chunk loop ran")
 
-    monkeypatch.setattr(AL, "native_pass", spy)
     monkeypatch.setattr(AL, "logits_tile", no_loop)
     return calls
 
@@ -602,9 +605,7 @@ def test_native_passes_equal_the_python_loop(monkeypatch):
         monkeypatch.undo()
         return loss, torch.autograd.grad(loss, hh)[0], mets
 
-    calls = []
-    real = AL.native_pass
-    monkeypatch.setattr(AL, "native_pass", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
+    calls = _record(monkeypatch, "native_pass")
     got = run(True)
     assert calls == [False, True]  # the reference pass, then the policy's
     want = run(False)
@@ -642,9 +643,7 @@ def test_trainable_head_runs_each_chunk_in_cpp(opts, monkeypatch):
     pass one native op; values and every gradient (bias too) against the float64 oracle."""
     data = batch(B=4, T=10, H=16, V=300, seed=34, bias=True)
     calls = _spy_kept(monkeypatch)
-    native = []
-    real = AL.native_pass
-    monkeypatch.setattr(AL, "native_pass", lambda *a, **k: native.append(a[6]) or real(*a, **k))
+    native = _record(monkeypatch, "native_pass")
     loss, grads, metrics = ours(*data, kind=["sigmoid", "sft"], backend="native",
                                 loss_weights=[1.0, 0.3], chunk_rows=25, **opts)
     monkeypatch.undo()
@@ -720,20 +719,15 @@ def test_second_pass_after_a_native_first_pass_recomputes_in_cpp(case, monkeypat
     backend: the first pass is the native forward (its row statistics kept), the second the
     native backward recomputing each tile's logits in cache: no Python loop, no kept chunk;
     values and every gradient against the float64 oracle."""
-    from fastdpo.autograd import linear_native as LN
-
     data = batch(B=3, T=14, H=16, V=200, seed=37, bias=True)
     kept = _spy_kept(monkeypatch)
-    recomputed = []
-    real = LN.recompute_pass
-    monkeypatch.setattr(AL, "recompute_pass",
-                        lambda *a, **k: recomputed.append(1) or real(*a, **k))
+    recomputed = _record(monkeypatch, "recompute_pass")
     kw = {"streamed": dict(kind="sigmoid", chunk_rows=6, softcap=3.0, temperature=0.7),
           "batch_type": dict(kind=["sigmoid", "aot", "sft"],
                              loss_weights=[0.5, 0.3, 0.2]),
           "streamed_average": dict(kind="ipo", chunk_rows=9, average=True,
                                    reduction="sum")}[case]
     loss, grads, metrics = ours(*data, backend="native", **kw)
-    assert recomputed == [1] and kept == {"forward": 0, "backward": 0}
+    assert len(recomputed) == 1 and kept == {"forward": 0, "backward": 0}
     monkeypatch.undo()
     assert_oracle(loss, grads, metrics, data, **kw)

@@ -107,6 +107,13 @@ void check_float_input(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
 }
 
+// The machine's caches, read once: every tile plan of the process (kernels, kept buffers, the
+// plans tests and the bench ask for) comes from the same sizes.
+const cpu::CacheSizes& machine_caches() {
+  static const cpu::CacheSizes caches = cpu::cache_sizes();
+  return caches;
+}
+
 Head make_head(const at::Tensor& hidden, const at::Tensor& weight,
                const std::optional<at::Tensor>& bias, const at::Tensor& labels,
                int64_t ignore_index, double temperature, double logit_scale, double softcap,
@@ -153,8 +160,7 @@ Head make_head(const at::Tensor& hidden, const at::Tensor& weight,
   hd.softcap = softcap;
   hd.invariant = batch_invariant;
   hd.avx2 = cpu_kernel() == "avx2";
-  static const cpu::CacheSizes caches = cpu::cache_sizes();
-  hd.tile = cpu::tile_shape(hd.V, hd.H, caches);
+  hd.tile = cpu::tile_shape(hd.V, hd.H, machine_caches());
   return hd;
 }
 
@@ -167,8 +173,18 @@ std::optional<at::Tensor> labelled_rows(const Head& hd) {
 }
 
 int64_t chunks_of(const Head& hd) { return (hd.V + hd.tile.cols - 1) / hd.tile.cols; }
-int64_t tile_rows_of(const Head& hd) {
-  return hd.invariant ? hd.tile.rows : std::max<int64_t>(1, std::min(hd.tile.rows, hd.N));
+// Rows of a token tile for N tokens (padded to the full tile under batch invariance).
+int64_t tile_rows_for(const cpu::TileShape& t, int64_t N, bool invariant) {
+  return invariant ? t.rows : std::max<int64_t>(1, std::min(t.rows, N));
+}
+int64_t tile_rows_of(const Head& hd) { return tile_rows_for(hd.tile, hd.N, hd.invariant); }
+
+// Floats of the kept-logits buffer: one slot of (tile rows x tile.cols) per chunk and token tile
+// (keep_slot's layout).
+int64_t keep_numel(const cpu::TileShape& t, int64_t N, int64_t V, bool invariant) {
+  if (N <= 0 || V <= 0) return 0;
+  const int64_t Nc = tile_rows_for(t, N, invariant);
+  return ((V + t.cols - 1) / t.cols) * ((N + Nc - 1) / Nc) * Nc * t.cols;
 }
 
 LabelsView labels_at(const Head& hd, int64_t n0) {
@@ -329,8 +345,7 @@ void sweep_block(const Head& hd, const RowGrads& g, int64_t s0, int64_t ns, int6
                  const SweepOut& d, bool accumulate, at::Tensor& dh_acc) {
   const int64_t V = hd.V, H = hd.H, K = chunks_of(hd), Vc = hd.tile.cols;
   const bool kept = hd.keep.defined();  // the forward's tiles: blocks start on their bounds
-  const int64_t Nc = hd.invariant || kept ? tile_rows_of(hd)
-                                          : std::max<int64_t>(1, std::min(hd.tile.rows, ns));
+  const int64_t Nc = tile_rows_for(hd.tile, kept ? hd.N : ns, hd.invariant);
   const bool want_h = d.d_h.defined(), want_w = d.d_w.defined(), want_b = d.d_b.defined();
   const bool w_direct = want_w && d.d_w.scalar_type() == at::kFloat;
   const bool b_direct = want_b && d.d_b.scalar_type() == at::kFloat;
@@ -717,23 +732,27 @@ FrozenResult linear_frozen_fwd_cpu(
 }
 
 int64_t linear_keep_numel(int64_t N, int64_t V, int64_t H, bool batch_invariant) {
-  if (N <= 0 || V <= 0) return 0;
-  const cpu::TileShape t = cpu::tile_shape(V, H, cpu::cache_sizes());
-  const int64_t Nc = batch_invariant ? t.rows : std::max<int64_t>(1, std::min(t.rows, N));
-  return ((V + t.cols - 1) / t.cols) * ((N + Nc - 1) / Nc) * Nc * t.cols;
+  return keep_numel(cpu::tile_shape(V, H, machine_caches()), N, V, batch_invariant);
 }
 
 namespace {
 
-void set_keep(Head& hd, const at::Tensor& keep, const char* op) {
+// The head of a kept-chunk call, with the caller's buffer checked and attached.
+Head kept_head(const at::Tensor& hidden, const at::Tensor& weight,
+               const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+               int64_t ignore_index, double temperature, double logit_scale, double softcap,
+               bool batch_invariant, const at::Tensor& keep, const char* op) {
+  Head hd = make_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
+                      softcap, 0, weight.size(0), batch_invariant, op);
   TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.dim() == 1 && keep.is_contiguous() &&
                   keep.device().is_cpu(),
               op, ": keep must be a contiguous 1-D fp32 CPU tensor, got ", keep.scalar_type(),
               " of shape ", keep.sizes());
-  const int64_t need = linear_keep_numel(hd.N, hd.V, hd.H, hd.invariant);
+  const int64_t need = keep_numel(hd.tile, hd.N, hd.V, hd.invariant);
   TORCH_CHECK_VALUE(keep.numel() >= need, op, ": keep holds ", keep.numel(),
                     " floats; the tiles of this call need ", need, " (linear_keep_numel)");
   hd.keep = keep;
+  return hd;
 }
 
 // An fp32 accumulator the caller passes (empty: not wanted).
@@ -751,10 +770,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_keep_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t ignore_index, double temperature, double logit_scale,
     double softcap, bool batch_invariant, at::Tensor& keep) {
-  const char* op = "native_linear_keep_fwd";
-  Head hd = make_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
-                      softcap, 0, weight.size(0), batch_invariant, op);
-  set_keep(hd, keep, op);
+  const Head hd = kept_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
+                            softcap, batch_invariant, keep, "native_linear_keep_fwd");
   auto out = forward_rows(hd, false);
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
@@ -767,9 +784,8 @@ at::Tensor linear_keep_bwd_cpu(at::Tensor& keep, const at::Tensor& grad_logp,
                                double softcap, bool batch_invariant, bool need_hidden_grad,
                                at::Tensor& d_weight, at::Tensor& d_bias) {
   const char* op = "native_linear_keep_bwd";
-  Head hd = make_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
-                      softcap, 0, weight.size(0), batch_invariant, op);
-  set_keep(hd, keep, op);
+  const Head hd = kept_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
+                            softcap, batch_invariant, keep, op);
   const int64_t N = hd.N;
   RowGrads g;
   g.grad_logp = rows_f32(grad_logp, op, "grad_logp", N);
@@ -790,14 +806,14 @@ at::Tensor linear_keep_bwd_cpu(at::Tensor& keep, const at::Tensor& grad_logp,
 }
 
 std::tuple<int64_t, int64_t, int64_t, int64_t> linear_cpu_plan(int64_t V, int64_t H) {
-  const cpu::CacheSizes c = cpu::cache_sizes();
+  const cpu::CacheSizes& c = machine_caches();
   const cpu::TileShape t = cpu::tile_shape(V, H, c);
   return {t.rows, t.cols, c.l2, c.l3};
 }
 
 std::tuple<int64_t, int64_t> linear_cpu_bwd_plan(int64_t N, int64_t V, int64_t H,
                                                  int64_t itemsize, bool batch_invariant) {
-  const cpu::TileShape t = cpu::tile_shape(V, H, cpu::cache_sizes());
+  const cpu::TileShape t = cpu::tile_shape(V, H, machine_caches());
   const BwdPlan p = bwd_plan(N, V, H, itemsize, (V + t.cols - 1) / t.cols, t.rows,
                              batch_invariant, true);
   return {p.groups, p.block_rows};

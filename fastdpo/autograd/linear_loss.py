@@ -37,9 +37,10 @@ import torch
 
 from .. import ops, rows
 from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
-from .linear_native import (KeptChunks, native_applies, native_head, native_pass,
+from .linear_native import (KeptChunks, has_native_op, native_applies, native_head, native_pass,
                             recompute_pass)
-from .linear_stream import PassResult, chunk_selection, loop_setup, sequence_sums, streamed
+from .linear_stream import (PassResult, chunk_selection, loop_setup, sequence_sums, streamed,
+                            token_grads)
 from .options import refuse_double_backward
 
 # Extra memory for one chunk's logits, as a fraction of the full (rows, V) logits in the hidden
@@ -241,9 +242,7 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
         g = pair_grads(j0, j1, *(sums[k * P:(k + 1) * P] for k in range(K)))
         if not grads or not R:
             continue
-        g_row = torch.cat(list(g)).to(acc).index_select(0, seq) * scale
-        if ext is not None:
-            g_row = g_row + extra_grad * extra
+        g_row = token_grads(torch.cat(list(g)).to(acc), seq, scale, extra, extra_grad)
         if kept:
             dh = kept.backward(h, lab, g_row, rmax, lsum, need_h,
                                d_w if d_w is not None else empty,
@@ -283,13 +282,6 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
 # ------------------------------------------------ frozen head of the per-token log-probs
 
 
-def _native_frozen() -> bool:
-    """Whether the loaded extension has the native frozen-head op (an extension built before it
-    keeps the Python loop below)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastdpo::native_linear_frozen_fwd",
-                                                          "CPU")
-
-
 def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index, temperature,
                         logit_scale, softcap, *, chunk_rows=None, batch_invariant=False,
                         with_entropy=False):
@@ -310,7 +302,8 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     fixed tiles; the entropy from the same online softmax).
     """
     if (row_backend == "native" and hidden.device.type == "cpu"
-            and hidden.dtype in ops.DTYPES["native"] and _native_frozen()):
+            and hidden.dtype in ops.DTYPES["native"]
+            and has_native_op("native_linear_frozen_fwd")):
         return ops.get_op("native", "linear_frozen_fwd")(
             hidden, weight, bias, labels, ignore_index, float(temperature), float(logit_scale),
             float(softcap) if softcap else 0.0, bool(batch_invariant), bool(with_entropy))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .linear_stream import PassResult, active_labels, sequence_sums
+from .linear_stream import PassResult, active_labels, sequence_sums, token_grads
 
 
 def native_head(head, pr, weight, bias) -> bool:
@@ -40,10 +40,10 @@ def native_applies(head, pr, weight, bias, grads: bool, need_w: bool, need_b: bo
         return False
     if grads and (need_w or (need_b and bias is not None)):
         return False
-    return not grads or _has("native_linear_frozen_fwd")
+    return not grads or has_native_op("native_linear_frozen_fwd")
 
 
-def _has(op: str) -> bool:
+def has_native_op(op: str) -> bool:
     """Whether the loaded extension has ``op`` (one built before it keeps the Python loop)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdpo::{op}", "CPU")
 
@@ -56,7 +56,8 @@ class KeptChunks:
 
     @staticmethod
     def applies(head, pr, weight, bias, grads: bool) -> bool:
-        return grads and native_head(head, pr, weight, bias) and _has("native_linear_keep_bwd")
+        return (grads and native_head(head, pr, weight, bias)
+                and has_native_op("native_linear_keep_bwd"))
 
     def __init__(self, head, weight, bias, max_rows: int, batch_invariant: bool):
         from ..native import _C
@@ -103,7 +104,7 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
     out, ext = sequence_sums(pr.seq, lp, scale, extra, K * B)
     d_h = None
     if pair_grads is not None:
-        g_row = row_grads(pr, chunks, pair_grads, out, scale, extra_grad)
+        g_row = row_grads(pr, chunks, pair_grads, out, scale, extra, extra_grad)
         if grads and need_h:
             d_h = torch.zeros(h2.shape, dtype=h2.dtype, device=h2.device)
             rows_u = unit.index_select(0, pr.order) * g_row.to(unit.dtype).unsqueeze(1)
@@ -115,7 +116,7 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
     return PassResult(logps, extras, d_h, None, None, rows=(row_max, log_sum))
 
 
-def row_grads(pr, chunks, pair_grads, sums, scale, extra_grad=0.0):
+def row_grads(pr, chunks, pair_grads, sums, scale, extra=None, extra_grad=0.0):
     """Each active row's ``dL/d logp`` (in ``pr.order``): ``pair_grads`` chunk by chunk on the
     sequence sums ``sums`` (``(parts * B,)``), times the row's weight, plus the extra term's."""
     B, K = pr.pairs, pr.parts
@@ -124,10 +125,7 @@ def row_grads(pr, chunks, pair_grads, sums, scale, extra_grad=0.0):
         g = pair_grads(j0, j1, *(sums[k * B + j0:k * B + j1] for k in range(K)))
         for k in range(K):
             g_seq[k * B + j0:k * B + j1] = g[k]
-    g_row = g_seq.index_select(0, pr.seq) * scale
-    if pr.extra is not None:
-        g_row = g_row + extra_grad * pr.extra.index_select(0, pr.order)
-    return g_row
+    return token_grads(g_seq, pr.seq, scale, extra, extra_grad)
 
 
 def recompute_pass(head, pr, weight, bias, chunks, pair_grads, first: PassResult, need_h: bool,
@@ -141,7 +139,8 @@ def recompute_pass(head, pr, weight, bias, chunks, pair_grads, first: PassResult
     acc = pr.scale.dtype
     sums = torch.cat(first.logps).to(acc)
     scale = pr.scale.index_select(0, pr.order)
-    g_row = row_grads(pr, chunks, pair_grads, sums, scale, extra_grad)
+    extra = None if pr.extra is None else pr.extra.index_select(0, pr.order)
+    g_row = row_grads(pr, chunks, pair_grads, sums, scale, extra, extra_grad)
     grad_logp = torch.zeros(h2.shape[0], dtype=torch.float32, device=h2.device)
     grad_logp[pr.order] = g_row.to(torch.float32)
     lab = active_labels(pr, head.ignore_index)

@@ -21,7 +21,6 @@ class PassResult(NamedTuple):
     rows: Optional[tuple] = None  # (row_max, log_sum) of all N rows, from a native forward pass
 
 
-
 def loop_setup(head, pr, weight, bias):
     """What both chunk loops take from their arguments: ``(h2, device, V, acc dtype, operand
     dtype, weight and bias as the matmuls take them, row_fwd, row_bwd, T, ignore_index,
@@ -46,6 +45,13 @@ def sequence_sums(seq, lp, scale, extra, n):
     sums.index_add_(0, seq, torch.where(scale != 0, lp * scale, 0.0))
     esums = torch.zeros_like(sums).index_add_(0, seq, torch.where(extra != 0, lp * extra, 0.0))
     return sums, esums
+
+
+def token_grads(g_seq, seq, scale, extra=None, extra_grad=0.0):
+    """Each token's ``dL/d logp``: its sequence's ``g_seq`` times its weight ``scale``, plus
+    ``extra_grad`` times its ``extra`` weight when the extra term is there."""
+    g = g_seq.index_select(0, seq) * scale
+    return g if extra is None else g + extra_grad * extra
 
 
 def active_labels(pr, ignore_index):
@@ -102,7 +108,7 @@ def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
             sums.index_add_(0, sq, lp.view(n_pad)[:n] * scale)
             if not grads:
                 continue
-            g_row = pad_rows(g_seq.index_select(0, sq) * scale, n_pad, 0).view(1, n_pad)
+            g_row = pad_rows(token_grads(g_seq, sq, scale), n_pad, 0).view(1, n_pad)
             xs = x.view(1, n_pad, V)
             row_bwd(g_row, None, xs, lab, rmax, lsum, None, ii, T, 0, V, xs)
             dz = rows.transform_grad_(x, t, head.logit_scale, softcap)
