@@ -81,9 +81,11 @@ at::Tensor linear_keep_bwd_cpu(at::Tensor& keep, const at::Tensor& grad_logp,
 int64_t linear_keep_numel(int64_t N, int64_t V, int64_t H, bool batch_invariant);
 // (tile rows, tile columns, L2 bytes, L3 bytes) the CPU fused head uses for V, H (tests, bench).
 std::tuple<int64_t, int64_t, int64_t, int64_t> linear_cpu_plan(int64_t V, int64_t H);
-// (d_hidden groups, token block rows) of its backward for N tokens of `itemsize` bytes.
-std::tuple<int64_t, int64_t> linear_cpu_bwd_plan(int64_t N, int64_t V, int64_t H,
-                                                 int64_t itemsize, bool batch_invariant);
+// (d_hidden groups, token block rows, bytes of each thread's buffers) of its backward for N
+// tokens of `itemsize` bytes (hidden, weight and d_weight in one dtype).
+std::tuple<int64_t, int64_t, int64_t> linear_cpu_bwd_plan(int64_t N, int64_t V, int64_t H,
+                                                          int64_t itemsize, bool batch_invariant,
+                                                          bool softcap);
 
 // The CUDA entry points repeat the CPU signatures above: both implement the same schema.
 #ifdef FASTDPO_WITH_CUDA

@@ -177,7 +177,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(tile rows, tile columns, L2 bytes, L3 bytes) of the CPU fused LM head.");
   m.def("linear_cpu_bwd_plan", &fastdpo::linear_cpu_bwd_plan, py::arg("N"), py::arg("V"),
         py::arg("H"), py::arg("itemsize"), py::arg("batch_invariant") = false,
-        "(d_hidden groups, token block rows) of the CPU fused LM head's backward.");
+        py::arg("softcap") = false,
+        "(d_hidden groups, token block rows, bytes of each thread's buffers) of the CPU fused "
+        "LM head's backward.");
   m.def("linear_keep_numel", &fastdpo::linear_keep_numel, py::arg("N"), py::arg("V"),
         py::arg("H"), py::arg("batch_invariant") = false,
         "fp32 floats of the kept-logits buffer of native_linear_keep_fwd for N rows.");

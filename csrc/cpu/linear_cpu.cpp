@@ -17,9 +17,10 @@
 // its d_weight / d_bias rows (written once, no conflict) and accumulates the group's share of
 // d_hidden in fp32 in the group's own (rows x H) buffer; the groups' buffers are summed in group
 // order at the end. bf16/fp16 inputs are converted to fp32 per tile (CPU GEMMs in bf16 round
-// their result to bf16). When the groups' d_hidden buffers would exceed the memory budget, tokens
-// are taken in blocks; d_weight then accumulates in place across blocks when it is fp32, and is
-// otherwise computed in a second sweep over all tokens (every gradient is still rounded once).
+// their result to bf16). The groups' buffers get the part of the memory budget that the threads'
+// own buffers (cpu::scratch_bytes) leave; when they would exceed it, tokens are taken in blocks;
+// d_weight then accumulates in place across blocks when it is fp32, and is otherwise computed in
+// a second sweep over all tokens (every gradient is still rounded once).
 //
 // batch_invariant: every token tile is padded to the full Nc rows and the number of groups is
 // fixed, so no GEMM shape or reduction order depends on the batch or the thread count.
@@ -27,7 +28,8 @@
 // Frozen head (native_linear_frozen_fwd, the weight needs no gradient): items are token tiles,
 // each one sweep over the vocabulary chunks with an online softmax that also accumulates the
 // softmax-weighted weight rows, so each token's d logp / d hidden comes out with its log-prob:
-// two GEMMs per tile and chunk, no second pass, no merge (see frozen_rows).
+// two GEMMs per tile and chunk, no second pass, no merge (see frozen_rows). A bf16/fp16 weight
+// is converted chunk by chunk in the thread's buffer, never whole (that was 2x the head).
 //
 // Kept chunk (native_linear_keep_fwd / _bwd, a trainable head under linear_dpo_loss, whose pair
 // gradients need the chunk's log-probs before any gradient): the forward above writes each
@@ -74,6 +76,7 @@ struct Head {
 struct Scratch {
   at::Tensor x, tanh, h, w, dw, tmp, acc;
   std::vector<float> fm, fs, ft, fx, fg;  // frozen head: running max, sum, label logit, label a'
+  std::vector<float> fw;                  // frozen head: a bf16/fp16 label row in fp32
   std::vector<LabelInfo> labs;
   int64_t w_chunk = -1;  // chunk whose fp32 weight rows `w` holds
 };
@@ -452,14 +455,21 @@ struct BwdPlan {
   int64_t groups, block_rows;
 };
 
+constexpr int64_t kMinGroupPart = int64_t{4} << 20;  // the group buffers' share, at least
+
+// `scratch`: bytes of one thread's own buffers (cpu::scratch_bytes). The d_hidden group buffers
+// get half the budget, or less when the threads' buffers take more than the other half (many
+// threads at a large H); at least one token tile per group and one group per thread, so at many
+// threads x a large H the floor itself can pass the budget (linear_cpu_bwd_plan reports it).
 BwdPlan bwd_plan(int64_t N, int64_t V, int64_t H, int64_t itemsize, int64_t chunks,
-                 int64_t tile_rows, bool invariant, bool want_h) {
+                 int64_t tile_rows, bool invariant, bool want_h, int64_t scratch) {
   if (!want_h) return {chunks, N};
   const int64_t budget = std::max<int64_t>(
       kMinBudget, static_cast<int64_t>(kBudgetFraction * static_cast<double>(N) * V * itemsize));
-  const int64_t part = budget / 2;  // the rest: per-thread tiles and weight chunks
-  const int64_t row_bytes = 4 * H;
   const int64_t threads = at::get_num_threads();
+  const int64_t part =
+      std::max(kMinGroupPart, std::min(budget / 2, budget - threads * std::max<int64_t>(0, scratch)));
+  const int64_t row_bytes = 4 * H;
   // many groups: a thread that loses its core holds up at most one short item at the end
   int64_t groups = invariant ? kInvariantGroups : std::max<int64_t>(16, 4 * threads);
   if (!invariant) {  // fewer groups (still >= threads) before splitting the tokens
@@ -475,16 +485,36 @@ BwdPlan bwd_plan(int64_t N, int64_t V, int64_t H, int64_t itemsize, int64_t chun
   return {groups, std::min(rows, N)};
 }
 
-BwdPlan bwd_plan(const Head& hd, bool want_h) {
+// The buffers one thread of a backward sweep allocates.
+cpu::ScratchNeeds bwd_needs(bool softcap, bool invariant, bool half_h, bool half_w, bool want_h,
+                            bool half_dw) {
+  cpu::ScratchNeeds n;
+  n.softcap = softcap;
+  n.copy_h = invariant || half_h;
+  n.copy_w = half_w;
+  n.copy_dw = half_dw;
+  n.rows_h = want_h;
+  return n;
+}
+
+int64_t bwd_scratch(const Head& hd, const SweepOut& d) {
+  const bool half_dw = d.d_w.defined() && d.d_w.scalar_type() != at::kFloat;
+  return cpu::scratch_bytes(
+      hd.tile, hd.H,
+      bwd_needs(hd.softcap != 0.0, hd.invariant, hd.hidden.scalar_type() != at::kFloat,
+                hd.weight.scalar_type() != at::kFloat, d.d_h.defined(), half_dw));
+}
+
+BwdPlan bwd_plan(const Head& hd, const SweepOut& d) {
   return bwd_plan(hd.N, hd.V, hd.H, hd.hidden.element_size(), chunks_of(hd), hd.tile.rows,
-                  hd.invariant, want_h);
+                  hd.invariant, d.d_h.defined(), bwd_scratch(hd, d));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_rows(const Head& hd, const RowGrads& g,
                                                              const SweepOut& d) {
   const bool want_h = d.d_h.defined();
   const bool want_wb = d.d_w.defined() || d.d_b.defined();
-  const BwdPlan plan = bwd_plan(hd, want_h);
+  const BwdPlan plan = bwd_plan(hd, d);
   at::Tensor dh_acc;
   if (want_h) dh_acc = at::empty({plan.groups, plan.block_rows, hd.H}, at::kFloat);
   const bool fp32_wb = (!d.d_w.defined() || d.d_w.scalar_type() == at::kFloat) &&
@@ -508,6 +538,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_rows(const Head& hd, con
 }
 
 // ------------------------------------------------------------- frozen head (LoRA / PEFT)
+
+// fp32 weight row `row` (the label's): in place when the weight is fp32, else converted into
+// the thread's buffer.
+const float* label_row(const Head& hd, Scratch& s, int64_t row, bool w_f32) {
+  if (w_f32) return hd.weight.data_ptr<float>() + row * hd.H;
+  s.fw.resize(hd.H);
+  at::from_blob(s.fw.data(), {hd.H}, at::TensorOptions().dtype(at::kFloat))
+      .copy_(hd.weight.select(0, row));
+  return s.fw.data();
+}
 
 // Per token tile, one sweep over the vocabulary blocks with an online softmax: per row the
 // running max m and sum s, and an fp32 accumulator acc (rows x H) of
@@ -534,7 +574,7 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
   float* o_sum = log_sum.data_ptr<float>();
   float* o_u = u.data_ptr<float>();
   float* o_ent = with_entropy ? entropy.data_ptr<float>() : nullptr;
-  const float* w32 = hd.weight.data_ptr<float>();
+  const bool w_f32 = hd.weight.scalar_type() == at::kFloat;  // else converted per chunk
   const float c = hd.c, gscale = static_cast<float>(hd.logit_scale) * hd.c;
   const bool softcap = hd.softcap != 0.0;
   const LabelRule rule{hd.ignore_index, 0, V};
@@ -555,7 +595,7 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
     for (int64_t r = 0; r < n; ++r) s.labs[r] = classify_label(labels_at(hd, n0 + r).at(0, 0), rule, V);
     for (int64_t v = 0; v < K; ++v) {
       const int64_t v0 = v * Vc, vc = std::min(Vc, V - v0);
-      const at::Tensor w = hd.weight.narrow(0, v0, vc);
+      const at::Tensor w = weight_chunk(hd, s, v, v0, vc);
       at::Tensor x = logits_tile(hd, s, h, w, v0, vc, softcap);
       float* xp = x.data_ptr<float>();
       const float* tp = softcap ? s.tanh.data_ptr<float>() : nullptr;
@@ -612,7 +652,7 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
         for (int64_t j = 0; j < H; ++j) ur[j] = (0.0f - ar[j] / sum) * gscale;
         continue;
       }
-      const float* wl = w32 + lab.local * H;
+      const float* wl = label_row(hd, s, lab.local, w_f32);
       const float g = s.fg[r];
       for (int64_t j = 0; j < H; ++j) ur[j] = (g * wl[j] - ar[j] / sum) * gscale;
     }
@@ -707,8 +747,9 @@ FrozenResult linear_frozen_fwd_cpu(
   const char* op = "native_linear_frozen_fwd";
   Head hd = make_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
                       softcap, 0, weight.size(0), batch_invariant, op);
-  // fp32 weight rows, read by every token tile (cast once, as the Python loop does)
-  hd.weight = hd.weight.to(at::kFloat).contiguous();
+  // contiguous rows for the label rows' pointers; a bf16/fp16 weight is converted chunk by
+  // chunk in each thread's buffer (an fp32 copy of the whole head would be 2x its size)
+  hd.weight = hd.weight.contiguous();
   const int64_t N = hd.N;
   const auto sel = labelled_rows(hd);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
@@ -811,12 +852,16 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> linear_cpu_plan(int64_t V, int64_
   return {t.rows, t.cols, c.l2, c.l3};
 }
 
-std::tuple<int64_t, int64_t> linear_cpu_bwd_plan(int64_t N, int64_t V, int64_t H,
-                                                 int64_t itemsize, bool batch_invariant) {
+std::tuple<int64_t, int64_t, int64_t> linear_cpu_bwd_plan(int64_t N, int64_t V, int64_t H,
+                                                          int64_t itemsize, bool batch_invariant,
+                                                          bool softcap) {
   const cpu::TileShape t = cpu::tile_shape(V, H, machine_caches());
+  const bool half = itemsize != 4;  // bf16/fp16 hidden, weight and d_weight (one dtype)
+  const int64_t scratch =
+      cpu::scratch_bytes(t, H, bwd_needs(softcap, batch_invariant, half, half, true, half));
   const BwdPlan p = bwd_plan(N, V, H, itemsize, (V + t.cols - 1) / t.cols, t.rows,
-                             batch_invariant, true);
-  return {p.groups, p.block_rows};
+                             batch_invariant, true, scratch);
+  return {p.groups, p.block_rows, scratch};
 }
 
 }  // namespace fastdpo

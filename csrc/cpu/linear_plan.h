@@ -98,4 +98,21 @@ inline TileShape tile_shape(int64_t V, int64_t H, const CacheSizes& c) {
   return TileShape{kTileRows, std::max<int64_t>(1, std::min(cols, V))};
 }
 
+// What one thread's buffers (linear_cpu.cpp's Scratch) must hold in a sweep.
+struct ScratchNeeds {
+  bool softcap = false;  // the tile's tanh, for the chain rule
+  bool copy_h = false;   // fp32 copies of the hidden rows (bf16/fp16, or padded tiles)
+  bool copy_w = false;   // fp32 copies of a weight chunk (bf16/fp16)
+  bool copy_dw = false;  // an fp32 d_weight chunk before it is rounded (bf16/fp16)
+  bool rows_h = false;   // a (tile rows x H) product: d_hidden's, or the frozen head's accumulator
+};
+
+// Bytes of those buffers at most: each thread allocates them once per call, so a call holds
+// threads x this beside its own outputs (and the backward's d_hidden group buffers).
+inline int64_t scratch_bytes(const TileShape& t, int64_t H, const ScratchNeeds& n) {
+  const int64_t tile = t.rows * t.cols, rows = t.rows * H, cols = t.cols * H;
+  return 4 * (tile * (1 + n.softcap) + rows * (n.copy_h + n.rows_h) +
+              cols * (n.copy_w + n.copy_dw));
+}
+
 }  // namespace fastdpo::cpu

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import busy as busy_mod
 from . import memory as mem
 from . import report
 from .ceilings import Ceilings, goals
@@ -15,7 +16,8 @@ from .impls import by_name, split_names
 from .limits import RowLimits
 from .lmhead import table as lmhead_table
 from .machine import machine_info, machine_tag
-from .presets import GPU_GOALS, NATIVE_TARGET, preset
+from .presets import (GPU_GOALS, HEAVY_FLOPS, LMHEAD_BUSY_EXTRA_THREADS, LMHEAD_BUSY_IMPLS,
+                      NATIVE_TARGET, busy_rounds, lmhead_busy_cases, preset)
 from .runner import native_target_memory, native_target_summary, run_preset
 
 GiB = 1 << 30
@@ -198,4 +200,39 @@ def bench_job(preset_name, device, out: Path, *, impls=None, workloads=None, wit
             table_files = report.write_text(text, out, f"{p.files}-table", tag, ts)
             log("wrote " + ", ".join(str(f) for f in table_files))
     partial.unlink(missing_ok=True)
+    return obj
+
+
+def busy_job(device, out: Path, *, impls=None, busy: int = 1, cases=None, rounds=None,
+             extra_threads: int = LMHEAD_BUSY_EXTRA_THREADS, log=print) -> dict:
+    """``fastdpo bench --preset lmhead-busy``: each case's slowdown beside ``busy`` spinning
+    processes, quiet and busy steps in paired rounds (:mod:`.busy`); JSON, CSV and the table."""
+    machine = machine_info()
+    impl_list = _impls(impls) if impls else by_name(LMHEAD_BUSY_IMPLS)
+    cases = tuple(cases) if cases is not None else lmhead_busy_cases()
+    log(f"fastdpo bench --preset lmhead-busy on {report.machine_line(machine)}: {len(cases)} "
+        f"cases, {busy} competing process(es) in the busy half of each round")
+    t0 = time.perf_counter()
+    rows = []
+    for case in cases:
+        rows += busy_mod.paired_case(case, impl_list, device, rounds=rounds or busy_rounds(case),
+                                     busy=busy, warmup=case.flops() <= HEAVY_FLOPS,
+                                     extra_threads=extra_threads, log=log)
+    text = busy_mod.table(rows)
+    log("\n" + text)
+    tag, ts = machine_tag(machine), report.stamp(machine)
+    obj = {"kind": "lmhead-busy", "machine": machine, "device": device,
+           "method": {"round": "each implementation timed once quiet, then once beside the "
+                               "competing processes (started, settled "
+                               f"{busy_mod.SETTLE_S} s); order rotated each round",
+                      "slowdown": "median over rounds of busy / quiet within the round",
+                      "threads": f"torch threads of each row; '+k threads' rows: the machine's "
+                                 f"setting + {extra_threads}",
+                      "goal": f"fastdpo's slowdown <= {busy_mod.GOAL_PEER}'s"},
+           "rows": rows, "verdicts": busy_mod.verdicts(rows),
+           "elapsed_s": time.perf_counter() - t0}
+    files = report.write_json(obj, out, "lmhead-busy", tag, ts)
+    files += report.write_csv(rows, machine, out, "lmhead-busy", tag, ts)
+    files += report.write_text(text, out, "lmhead-busy-table", tag, ts)
+    log("\nwrote " + ", ".join(str(f) for f in files))
     return obj

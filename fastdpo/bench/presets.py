@@ -17,6 +17,8 @@
   last shape is ~1 TFLOP): smallest shape first, one timed repeat for a case above
   ``HEAVY_FLOPS`` (warm-up only where the first call compiles), a time limit per row and a memory
   check (:mod:`.limits`), memory children one at a time.
+* ``lmhead-busy`` (not a :class:`Preset`: its own job, :mod:`.busy`): the DPO step at the same
+  shapes, timed quiet and beside one busy process in paired rounds, for the slowdown goal.
 """
 
 from __future__ import annotations
@@ -160,6 +162,25 @@ def lmhead_goals(shapes=LMHEAD_GOAL_SHAPES, row_limit_s: float | None = LMHEAD_R
                   memory_cases=tuple(cases), memory_impls=LMHEAD_GOAL_IMPLS,
                   impls=LMHEAD_GOAL_IMPLS, row_limit_s=row_limit_s, heavy_flops=heavy_flops,
                   memory_workers=1, memory_saved=False, files="lmhead-goals")
+
+
+# ``lmhead-busy`` (:mod:`.busy`): the DPO step at the goal shapes, quiet and beside a busy process
+# in paired rounds, fastdpo against the peer the goal names (eager) and the fastest (CCE: its
+# Triton kernels on a GPU, its torch.compile fallback on a CPU).
+LMHEAD_BUSY_IMPLS = ("fastdpo[native]", "eager", "cce", "cce[torch_compile]")
+# fastdpo and eager also run with this many torch threads more than the machine's setting.
+LMHEAD_BUSY_EXTRA_THREADS = 1
+
+
+def lmhead_busy_cases(shapes=LMHEAD_GOAL_SHAPES, seq: int = LMHEAD_SEQ) -> tuple:
+    """The DPO-step cases of :func:`lmhead_goals` at ``shapes``."""
+    return tuple(c for c in lmhead_goals(shapes, seq=seq).cases if c.workload == "linear_dpo_step")
+
+
+def busy_rounds(case: Case) -> int:
+    """Paired rounds for ``case``: 5, or 3 above ``HEAVY_FLOPS`` (each round of the biggest goal
+    shape is minutes)."""
+    return 3 if case.flops() > HEAVY_FLOPS else 5
 
 
 PRESETS = ("quick", "full", "gpu", "lmhead-goals")

@@ -48,7 +48,10 @@ NAMED_HELP = {"quick": "= --quick", "full": "= --full", "gpu": "= --gpu",
               "512, 32000), (2048, 256, 128256), (4096, 1024, 128256): DPO step and frozen-head "
               "policy pass against every peer, x bare GEMMs and peak memory against one chunk's "
               "logits + 5%% of the full logits; heavy (tens of minutes on 2 cores), one repeat on "
-              "the biggest shape, --row-limit per row"}
+              "the biggest shape, --row-limit per row",
+              "lmhead-busy": "the DPO step at the same shapes, quiet and beside --busy N "
+              "(default 1) spinning processes in paired rounds: each implementation's "
+              "slowdown, fastdpo's against eager's"}
 
 GPU_HELP = ("the GPU machine's sweep (V 32k-256k, N 4096/16384, bf16/fp32, fused LM head at "
             "H=4096, DPO steps), most important first; tiny sizes on CPU (the dry run)")
@@ -94,6 +97,18 @@ def run(args) -> int:
     from fastdpo.bench.machine import competing_load
 
     workloads = args.workload.split(",") if args.workload else None
+    if args.preset == "lmhead-busy":
+        from fastdpo.bench.jobs import busy_job
+
+        given = [f for f, v in (("--workload", args.workload), ("--time-limit", args.time_limit),
+                                ("--row-limit", args.row_limit), ("--budget", args.budget))
+                 if v is not None]
+        if given:
+            raise SystemExit(f"fastdpo bench --preset lmhead-busy takes no {', '.join(given)} "
+                             "(it times the DPO step at the goal shapes, every round)")
+
+        busy_job(device, args.out, impls=args.impl, busy=args.busy or 1)
+        return 0
     with competing_load(args.busy):
         bench_job(args.preset, device, args.out, impls=args.impl, workloads=workloads,
                   with_memory=not args.no_memory, budget_gib=args.budget, seq_len=args.seq_len,

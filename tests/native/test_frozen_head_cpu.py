@@ -6,6 +6,8 @@ fastdpo.autograd.linear_loss (torch row ops) including -inf / NaN patterns, extr
 temperatures, ignored rows, batch invariance across batches and thread counts, and opcheck."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -234,3 +236,42 @@ def test_entropy_of_masked_blocks_matches_python_loop(C, kernel):
                                           with_entropy=True)
     torch.testing.assert_close(got[4], ref[4], rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(got[0], ref[0], rtol=2e-5, atol=2e-5)
+
+
+def test_half_weight_is_converted_chunk_by_chunk(C):
+    """A bf16 head was converted to fp32 whole on every call (2x the head's size, 128 MiB here);
+    each thread now converts the chunk it works on."""
+    code = """
+import torch
+from fastdpo import backends, ops
+assert backends.status("native").loaded  # loads the extension
+from fastdpo.bench.memory import proc_status_kib, reset_peak_rss
+g = torch.Generator().manual_seed(0)
+V, H, N = 65536, 512, 64
+w = (torch.randn(V, H, generator=g) * H ** -0.5).bfloat16()
+h = torch.randn(N, H, generator=g).bfloat16()
+y = torch.randint(0, V, (N,), generator=g)
+op = ops.get_op("native", "linear_frozen_fwd")
+op(h[:8], w, None, y[:8], -100, 1.0, 1.0, 0.0, False, False)  # thread pool, first touch
+assert reset_peak_rss(), "cannot reset VmHWM"
+base = proc_status_kib("VmRSS")
+op(h, w, None, y, -100, 1.0, 1.0, 0.0, False, False)
+print((proc_status_kib("VmHWM") - base) * 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = int(out.stdout.split()[-1])
+    assert 0 < peak < 32 << 20, f"peak {peak / 2**20:.1f} MiB (an fp32 copy of the head: 128 MiB)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_weight_equals_contiguous(C, dtype):
+    """A weight stored transposed (tied embeddings, a view) gives the contiguous weight's bits."""
+    h, w, b, y = make((40,), 16, 2 * cols(C) + 9, dtype, seed=57, bias=True)
+    wt = w.t().contiguous().t()
+    assert not wt.is_contiguous()
+    want = frozen(h, w, b, y, -100, 0.9, 1.0, 4.0, False)
+    got = frozen(h, wt, b, y, -100, 0.9, 1.0, 4.0, False)
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)

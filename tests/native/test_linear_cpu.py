@@ -52,8 +52,8 @@ def test_token_blocks(C, dtype):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the group count follows the threads (earlier tests may leave 1)
     try:
-        groups, block = C.linear_cpu_bwd_plan(N, V, H,
-                                              torch.tensor([], dtype=dtype).element_size())
+        groups, block, _ = C.linear_cpu_bwd_plan(N, V, H,
+                                                 torch.tensor([], dtype=dtype).element_size())
         assert groups >= 2 and block < N
         check("native", *make((N,), H, V, dtype, seed=41, bias=True), softcap=20.0)
     finally:
@@ -67,8 +67,45 @@ def test_few_groups_are_a_multiple_of_the_threads(C):
     torch.set_num_threads(2)
     try:
         for N, H, V in ((1024, 1024, 128256), (4096, 1024, 128256), (1000, 700, 50000)):
-            groups, _ = C.linear_cpu_bwd_plan(N, V, H, 4)
+            groups, _, _ = C.linear_cpu_bwd_plan(N, V, H, 4)
             assert groups % 2 == 0 or groups >= 8, (N, H, V, groups)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_plan_counts_each_threads_buffers(C):
+    """The backward's plan gave the d_hidden group buffers half the budget whatever the threads'
+    own buffers took (tile logits, the d_hidden product, fp32 copies of bf16 rows): at a large H
+    in bf16 the threads' buffers and the groups together passed the budget. The groups now get
+    what the threads leave, down to one token tile per group and one group per thread."""
+    V = 128256
+    threads = torch.get_num_threads()
+    squeezed = 0
+    try:
+        for t in (2, 16):
+            torch.set_num_threads(t)
+            for H in (1024, 4096, 8192):
+                rows, vc, _, _ = C.linear_cpu_plan(V, H)
+                for N in (2048, 4096, 6144, 8192, 16384):
+                    groups, block, scratch = C.linear_cpu_bwd_plan(N, V, H, 2)
+                    # logits tile; d_hidden product and bf16 hidden rows; bf16 weight, d_weight
+                    assert scratch == 4 * (rows * vc + 2 * rows * H + 2 * vc * H)
+                    budget = max(16 << 20, int(0.05 * N * V * 2))
+                    part = max(4 << 20, min(budget // 2, budget - t * scratch))
+                    group_bytes = groups * block * H * 4
+                    floor = groups * rows * H * 4  # one token tile per group
+                    assert groups >= t and (block == N or block % rows == 0)
+                    assert group_bytes <= max(part, floor), (t, H, N)
+                    squeezed += budget // 2 > part > 4 << 20
+                    if t * scratch > budget:  # the threads alone pass the budget: the floor
+                        assert groups == t and block == rows, (t, H, N)
+        assert squeezed, "no shape where the threads' buffers shrink the groups' share"
+        torch.set_num_threads(2)
+        # fp32 at a small H: the threads' buffers are small, the groups keep half the budget
+        budget = max(16 << 20, int(0.05 * 2048 * V * 4))
+        groups, block, scratch = C.linear_cpu_bwd_plan(2048, V, 256, 4)
+        assert 2 * scratch < budget // 2 and groups * block * 256 * 4 <= budget // 2
+        assert C.linear_cpu_bwd_plan(2048, V, 256, 4, softcap=True)[2] > scratch  # the tanh
     finally:
         torch.set_num_threads(threads)
 
