@@ -1,6 +1,7 @@
 """fastdpo: log-probabilities and DPO-family losses without the softmax tensor."""
 
 from . import ops  # noqa: F401  (defines the operator schemas)
+from .autograd.workspace import Workspace
 from .linear import linear_sequence_logps, linear_token_logps
 from .logps import sequence_logps, token_logps
 from .losses import (
@@ -33,6 +34,6 @@ __all__ = [
     "dpo_loss", "DPOLoss", "LOSS_TYPES", "cpo_loss", "orpo_loss", "kto_loss", "CPOLoss",
     "ORPOLoss", "KTOLoss", "preference_probs", "PreferenceTargets",
     "rejection_sample", "build_pairs", "PreferencePairs",
-    "precompute_reference",
+    "precompute_reference", "Workspace",
     "__version__",
 ]

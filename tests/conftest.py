@@ -33,3 +33,19 @@ def device():
 @pytest.fixture(params=ALL)
 def backend(request, device):
     return backend_or_skip(request, request.param, device)
+
+
+@pytest.fixture
+def kept_buffers(monkeypatch):
+    """The data pointer of each native kept-chunk buffer, as the calls take them."""
+    from fastdpo.autograd import linear_native
+
+    ptrs = []
+    real = linear_native.KeptChunks.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        ptrs.append(self.keep.data_ptr())
+
+    monkeypatch.setattr(linear_native.KeptChunks, "__init__", spy)
+    return ptrs

@@ -42,6 +42,7 @@ from .linear_native import (KeptChunks, has_native_op, native_applies, native_he
 from .linear_stream import (PassResult, chunk_selection, loop_setup, sequence_sums, streamed,
                             token_grads)
 from .options import refuse_double_backward
+from .workspace import FRESH, Workspace
 
 # Extra memory for one chunk's logits, as a fraction of the full (rows, V) logits in the hidden
 # states' dtype, but at least MIN_CHUNK_BYTES; and never fewer than MIN_CHUNK_ROWS rows (or one
@@ -59,12 +60,13 @@ INVARIANT_TILE_ROWS = 128
 
 @dataclass(frozen=True)
 class Head:
-    """Row-op options of the fused head."""
+    """Row-op options of the fused head, and where its chunk buffers come from."""
     backend: str
     ignore_index: int
     temperature: float
     logit_scale: float
     softcap: float  # 0 = off
+    workspace: Optional[Workspace] = None  # None: fresh buffers every call
 
 
 @dataclass
@@ -179,6 +181,15 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     if slab and (pair_grads is None or known_grads) and pr.extra is None:
         return streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
                         hidden_shape, tile, slab)
+    ws = head.workspace or FRESH
+    with ws:  # one call at a time on a workspace's buffers
+        return _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_w,
+                           need_b, hidden_shape, tile, extra_grad, ws)
+
+
+def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_w, need_b,
+                hidden_shape, tile, extra_grad, ws) -> PassResult:
+    """:func:`run_pairs`'s loop over chunks of pairs, its buffers taken from ``ws``."""
     h2, dev, V, acc, opd, w, b, row_fwd, row_bwd, T, ii, softcap = loop_setup(head, pr, weight,
                                                                              bias)
     B, K = pr.pairs, pr.parts
@@ -191,7 +202,7 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     kept = None  # the native GEMMs and row kernels of each chunk (linear_native.KeptChunks)
     if KeptChunks.applies(head, pr, weight, bias, grads):
         kept = KeptChunks(head, weight, bias, max([unit_rows(pr, *c) for c in chunks] + [0]),
-                          tile > 0)
+                          tile > 0, ws)
     if grads and need_w:  # the first matmul writes it (kept: every chunk adds into it)
         d_w = (torch.zeros if kept else torch.empty)(weight.shape, dtype=acc, device=dev)
     w_written = kept is not None
@@ -203,8 +214,8 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
         return n if not tile else -(-n // tile) * tile
 
     max_rows = 0 if kept else max([padded(unit_rows(pr, j0, j1)) for j0, j1 in chunks] + [0])
-    buf = torch.empty(max_rows * V, dtype=acc, device=dev)
-    tbuf = torch.empty(max_rows * V if (grads and softcap) else 0, dtype=acc, device=dev)
+    buf = ws.take("logits", max_rows * V, acc, dev)
+    tbuf = ws.take("tanh", max_rows * V if (grads and softcap) else 0, acc, dev)
     for j0, j1 in chunks:
         P = j1 - j0
         sel, seq = chunk_selection(pr, j0, j1)

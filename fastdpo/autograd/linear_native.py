@@ -59,13 +59,13 @@ class KeptChunks:
         return (grads and native_head(head, pr, weight, bias)
                 and has_native_op("native_linear_keep_bwd"))
 
-    def __init__(self, head, weight, bias, max_rows: int, batch_invariant: bool):
+    def __init__(self, head, weight, bias, max_rows: int, batch_invariant: bool, ws):
         from ..native import _C
 
         V, H = weight.shape
         self.head, self.weight, self.bias, self.inv = head, weight, bias, batch_invariant
-        self.keep = torch.empty(_C.linear_keep_numel(max_rows, V, H, batch_invariant),
-                                dtype=torch.float32)
+        self.keep = ws.take("keep", _C.linear_keep_numel(max_rows, V, H, batch_invariant),
+                            torch.float32, "cpu")
         self.args = (head.ignore_index, float(head.temperature), float(head.logit_scale),
                      float(head.softcap))
 

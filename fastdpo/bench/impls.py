@@ -154,24 +154,49 @@ def _fastdpo_impl(backend: str, inplace: bool) -> Impl:
         "inplace_backward=False: the gradient gets its own buffer")
 
 
-def _fastdpo_lean(backend: str) -> Impl:
-    """``linear_dpo_loss`` holding at most one planned chunk of logits (``chunk_rows`` = the
-    memory goal's chunk): a pair larger than that is streamed, one matmul more."""
+def _linear_dpo_variant(backend: str, tag: str, note: str, per_case) -> Impl:
+    """``fastdpo[<backend>,<tag>]``: ``linear_dpo_loss`` with the keyword arguments
+    ``per_case(case)`` returns, built once per case (so shared by its repeats)."""
     def lin_dpo(case):
         import fastdpo
-        from fastdpo.autograd.linear_loss import plan_rows
+
+        kw = per_case(case)
 
         def f(hidden, weight, ref_hidden, ref_weight, labels, beta):
-            rows = plan_rows(labels.numel(), weight.shape[0], hidden.element_size(), False)
             return fastdpo.linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden,
                                            ref_weight=ref_weight, beta=beta, shift=False,
-                                           backend=backend, chunk_rows=rows)[0]
+                                           backend=backend, **kw)[0]
 
         return f
 
-    return Impl(name=f"fastdpo[{backend},lean]", family="fastdpo", kinds=("linear_dpo",),
-                reason_fn=_fastdpo_reason(backend), builders={"linear_dpo": lin_dpo},
-                note="chunk_rows = one planned chunk: pairs over it streamed (4 policy matmuls)")
+    return Impl(name=f"fastdpo[{backend},{tag}]", family="fastdpo", kinds=("linear_dpo",),
+                reason_fn=_fastdpo_reason(backend), builders={"linear_dpo": lin_dpo}, note=note)
+
+
+def _lean_options(case) -> dict:
+    """At most one planned chunk of logits (``chunk_rows`` = the memory goal's chunk): a pair
+    larger than that is streamed, one matmul more."""
+    from fastdpo.autograd.linear_loss import plan_rows
+
+    return {"chunk_rows": plan_rows(case.tokens, case.vocab, case.torch_dtype.itemsize, False)}
+
+
+def _workspace_options(case) -> dict:
+    """One :class:`fastdpo.Workspace` for every repeat of the case, as a training loop passes
+    the same one each step: the chunk's logits buffer is not fresh pages."""
+    import fastdpo
+
+    return {"workspace": fastdpo.Workspace()}
+
+
+def _fastdpo_lean(backend: str) -> Impl:
+    return _linear_dpo_variant(backend, "lean", "chunk_rows = one planned chunk: pairs over it "
+                               "streamed (4 policy matmuls)", _lean_options)
+
+
+def _fastdpo_workspace(backend: str) -> Impl:
+    return _linear_dpo_variant(backend, "workspace", "workspace=: the chunk buffers kept between "
+                               "steps (one chunk's logits held)", _workspace_options)
 
 
 # ---------------------------------------------------------------- peers
@@ -351,7 +376,8 @@ def _flash_attn_ce() -> Impl:
 def all_impls() -> list[Impl]:
     """Every implementation, fastdpo's first, in report order."""
     return [
-        _fastdpo_impl("native", True), _fastdpo_lean("native"), _fastdpo_impl("triton", True),
+        _fastdpo_impl("native", True), _fastdpo_lean("native"), _fastdpo_workspace("native"),
+        _fastdpo_impl("triton", True),
         _fastdpo_impl("torch", True),
         _eager(), _compile(), _trl_selective(), _trl_chunked(), _liger_ce(), _liger_flce(),
         _liger_dpo(), _cce("cce"), _cce("torch_compile"), _flash_attn_ce(),

@@ -49,7 +49,8 @@ COMPILES_FIRST_CALL = COMPILING + ("liger.fused_linear_dpo",)
 
 # The fused LM head's goal shapes (N, H, V), fp32 on CPU, and who they are measured against.
 LMHEAD_GOAL_SHAPES = ((1024, 512, 32000), (2048, 256, 128256), (4096, 1024, 128256))
-LMHEAD_GOAL_IMPLS = ("fastdpo[native]", "fastdpo[native,lean]", "fastdpo[triton]", "eager", "torch.compile", "cce",
+LMHEAD_GOAL_IMPLS = ("fastdpo[native]", "fastdpo[native,lean]", "fastdpo[native,workspace]",
+                     "fastdpo[triton]", "eager", "torch.compile", "cce",
                      "cce[torch_compile]", "liger.fused_linear_dpo",
                      "liger.fused_linear_cross_entropy", "trl.chunked_logprob")
 LMHEAD_ROW_LIMIT_S = 600.0

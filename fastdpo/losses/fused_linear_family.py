@@ -34,8 +34,8 @@ from .kto import kto_loss
 from .reference_free import cpo_loss, orpo_loss
 
 _HEAD_DOC = """ignore_index, shift, temperature, logit_scale, softcap, token_weights, backend,
-            validate, chunk_rows, batch_invariant: as :func:`fastdpo.linear_dpo_loss` (no
-            ``average``: the losses take sums, and divide by the label counts where they
+            validate, chunk_rows, batch_invariant, workspace: as :func:`fastdpo.linear_dpo_loss`
+            (no ``average``: the losses take sums, and divide by the label counts where they
             average). ``token_weights`` weight each token in its sequence's sum; the lengths
             stay the label counts, as :class:`fastdpo.CPOLoss` etc. count them."""
 
@@ -81,7 +81,8 @@ def linear_cpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, loss_type="s
                     simpo_gamma=0.5, alpha=0.0, label_smoothing=0.0, cpo_alpha=1.0,
                     reduction="mean", ignore_index=-100, shift=True, temperature=1.0,
                     logit_scale=1.0, softcap=None, token_weights=None, backend="auto",
-                    validate=None, chunk_rows=None, batch_invariant=False):
+                    validate=None, chunk_rows=None, batch_invariant=False,
+                    workspace=None):
     """CPO / SimPO / AlphaPO of a ``[chosen; rejected]`` batch from the policy's hidden states.
 
     Equals ``cpo_loss(pc, pr, chosen_lengths=nc, rejected_lengths=nr, ...)`` with ``(pc; pr) =
@@ -107,7 +108,8 @@ def linear_cpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, loss_type="s
     head = dict(ignore_index=ignore_index, shift=shift, temperature=temperature,
                 logit_scale=logit_scale, softcap=softcap, reduction=reduction,
                 token_weights=token_weights, backend=backend, validate=validate,
-                chunk_rows=chunk_rows, batch_invariant=batch_invariant)
+                chunk_rows=chunk_rows, batch_invariant=batch_invariant,
+                workspace=workspace)
     fb = _prepare("linear_cpo_loss", hidden, weight, labels, bias, 2, head)
     kind = args.loss_types(loss_type, CPO_LOSS_TYPES, many=False)[0]
     cfg = CPOConfig(beta=float(beta), loss_type=kind, simpo_gamma=float(simpo_gamma),
@@ -135,7 +137,8 @@ def linear_cpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, loss_type="s
 def linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=1.0,
                      nll_labels=None, reduction="mean", ignore_index=-100, shift=True,
                      temperature=1.0, logit_scale=1.0, softcap=None, token_weights=None,
-                     backend="auto", validate=None, chunk_rows=None, batch_invariant=False):
+                     backend="auto", validate=None, chunk_rows=None, batch_invariant=False,
+                     workspace=None):
     """ORPO of a ``[chosen; rejected]`` batch from the policy's hidden states.
 
     Equals ``orpo_loss(pc, pr, chosen_lengths=nc, rejected_lengths=nr, nll_logps=..., ...)`` of
@@ -162,7 +165,8 @@ def linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=
     head = dict(ignore_index=ignore_index, shift=shift, temperature=temperature,
                 logit_scale=logit_scale, softcap=softcap, reduction=reduction,
                 token_weights=token_weights, backend=backend, validate=validate,
-                chunk_rows=chunk_rows, batch_invariant=batch_invariant)
+                chunk_rows=chunk_rows, batch_invariant=batch_invariant,
+                workspace=workspace)
     extra_labels = None
     if nll_labels is not None:
         _validate.check_index("labels", labels)
@@ -226,7 +230,8 @@ def linear_kto_loss(hidden, weight, labels, desirable, *, bias=None, ref_logps=N
                     ref_kl_hidden=None, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0,
                     loss_type="kto", reduction="mean", ignore_index=-100, shift=True,
                     temperature=1.0, logit_scale=1.0, softcap=None, token_weights=None,
-                    backend="auto", validate=None, chunk_rows=None, batch_invariant=False):
+                    backend="auto", validate=None, chunk_rows=None, batch_invariant=False,
+                    workspace=None):
     """KTO (or unpaired APO-zero) of ``B`` unpaired completions from the policy's hidden states.
 
     Equals ``kto_loss(linear_sequence_logps(hidden, weight, labels, ...), ref, desirable, ...)``,
@@ -259,7 +264,8 @@ def linear_kto_loss(hidden, weight, labels, desirable, *, bias=None, ref_logps=N
     head = dict(ignore_index=ignore_index, shift=shift, temperature=temperature,
                 logit_scale=logit_scale, softcap=softcap, reduction=reduction,
                 token_weights=token_weights, backend=backend, validate=validate,
-                chunk_rows=chunk_rows, batch_invariant=batch_invariant)
+                chunk_rows=chunk_rows, batch_invariant=batch_invariant,
+                workspace=workspace)
     fb = _prepare("linear_kto_loss", hidden, weight, labels, bias, 1, head)
     B = fb.rows.pairs
     if tuple(desirable.shape) != (B,):

@@ -66,6 +66,22 @@ def test_lean_row_streams_the_pairs_and_agrees(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_workspace_row_keeps_its_buffer_between_repeats(kept_buffers):
+    """fastdpo[native,workspace] passes one Workspace to every repeat of a case: the kept
+    chunk's buffer is the same memory each step, and the gradients are fastdpo[native]'s bits."""
+    case = Case("linear_dpo_step", 700, 128, batch=2, hidden=16)
+    ptrs = kept_buffers
+    grads = {}
+    for name in ("fastdpo[native]", "fastdpo[native,workspace]"):
+        step = workloads.build_step(case, impls.by_name([name])[0], "cpu")
+        ptrs.clear()
+        grads[name] = [step.run(step.setup()) for _ in range(3)]
+        if name.endswith("workspace]"):
+            assert len(ptrs) == 3 and len(set(ptrs)) == 1
+    for a, b in zip(grads["fastdpo[native]"][0], grads["fastdpo[native,workspace]"][2]):
+        assert torch.equal(a, b)
+
+
 def test_bare_gemms_are_timed_per_shape_and_shared_between_cases():
     ceil = ceilings.Ceilings("cpu", log=None, copy_bytes=1 << 20, gemm_repeats=2)
     dpo = Case("linear_dpo_step", 300, 64, batch=2, hidden=16)
