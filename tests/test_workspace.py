@@ -85,3 +85,24 @@ def test_wrong_type_names_the_argument():
     h, w, y, rc, rr = make()
     with pytest.raises(TypeError, match="workspace must be a fastdpo.Workspace"):
         dpo(h, w, y, rc, rr, workspace={})
+
+
+def test_modules_pass_theirs_and_copies_start_empty(kept_buffers):
+    import copy
+    import pickle
+
+    h, w, y, rc, rr = make(seed=5)
+    ws = fastdpo.Workspace()
+    want = fastdpo.DPOLoss(backend="native")(hidden=h, weight=w, labels=y, ref_logps=(rc, rr))[0]
+    mod = fastdpo.DPOLoss(backend="native", workspace=ws)
+    for _ in range(2):
+        got = mod(hidden=h, weight=w, labels=y, ref_logps=(rc, rr))[0]
+        assert torch.equal(got, want)
+    assert ws.nbytes > 0 and kept_buffers[-1] == kept_buffers[-2]
+    orpo = fastdpo.ORPOLoss(backend="native", workspace=ws)
+    assert torch.equal(orpo(hidden=h, weight=w, labels=y)[0],
+                       fastdpo.ORPOLoss(backend="native")(hidden=h, weight=w, labels=y)[0])
+    for clone in (copy.deepcopy(mod).workspace, pickle.loads(pickle.dumps(ws))):
+        assert isinstance(clone, fastdpo.Workspace) and clone is not ws and clone.nbytes == 0
+    with pytest.raises(TypeError, match="workspace"):
+        fastdpo.CPOLoss(workspace="yes")

@@ -54,6 +54,12 @@ class Workspace:
         self._lock.release()
         return False
 
+    def __getstate__(self):  # a copy (deepcopy, pickle) starts empty: buffers are not state
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
     def __repr__(self) -> str:
         return f"Workspace({len(self._bufs)} buffers, {self.nbytes / 2**20:.1f} MiB)"
 

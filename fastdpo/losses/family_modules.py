@@ -19,7 +19,7 @@ from .reference_free import cpo_loss, orpo_loss
 from .scoring import SequenceScorer
 
 _SCORER_DOC = """ignore_index, shift, temperature, backend, inplace_backward, logit_scale, softcap,
-            process_group, validate: the log-prob pass, see
+            process_group, validate, workspace: the log-prob pass, see
             :class:`fastdpo.losses.scoring.SequenceScorer`."""
 
 
@@ -34,7 +34,7 @@ def _fused(mod, logits, hidden, weight, cu_seqlens, ref_logits=None) -> bool:
 def _head(mod):
     return dict(ignore_index=mod.ignore_index, shift=mod.shift, temperature=mod.temperature,
                 logit_scale=mod.logit_scale, softcap=mod.softcap, backend=mod.backend,
-                validate=mod.validate)
+                validate=mod.validate, workspace=mod.workspace)
 
 
 def _policy(mod, labels, logits, hidden, weight, bias, cu_seqlens):

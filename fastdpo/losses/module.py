@@ -37,7 +37,7 @@ class DPOLoss(SequenceScorer):
             mean implicit reward (older TRL's BCO), kept in this module's buffers ``bco_mean`` and
             ``bco_count`` (so in its ``state_dict``); updated in training mode only.
         ignore_index, shift, temperature, backend, inplace_backward, logit_scale, softcap,
-            process_group, validate: the log-prob pass, see
+            process_group, validate, workspace: the log-prob pass, see
             :class:`fastdpo.losses.scoring.SequenceScorer`.
     """
 
@@ -46,11 +46,11 @@ class DPOLoss(SequenceScorer):
                  reduction="mean", reference_free=False, average_log_prob=False, nll_weight=0.0,
                  ignore_index=-100, shift=True, temperature=1.0, backend="auto",
                  inplace_backward=False, logit_scale=1.0, softcap=None, bco_running_mean=False,
-                 process_group=None, validate=None):
+                 process_group=None, validate=None, workspace=None):
         super().__init__(ignore_index=ignore_index, shift=shift, temperature=temperature,
                          backend=backend, inplace_backward=inplace_backward,
                          logit_scale=logit_scale, softcap=softcap, process_group=process_group,
-                         validate=validate)
+                         validate=validate, workspace=workspace)
         opts = dict(beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
                     f_divergence_type=f_divergence_type,
                     f_alpha_divergence_coef=f_alpha_divergence_coef, reduction=reduction)
@@ -169,8 +169,8 @@ class DPOLoss(SequenceScorer):
                                reward_margins=reward_margins, ignore_index=self.ignore_index,
                                shift=self.shift, temperature=self.temperature,
                                logit_scale=self.logit_scale, softcap=self.softcap,
-                               backend=self.backend, validate=self.validate, **ref,
-                               **self.loss_kwargs)
+                               backend=self.backend, validate=self.validate,
+                               workspace=self.workspace, **ref, **self.loss_kwargs)
 
     def _reference(self, labels, ref_logps, ref_logits, ref_hidden, ref_weight, ref_bias,
                    cu_seqlens, pc):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .. import _validate
+from ..autograd.workspace import check_workspace
 from ..logps import token_logps
 from ..sequences import mask_sequence_starts, reduce_sequences
 
@@ -25,12 +26,16 @@ class SequenceScorer(nn.Module):
         process_group: vocabulary-parallel group: the logits (or LM-head weight) hold this
             rank's vocabulary shard (see :func:`fastdpo.sequence_logps`).
         validate: value checks (labels, target ranges); default on for CPU, off for CUDA.
+        workspace: a :class:`fastdpo.Workspace` for the fused pair losses' chunk buffers (the
+            ``hidden=, weight=`` path), kept between steps (see :func:`fastdpo.linear_dpo_loss`).
     """
 
     def __init__(self, *, ignore_index=-100, shift=True, temperature=1.0, backend="auto",
                  inplace_backward=False, logit_scale=1.0, softcap=None, process_group=None,
-                 validate=None):
+                 validate=None, workspace=None):
         super().__init__()
+        check_workspace(workspace)
+        self.workspace = workspace
         self.temperature = _validate.check_options(
             ignore_index=ignore_index, temperature=temperature, backend=backend,
             validate=validate, shift=shift, inplace_backward=inplace_backward)
