@@ -1,5 +1,5 @@
 """The DPO step at the fused LM head's goal shapes, quiet and beside a busy process in paired
-rounds (``fastdpo bench --preset lmhead-busy`` as a script; about 25 minutes on 2 CPU cores)::
+rounds (``fastdpo bench --preset lmhead-busy`` as a script; about 30 minutes on 2 CPU cores)::
 
     python benchmarks/bench_lmhead_busy.py [--busy 1] [--impl fastdpo[native],eager]
 """

@@ -5,9 +5,10 @@ CPU backend, the chunk loop's buffers elsewhere). Allocated afresh every step, a
 comes back from the OS as new pages, and on a CPU the first write to each page is a fault (~0.2 ms
 a MiB here). A :class:`Workspace` passed to every step keeps the buffers between calls instead:
 3-4% of the fp32 DPO step at (N, H, V) = (1024, 512, 32000) and (2048, 256, 128256) on this
-project's 2-core CI machine (paired runs), nothing measurable at (4096, 1024, 128256). The price is explicit: they stay allocated (one
-chunk's logits, ``nbytes``) until :meth:`release` or until the workspace is dropped. CUDA's
-caching allocator already reuses device memory, so there it saves little.
+project's 2-core CI machine (paired runs), nothing measurable at (4096, 1024, 128256). The price
+is explicit: they stay allocated (one chunk's logits, ``nbytes``) until :meth:`release` or until
+the workspace is dropped. CUDA's caching allocator already reuses device memory, so there it
+saves little.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The paired busy-machine bench (``fastdpo bench --preset lmhead-busy``, :mod:`fastdpo.bench.busy`):
-quiet and busy steps alternate in rounds, the competing processes really run in the busy half
-only, and the verdict compares fastdpo's slowdown with eager's. Tiny shapes, one or two rounds."""
+"""The paired busy-machine bench (``fastdpo bench --preset lmhead-busy``,
+:mod:`fastdpo.bench.busy`): quiet and busy steps alternate in rounds, the competing processes
+really run in the busy half only, and the verdict compares fastdpo's slowdown with eager's.
+Tiny shapes, one or two rounds."""
 
 import json
 
@@ -103,8 +104,8 @@ def test_thread_variants_run_with_more_threads(monkeypatch):
                    ("eager", base), ("eager +1 threads", base + 1), ("fastdpo[torch]", base),
                    ("fastdpo[torch] +1 threads", base + 1)}
     # each variant ran quiet and busy with its own thread count; the setting is restored
-    assert sorted(seen) == sorted(
-        [(n, t) for n in ("fastdpo[native]", "eager", "fastdpo[torch]") for t in (base, base + 1)] * 2)
+    names = ("fastdpo[native]", "eager", "fastdpo[torch]")
+    assert sorted(seen) == sorted([(n, t) for n in names for t in (base, base + 1)] * 2)
     assert torch.get_num_threads() == base
     v = {x["impl"] for x in busy.verdicts(rows)}
     assert v == {"fastdpo[native]", "fastdpo[native] +1 threads", "fastdpo[torch]",
@@ -152,7 +153,8 @@ def test_preset_cases_are_the_goal_dpo_steps():
     assert [(c.tokens, c.hidden, c.vocab) for c in cases] == list(presets.LMHEAD_GOAL_SHAPES)
     assert {c.workload for c in cases} == {"linear_dpo_step"}
     assert [presets.busy_rounds(c) for c in cases] == [5, 5, 3]
-    assert presets.LMHEAD_BUSY_IMPLS[0] == "fastdpo[native]" and "eager" in presets.LMHEAD_BUSY_IMPLS
+    assert presets.LMHEAD_BUSY_IMPLS[0] == "fastdpo[native]"
+    assert "eager" in presets.LMHEAD_BUSY_IMPLS
 
 
 def test_cli_refuses_options_the_busy_job_ignores(capsys):
