@@ -467,8 +467,7 @@ BwdPlan bwd_plan(int64_t N, int64_t V, int64_t H, int64_t itemsize, int64_t chun
   const int64_t budget = std::max<int64_t>(
       kMinBudget, static_cast<int64_t>(kBudgetFraction * static_cast<double>(N) * V * itemsize));
   const int64_t threads = at::get_num_threads();
-  const int64_t part =
-      std::max(kMinGroupPart, std::min(budget / 2, budget - threads * std::max<int64_t>(0, scratch)));
+  const int64_t part = std::max(kMinGroupPart, std::min(budget / 2, budget - threads * scratch));
   const int64_t row_bytes = 4 * H;
   // many groups: a thread that loses its core holds up at most one short item at the end
   int64_t groups = invariant ? kInvariantGroups : std::max<int64_t>(16, 4 * threads);

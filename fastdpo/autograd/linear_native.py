@@ -89,8 +89,8 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
     h2, B, K = pr.h2, pr.pairs, pr.parts
     acc = pr.scale.dtype
     ii = head.ignore_index
-    args = (h2, weight, bias, active_labels(pr, ii), ii, float(head.temperature), float(head.logit_scale),
-            float(head.softcap))
+    args = (h2, weight, bias, active_labels(pr, ii), ii, float(head.temperature),
+            float(head.logit_scale), float(head.softcap))
     if grads:
         lp, row_max, log_sum, unit, _ = ops.get_op("native", "linear_frozen_fwd")(
             *args, batch_invariant, False)

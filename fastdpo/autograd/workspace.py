@@ -2,11 +2,11 @@
 
 A DPO step through the fused head fills one chunk's logits buffer (the kept chunk on the native
 CPU backend, the chunk loop's buffers elsewhere). Allocated afresh every step, a buffer that size
-comes back from the OS as new pages, and on a CPU the first write to each page is a fault (~0.2 ms
-a MiB here). A :class:`Workspace` passed to every step keeps the buffers between calls instead:
-3-4% of the fp32 DPO step at (N, H, V) = (1024, 512, 32000) and (2048, 256, 128256) on this
-project's 2-core CI machine (paired runs), nothing measurable at (4096, 1024, 128256). The price
-is explicit: they stay allocated (one chunk's logits, ``nbytes``) until :meth:`release` or until
+comes back from the OS as new pages, and on a CPU the first write to each page is a fault. A
+:class:`Workspace` passed to every step keeps the buffers between calls instead: 1-3% of the fp32
+DPO step at (N, H, V) = (1024, 512, 32000) and (2048, 256, 128256) on this project's 2-core CI
+machine (``fastdpo[native,workspace]`` in ``benchmarks/results/lmhead-workspace/``), nothing
+measurable at (4096, 1024, 128256). The price is explicit: they stay allocated (one chunk's logits, ``nbytes``) until :meth:`release` or until
 the workspace is dropped. CUDA's caching allocator already reuses device memory, so there it
 saves little.
 """

@@ -240,8 +240,9 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
             (the weight's gradient is a sum over the batch). Costs the padding of one slab per
             chunk and smaller matmuls.
         workspace: a :class:`fastdpo.Workspace` to keep the chunk's logits buffer in between
-            calls (pass the same one every step): no fresh pages each step (3-4% of a small CPU
-            step), for one chunk's logits held until ``workspace.release()``.
+            calls (pass the same one every step): no fresh pages each step (a few % of a CPU
+            step, :mod:`fastdpo.autograd.workspace`), for one chunk's logits held until
+            ``workspace.release()``.
 
     Returns:
         ``(loss, metrics)`` as :func:`fastdpo.dpo_loss` (TRL's reward and log-prob metrics).

@@ -46,18 +46,24 @@ def test_rounds_alternate_quiet_and_busy_halves(monkeypatch):
     assert machine._competing == 0  # the load is gone after the rounds
 
 
-def test_order_rotates_between_rounds(monkeypatch):
-    order = []
-    monkeypatch.setattr(busy, "SETTLE_S", 0.0)
+def _record_runs(monkeypatch, what=lambda name: name):
+    """``what(impl name)`` of every step run (warm-up, quiet and busy), in order."""
+    seen = []
     real = busy.build_step
 
     def build(case, impl, device):
         step = real(case, impl, device)
         run = step.run
-        step.run = lambda s, _n=impl.name: order.append(_n) or run(s)
+        step.run = lambda s, _n=impl.name: seen.append(what(_n)) or run(s)
         return step
 
     monkeypatch.setattr(busy, "build_step", build)
+    return seen
+
+
+def test_order_rotates_between_rounds(monkeypatch):
+    monkeypatch.setattr(busy, "SETTLE_S", 0.0)
+    order = _record_runs(monkeypatch)
     busy.paired_case(TINY, impls.by_name(["fastdpo[native]", "eager"]), "cpu", rounds=2,
                      warmup=False, log=lambda *a: None)
     a, b = "fastdpo[native]", "eager"
@@ -68,16 +74,7 @@ def test_compilers_warm_up_even_in_heavy_cases(monkeypatch):
     """A heavy case skips the warm-up, but a first call that compiles is never timed."""
     monkeypatch.setattr(busy, "SETTLE_S", 0.0)
     monkeypatch.setattr(busy, "COMPILES_FIRST_CALL", ("eager",))  # stands in for a compiler
-    calls = []
-    real = busy.build_step
-
-    def build(case, impl, device):
-        step = real(case, impl, device)
-        run = step.run
-        step.run = lambda s, _n=impl.name: calls.append(_n) or run(s)
-        return step
-
-    monkeypatch.setattr(busy, "build_step", build)
+    calls = _record_runs(monkeypatch)
     busy.paired_case(TINY, impls.by_name(["fastdpo[native]", "eager"]), "cpu", rounds=1,
                      warmup=False, log=lambda *a: None)
     assert calls.count("eager") == 3 and calls.count("fastdpo[native]") == 2
@@ -87,16 +84,7 @@ def test_compilers_warm_up_even_in_heavy_cases(monkeypatch):
 def test_thread_variants_run_with_more_threads(monkeypatch):
     monkeypatch.setattr(busy, "SETTLE_S", 0.0)
     base = torch.get_num_threads()
-    seen = []
-    real = busy.build_step
-
-    def build(case, impl, device):
-        step = real(case, impl, device)
-        run = step.run
-        step.run = lambda s, _n=impl.name: seen.append((_n, torch.get_num_threads())) or run(s)
-        return step
-
-    monkeypatch.setattr(busy, "build_step", build)
+    seen = _record_runs(monkeypatch, lambda n: (n, torch.get_num_threads()))
     rows = busy.paired_case(TINY, impls.by_name(["fastdpo[native]", "eager", "fastdpo[torch]"]),
                             "cpu", rounds=1, warmup=False, extra_threads=1, log=lambda *a: None)
     got = {(r["impl"], r["threads"]) for r in rows}
