@@ -20,6 +20,7 @@ from .losses import (
     linear_dpo_loss,
     linear_kto_loss,
     linear_orpo_loss,
+    linear_pair_logps,
     orpo_loss,
     preference_probs,
     rejection_sample,
@@ -31,6 +32,7 @@ __version__ = "0.2.0"
 __all__ = [
     "token_logps", "sequence_logps", "linear_token_logps", "linear_sequence_logps",
     "linear_dpo_loss", "linear_cpo_loss", "linear_orpo_loss", "linear_kto_loss",
+    "linear_pair_logps",
     "dpo_loss", "DPOLoss", "LOSS_TYPES", "cpo_loss", "orpo_loss", "kto_loss", "CPOLoss",
     "ORPOLoss", "KTOLoss", "preference_probs", "PreferenceTargets",
     "rejection_sample", "build_pairs", "PreferencePairs",

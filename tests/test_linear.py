@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastdpo
 from fastdpo import reference as R
 from fastdpo.torch_backend import linear as L
+from fastdpo.torch_backend import matmul as M
 from fastdpo.linear import linear_sequence_logps, linear_token_logps
 from tolerance import assert_rule
 
@@ -294,6 +295,43 @@ def test_plan_budget_at_128k_vocab(N, H):
     tile = p.tile_rows * (p.tile_cols * L.TILE_COPIES * 4 + H * 4)
     assert acc_h + per_chunk + tile <= 0.05 * N * V * 2
     assert p.tile_cols >= 64 and p.tile_rows >= 64  # matmuls stay reasonably shaped
+
+
+@pytest.mark.parametrize("N,V,H,grad", [(1024, 128256, 4096, False), (32, 256000, 4096, False),
+                                         (4096, 128256, 4096, True), (16384, 128256, 8192, True)])
+def test_cuda_plan_tiles_outweigh_their_launches(N, V, H, grad):
+    """On CUDA (bf16, weight used in place) each tile's matmul must outlast the host's launches
+    for it (~150 us, MIN_BUDGET_CUDA's estimate at ~790 TFLOP/s): at most a few hundred tiles
+    per pass, not thousands (the 16 MiB CPU floor gave 4008 for the first shape)."""
+    tb = L.tile_bytes_of("triton", 0.0)
+    p = L.plan(N, V, H, 2, tile_bytes=tb, hidden_acc=grad, weight_direct=not grad,
+               device="cuda")
+    tiles = -(-N // p.tile_rows) * -(-V // p.tile_cols)
+    gemm_s = 2 * p.tile_rows * p.tile_cols * H / 790e12
+    assert gemm_s >= 150e-6 or p.tile_rows == N and p.tile_cols == V, (p, gemm_s)
+    assert tiles <= 256, (p, tiles)
+    cpu = L.plan(N, V, H, 2, tile_bytes=tb, hidden_acc=grad, weight_direct=not grad)
+    assert cpu == L.plan(N, V, H, 2, tile_bytes=tb, hidden_acc=grad, weight_direct=not grad,
+                         device="cpu")
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_mm_acc_half_operands_bound_the_temporary(monkeypatch, accumulate):
+    """A half-precision product into an fp32 ``out`` (d_weight, accumulated chunk by chunk) is
+    formed in row slices of at most MM_TEMP_BYTES where no fp32-output matmul writes ``out``
+    directly: before, one full-size fp32 temporary (2.1 GB for a 128256 x 4096 head)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 16, generator=g).bfloat16()
+    b = torch.randn(16, 40, generator=g).bfloat16()
+    out = torch.full((300, 40), 1.5)
+    monkeypatch.setattr(M, "MM_TEMP_BYTES", 32 * 40 * 4)  # 32 rows a slice
+    with LiveBytes() as m:
+        got = M.mm_acc(a, b, out=out, accumulate=accumulate)
+    assert got is out
+    want = (a @ b).float() + (1.5 if accumulate else 0.0)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    slice_bytes, full_bytes = 32 * 40 * 4, 300 * 40 * 4
+    assert m.peak <= 3 * slice_bytes < full_bytes, m.peak  # a slice's bf16 + fp32, the last one's
 
 
 def test_compile_fullgraph():

@@ -41,8 +41,10 @@ def loss_kwargs(kind):
 
 def oracle(hidden, weight, bias, labels, rc, rr, extra, *, dtype, kind, shift=True,
            temperature=1.0, logit_scale=1.0, softcap=None, token_weights=None, average=False,
-           beta=0.1, reduction="mean", chunk_rows=None, batch_invariant=False, **kw):
-    """dpo_loss of sequence_logps(logits) in ``dtype`` (float64: the oracle; else eager)."""
+           beta=0.1, reduction="mean", chunk_rows=None, batch_invariant=False,
+           chosen_lengths=None, rejected_lengths=None, per_pair_metrics=False, **kw):
+    """dpo_loss of sequence_logps(logits) in ``dtype`` (float64: the oracle; else eager); the
+    completion lengths are the label counts unless given."""
     leaves = [None if t is None else t.detach().to(dtype).requires_grad_()
               for t in (hidden, weight, bias)]
     h, w, b = leaves
@@ -52,12 +54,17 @@ def oracle(hidden, weight, bias, labels, rc, rr, extra, *, dtype, kind, shift=Tr
     B = labels.shape[0] // 2
     lab = labels[:, 1:] if shift else labels
     n = (lab != -100).sum(1).to(dtype)
+    if chosen_lengths is not None:
+        n = torch.cat([chosen_lengths, rejected_lengths]).to(dtype)
     s = extra["target_probs"].to(dtype).requires_grad_() if "soft" in kind else None
     m = extra["reward_margins"].to(dtype).requires_grad_() if "distill" in kind else None
     loss, metrics = dpo_loss(sl[:B], sl[B:], rc.to(dtype), rr.to(dtype), beta=beta,
                              target_probs=s, reward_margins=m, chosen_lengths=n[:B],
-                             rejected_lengths=n[B:], reduction=reduction,
+                             rejected_lengths=n[B:],
+                             reduction="none" if per_pair_metrics else reduction,
                              **loss_kwargs(kind), **kw)
+    if per_pair_metrics:  # per-pair metrics come with reduction="none"; reduce the loss here
+        loss = loss.mean() if reduction == "mean" else loss.sum()
     wrt = [t for t in leaves + [s, m] if t is not None]
     grads = torch.autograd.grad(loss, wrt)
     return loss, grads, metrics
@@ -170,6 +177,87 @@ def test_reference_from_hidden_states():
     torch.testing.assert_close(loss, loss2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gh, grads2[0], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(gw, grads2[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "native"])
+@pytest.mark.parametrize("kind", ["ipo", "sigmoid_norm", ["sigmoid_norm", "sft"]])
+def test_given_completion_lengths(backend_name, kind):
+    """chosen_lengths / rejected_lengths replace the label counts, as dpo_loss takes them (TRL
+    counts the unshifted completion mask: one more when the prompt is empty)."""
+    data = batch(seed=7)
+    B = data[0].shape[0] // 2
+    nc = torch.tensor([9.0, 4.0, 7.0])
+    nr = torch.tensor([5, 8, 6])  # integer counts are accepted too
+    check_all(data, kind=kind, backend=backend_name, chosen_lengths=nc, rejected_lengths=nr)
+    loss, _, _ = ours(*data, kind=kind, backend=backend_name)
+    loss_n, _, _ = ours(*data, kind=kind, backend=backend_name, chosen_lengths=nc,
+                        rejected_lengths=nr)
+    assert B == 3 and loss_n != loss
+
+
+def test_per_pair_metrics():
+    data = batch(seed=8)
+    B = data[0].shape[0] // 2
+    _, _, m = ours(*data, kind="sigmoid", backend="torch")
+    _, _, mp = ours(*data, kind="sigmoid", backend="torch", per_pair_metrics=True)
+    assert set(m) == set(mp)
+    for k in m:
+        assert mp[k].shape == (B,) and m[k].shape == ()
+        torch.testing.assert_close(mp[k].mean(), m[k])
+    check_all(data, kind="sigmoid", backend="torch", per_pair_metrics=True)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "native"])
+@pytest.mark.parametrize("opts", [{}, dict(softcap=3.0, temperature=0.7, chunk_rows=9),
+                                  dict(batch_invariant=True, average=True)])
+def test_pair_logps_are_the_losss_bits(backend_name, opts):
+    """linear_pair_logps gives linear_dpo_loss's own policy log-probs bit for bit (so a
+    reference equal to the policy cancels exactly), and they match the float64 oracle."""
+    from fastdpo import linear_pair_logps
+    h, w, b, labels, rc, rr, _ = batch(seed=5, bias=True)
+    g = torch.Generator().manual_seed(1)
+    tw = torch.rand(labels.shape, generator=g) + 0.5
+    kw = dict(bias=b, backend=backend_name, token_weights=tw, **opts)
+    pc, pr = linear_pair_logps(h, w, labels, **kw)
+    assert not pc.requires_grad and pc.shape == (h.shape[0] // 2,)
+    hh = h.clone().requires_grad_()
+    _, m = linear_dpo_loss(hh, w, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                           per_pair_metrics=True, **kw)
+    assert torch.equal(m["logps/chosen"], pc) and torch.equal(m["logps/rejected"], pr)
+    _, m = linear_dpo_loss(hh, w, labels, ref_chosen_logps=pc, ref_rejected_logps=pr,
+                           per_pair_metrics=True, **kw)
+    assert (m["rewards/chosen"] == 0).all() and (m["rewards/margins"] == 0).all()
+    z = R.head_logits(h.double(), w.double(), b.double(),
+                      softcap=opts.get("softcap"))
+    s64 = R.sequence_logps(z, labels, shift=True, temperature=opts.get("temperature", 1.0),
+                           token_weights=tw, average=opts.get("average", False),
+                           dtype=torch.float64)
+    z32 = R.head_logits(h, w, b, softcap=opts.get("softcap"))
+    s32 = R.sequence_logps(z32, labels, shift=True, temperature=opts.get("temperature", 1.0),
+                           token_weights=tw, average=opts.get("average", False),
+                           dtype=torch.float32)
+    assert_rule(torch.cat([pc, pr]), s64, s32, torch.float32, what="pair logps")
+
+
+def test_given_lengths_and_pair_logps_errors_name_the_argument():
+    from fastdpo import linear_pair_logps
+    h, w, _, labels, rc, rr, _ = batch()
+    ref = dict(ref_chosen_logps=rc, ref_rejected_logps=rr, backend="torch", loss_type="ipo")
+    n = torch.ones(3)
+    with pytest.raises(ValueError, match="both chosen_lengths and rejected_lengths"):
+        linear_dpo_loss(h, w, labels, chosen_lengths=n, **ref)
+    with pytest.raises(ValueError, match=r"rejected_lengths must have shape \(3,\)"):
+        linear_dpo_loss(h, w, labels, chosen_lengths=n, rejected_lengths=n[:2], **ref)
+    with pytest.raises(TypeError, match="chosen_lengths must be an integer or floating"):
+        linear_dpo_loss(h, w, labels, chosen_lengths=n > 0, rejected_lengths=n, **ref)
+    with pytest.raises(TypeError, match="chosen_lengths must be an integer or floating"):
+        linear_dpo_loss(h, w, labels, chosen_lengths=[1, 2, 3], rejected_lengths=n, **ref)
+    with pytest.raises(ValueError, match="hidden must be"):
+        linear_pair_logps(h[:5], w, labels[:5])
+    with pytest.raises(ValueError, match="labels must lie"):
+        bad = labels.clone()
+        bad[1, 5] = 10_000
+        linear_pair_logps(h, w, bad)
 
 
 def test_bco_delta_callable_sees_the_batch():
@@ -334,6 +422,39 @@ def test_frozen_head_token_logps(backend, opts):
         outs.append((ref, torch.autograd.grad(ref, h2, g.to(dtype))[0]))
     assert_rule(lp, outs[0][0], outs[1][0], torch.float32, what="logps")
     assert_rule(gh, outs[0][1], outs[1][1], torch.float32, what="d hidden")
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_frozen_head_without_row_selection(monkeypatch, batch_invariant):
+    """Off the CPU the frozen head takes every row (counting the labelled ones would sync the
+    host): ignored rows are 0 from the row ops, and the labelled rows match the oracle."""
+    from fastdpo.linear import linear_token_logps
+
+    h, w, b, labels, *_ = batch(B=2, T=7, H=12, V=41, bias=True, seed=13)
+    g = torch.randn(labels[:, 1:].shape, generator=torch.Generator().manual_seed(0))
+    got, calls = {}, []
+    for select in (True, False):
+        if not select:
+            monkeypatch.setattr(AL, "labelled_rows",
+                                lambda labels, ignore_index: calls.append(1))
+        hh = h.clone().requires_grad_()
+        lp = linear_token_logps(hh, w, labels, bias=b, shift=True, backend="torch",
+                                batch_invariant=batch_invariant, return_entropy="detached")
+        got[select] = (*lp, *torch.autograd.grad(lp[0], hh, g))
+    outs = []
+    for dtype in (torch.float64, torch.float32):
+        h2 = h.to(dtype).requires_grad_()
+        ref = R.token_logps(h2 @ w.to(dtype).t() + b.to(dtype), labels, shift=True, dtype=dtype)
+        outs.append((ref, torch.autograd.grad(ref, h2, g.to(dtype))[0]))
+    lp, ent, gh = got[False]
+    assert calls  # the frozen head's loop ran without a selection
+    assert_rule(lp, outs[0][0], outs[1][0], torch.float32, what="logps")
+    assert_rule(gh, outs[0][1], outs[1][1], torch.float32, what="d hidden")
+    for a, c in zip(got[False], got[True]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    ignored = labels[:, 1:] == -100
+    assert ignored.any() and (lp[ignored] == 0).all() and (ent[ignored] == 0).all()
+    assert (gh[:, :-1][ignored] == 0).all() and (gh[:, -1] == 0).all()
 
 
 def test_frozen_head_detached_entropy(backend):

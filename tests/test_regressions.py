@@ -248,3 +248,114 @@ def test_extreme_fp64_case_holds_the_rule():
 
     check_extreme_case("torch", dict(dtype=torch.float64, V=5, pattern="masked",
                                      magnitude=1e8, sign=1.0, temperature=0.7, seed=329))
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("grad", ["none", "weight", "hidden"])
+def test_unchecked_invalid_label_is_nan_across_vocabulary_tiles(backend, grad):
+    """An out-of-range label, unchecked (validate=False, CUDA's default), is NaN by the row
+    contract. The fused head's tile loop started each row's log-prob at 0, which the first
+    merge over vocabulary tiles turned into -lse: a plausible finite number."""
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 64, 64, 20000  # V over one tile of the torch loop's plan
+    hidden = torch.randn(1, N, H, generator=g).requires_grad_(grad == "hidden")
+    weight = (torch.randn(V, H, generator=g) * 0.1).requires_grad_(grad == "weight")
+    labels = torch.randint(0, V, (1, N), generator=g)
+    labels[0, 5] = V + 3
+    lp = fastdpo.linear_token_logps(hidden, weight, labels, backend=backend, validate=False)
+    assert math.isnan(lp[0, 5].item())
+    assert torch.isfinite(lp[0, torch.arange(N) != 5]).all()
+    seq = fastdpo.linear_sequence_logps(hidden, weight, labels, backend=backend,
+                                        validate=False)
+    assert math.isnan(seq[0].item())
+
+
+def _pair_batch(seed=3, bias=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, V = 3, 9, 16, 53
+    hidden = torch.randn(2 * B, T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / math.sqrt(H)).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype) if bias else None
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :3] = -100
+    labels[0, 6:] = -100
+    rc, rr = torch.randn(B, generator=g) - 20, torch.randn(B, generator=g) - 20
+    return hidden, weight, b, labels, rc, rr
+
+
+def _fused_losses(h, w, labels, rc, rr, **kw):
+    yield "dpo", fastdpo.linear_dpo_loss(h, w, labels, ref_chosen_logps=rc,
+                                         ref_rejected_logps=rr, **kw)[0]
+    yield "cpo", fastdpo.linear_cpo_loss(h, w, labels, **kw)[0]
+    yield "orpo", fastdpo.linear_orpo_loss(h, w, labels, **kw)[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_fused_losses_refuse_create_graph(backend):
+    """A gradient penalty needs the second-order term; the fused losses' backward is a closed
+    form with no graph, and under once_differentiable the refusal never fired: the penalty's
+    gradient came back as 0."""
+    h, w, _, labels, rc, rr = _pair_batch()
+    hh = h.clone().requires_grad_()
+    for name, loss in _fused_losses(hh, w, labels, rc, rr, backend=backend):
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(loss, hh, create_graph=True)
+
+
+def test_dpo_loss_refuses_create_graph():
+    pc = torch.tensor([-10.0, -12.0], requires_grad=True)
+    pr = torch.tensor([-11.0, -9.0])
+    loss, _ = fastdpo.dpo_loss(pc, pr, pr, pr)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, pc, create_graph=True)
+    (g,) = torch.autograd.grad(fastdpo.dpo_loss(pc, pr, pr, pr)[0], pc)  # first order works
+    assert torch.isfinite(g).all() and (g != 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_fused_losses_check_the_bias_device(backend):
+    """A bias on another device than hidden/weight was not checked: native read garbage, the
+    torch backend dropped the bias (the no-bias loss)."""
+    h, w, b, labels, rc, rr = _pair_batch(bias=True)
+    meta = b.to("meta")
+    for fn, kw in ((fastdpo.linear_dpo_loss, dict(ref_chosen_logps=rc, ref_rejected_logps=rr)),
+                   (fastdpo.linear_cpo_loss, {}), (fastdpo.linear_orpo_loss, {})):
+        with pytest.raises(ValueError, match="bias is on meta"):
+            fn(h, w, labels, bias=meta, backend=backend, **kw)
+    with pytest.raises(ValueError, match="ref_bias is on meta"):
+        fastdpo.linear_dpo_loss(h, w, labels, ref_hidden=h, ref_weight=w, ref_bias=meta,
+                                backend=backend)
+
+
+def test_linear_dpo_loss_refuses_ref_bias_beside_ref_logps():
+    h, w, b, labels, rc, rr = _pair_batch(bias=True)
+    with pytest.raises(ValueError, match="ref_bias"):
+        fastdpo.linear_dpo_loss(h, w, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                                ref_bias=b)
+
+
+@pytest.mark.parametrize("bad", ["False", 1, 0.5])
+def test_fused_losses_check_average_is_a_bool(bad):
+    h, w, _, labels, rc, rr = _pair_batch()
+    for fn, kw in ((fastdpo.linear_dpo_loss, dict(ref_chosen_logps=rc, ref_rejected_logps=rr)),
+                   (fastdpo.linear_cpo_loss, {}), (fastdpo.linear_pair_logps, {})):
+        with pytest.raises(TypeError, match="average"):
+            fn(h, w, labels, average=bad, **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_fp16_loss_scaling_keeps_fused_gradients_finite(backend):
+    """GradScaler starts at 2**16, over fp16's max: the stored fp16 gradients were multiplied by
+    grad.to(fp16) = inf (NaN on ignored rows). The scaled gradient must equal the unit one times
+    the scale, computed in fp32 and rounded once."""
+    h, w, _, labels, rc, rr = _pair_batch(seed=1, dtype=torch.float16)
+    S = 65536.0
+    for name in ("dpo", "cpo"):
+        got = []
+        for scale in (1.0, S):
+            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+            loss = dict(_fused_losses(hh, ww, labels, rc, rr, backend=backend))[name]
+            got.append(torch.autograd.grad(loss * scale, (hh, ww)))
+        for unit, scaled in zip(*got):
+            assert torch.isfinite(scaled).all(), name
+            torch.testing.assert_close(scaled, (unit.float() * S).half(), rtol=2e-3, atol=0)

@@ -36,7 +36,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops, rows
-from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
+from ..torch_backend.linear import labelled_rows, pad_rows
+from ..torch_backend.matmul import logits_tile, mm_acc, operand_dtype
 from .linear_native import (KeptChunks, has_native_op, native_applies, native_head, native_pass,
                             recompute_pass)
 from .linear_stream import (PassResult, chunk_selection, loop_setup, sequence_sums, streamed,
@@ -328,8 +329,10 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     row_max, log_sum = torch.zeros_like(logp), torch.zeros_like(logp)
     u = torch.zeros((N, H), dtype=acc, device=dev)
     ent = torch.zeros(N if with_entropy else 0, dtype=acc, device=dev)
-    sel_all = torch.nonzero(labels != ignore_index).squeeze(1)
-    n_act = sel_all.numel()
+    # CPU: only the labelled rows (the count is free there); elsewhere every row, no host sync
+    # (an ignored row's statistics and u are 0 from the row ops)
+    sel_all = labelled_rows(labels, ignore_index)
+    n_act = N if sel_all is None else sel_all.numel()
     if batch_invariant:
         chunk_rows = MIN_CHUNK_ROWS
     elif chunk_rows is None:
@@ -344,25 +347,40 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     T = float(temperature)
     with torch.autocast(dev.type, enabled=False):  # fp32 matmuls, as inside the ops
         for r0 in range(0, n_act, R_max):
-            sel = sel_all[r0:r0 + R_max]
-            n = sel.numel()
+            if sel_all is None:
+                sel = slice(r0, min(N, r0 + R_max))
+                n = sel.stop - r0
+            else:
+                sel = sel_all[r0:r0 + R_max]
+                n = sel.numel()
             R = R_max if batch_invariant else n
             x = buf[:R * V].view(R, V)
             t = tbuf[:R * V].view(R, V) if softcap else None
-            lab = pad_rows(labels.index_select(0, sel), R, ignore_index).view(1, R)
-            h = pad_rows(hidden.index_select(0, sel).to(opd), R, 0)
+            lab = pad_rows(_rows_of(labels, sel), R, ignore_index).view(1, R)
+            h = pad_rows(_rows_of(hidden, sel).to(opd), R, 0)
             logits_tile(h, w, b, logit_scale, softcap, x, t)
             lp, m, ls, e = row_fwd(x.view(1, R, V), lab, ignore_index, T, 0, V, with_entropy)
             row_bwd(ones[:, :R], None, x.view(1, R, V), lab, m, ls, None, ignore_index, T, 0, V,
                     x.view(1, R, V))
             dz = rows.transform_grad_(x, t, logit_scale, softcap)
-            u.index_copy_(0, sel, mm_acc(dz if dz.dtype == opd else dz.to(opd), w)[:n])
-            logp.index_copy_(0, sel, lp.view(R)[:n])
-            row_max.index_copy_(0, sel, m.view(R)[:n])
-            log_sum.index_copy_(0, sel, ls.view(R)[:n])
+            _put_rows(u, sel, mm_acc(dz if dz.dtype == opd else dz.to(opd), w)[:n])
+            _put_rows(logp, sel, lp.view(R)[:n])
+            _put_rows(row_max, sel, m.view(R)[:n])
+            _put_rows(log_sum, sel, ls.view(R)[:n])
             if with_entropy:
-                ent.index_copy_(0, sel, e.view(R)[:n])
+                _put_rows(ent, sel, e.view(R)[:n])
     return logp, row_max, log_sum, u, ent
+
+
+def _rows_of(t, sel):
+    return t[sel] if isinstance(sel, slice) else t.index_select(0, sel)
+
+
+def _put_rows(out, sel, t):
+    if isinstance(sel, slice):
+        out[sel] = t
+    else:
+        out.index_copy_(0, sel, t)
 
 
 class LinearPairLoss(torch.autograd.Function):
@@ -383,8 +401,8 @@ class LinearPairLoss(torch.autograd.Function):
         return (loss, *logps)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad, *_):
+        # not once_differentiable: it runs backward without grad mode, hiding create_graph
         refuse_double_backward(ctx.name)
         grads = ctx.grads
         if grads is None:
@@ -399,6 +417,10 @@ class LinearPairLoss(torch.autograd.Function):
         for i, g in enumerate(grads):
             if g is None or grad is None or not ctx.needs_input_grad[i]:
                 out.append(None)
+            elif unit:
+                out.append(g)
+            elif g.dtype == torch.float16:  # a loss scale (2**16) is over fp16's range
+                out.append(g.copy_(g.float() * grad.float()))
             else:  # in place: the stored gradient is not used again
-                out.append(g if unit else g.mul_(grad.to(g.dtype)))
+                out.append(g.mul_(grad.to(g.dtype)))
         return (*out, None, None)

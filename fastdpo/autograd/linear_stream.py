@@ -9,7 +9,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import ops, rows
-from ..torch_backend.linear import logits_tile, mm_acc, operand_dtype, pad_rows
+from ..torch_backend.linear import pad_rows
+from ..torch_backend.matmul import logits_tile, mm_acc, operand_dtype
 
 
 class PassResult(NamedTuple):

@@ -164,9 +164,13 @@ class LabelSetLogps(torch.autograd.Function):
         if grad_entropy is not None:
             val = val - grad_entropy[..., None] * p_k * (logp_k + ent[..., None])
         g3, _ = rows_view(grad_full, labels, opts.shift)
-        b, t, k = torch.nonzero(parts.local, as_tuple=True)
-        vals = val[b, t, k] / opts.temperature
-        g3.index_put_((b, t, parts.index[b, t, k]), vals.to(g3.dtype))
+        vals = (val / opts.temperature).to(g3.dtype)
+        # one label slot at a time, gathered again after the last write: a slot without a label
+        # (index 0) writes back what is there, with no host sync for a count of labels
+        for k in range(vals.shape[-1]):
+            idx = parts.index[..., k:k + 1]
+            cur = g3.gather(-1, idx)
+            g3.scatter_(-1, idx, torch.where(parts.local[..., k:k + 1], vals[..., k:k + 1], cur))
         if opts.inplace_backward:
             torch.autograd.graph.increment_version(logits)
         return grad_full, None, None

@@ -6,9 +6,11 @@ comes back from the OS as new pages, and on a CPU the first write to each page i
 :class:`Workspace` passed to every step keeps the buffers between calls instead: 1-3% of the fp32
 DPO step at (N, H, V) = (1024, 512, 32000) and (2048, 256, 128256) on this project's 2-core CI
 machine (``fastdpo[native,workspace]`` in ``benchmarks/results/lmhead-workspace/``), nothing
-measurable at (4096, 1024, 128256). The price is explicit: they stay allocated (one chunk's logits, ``nbytes``) until :meth:`release` or until
-the workspace is dropped. CUDA's caching allocator already reuses device memory, so there it
-saves little.
+measurable at (4096, 1024, 128256). The price is explicit: they stay allocated (one chunk's
+logits, ``nbytes``) until :meth:`release` or until the workspace is dropped. CUDA's caching
+allocator already reuses device memory, so there it saves little; and there the lock below ends
+when the call returns, not when its kernels finish, so calls on two CUDA streams must not share
+one workspace.
 """
 
 from __future__ import annotations

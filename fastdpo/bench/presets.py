@@ -19,6 +19,9 @@
   check (:mod:`.limits`), memory children one at a time.
 * ``lmhead-busy`` (not a :class:`Preset`: its own job, :mod:`.busy`): the DPO step at the same
   shapes, timed quiet and beside one busy process in paired rounds, for the slowdown goal.
+* ``trl-step`` (its own job too, :mod:`.trainer`): ``FastDPOTrainer``'s training step against
+  its log-prob-pass route and TRL's ``DPOTrainer`` on a small random Llama with a large
+  vocabulary.
 """
 
 from __future__ import annotations

@@ -51,7 +51,10 @@ NAMED_HELP = {"quick": "= --quick", "full": "= --full", "gpu": "= --gpu",
               "the biggest shape, --row-limit per row",
               "lmhead-busy": "the DPO step at the same shapes, quiet and beside --busy N "
               "(default 1) spinning processes in paired rounds: each implementation's "
-              "slowdown, fastdpo's against eager's"}
+              "slowdown, fastdpo's against eager's",
+              "trl-step": "FastDPOTrainer's training step (compute_loss + backward) against "
+              "its log-prob-pass route and TRL's DPOTrainer, a small random Llama with V = "
+              "32000 and 128256 (a few minutes)"}
 
 GPU_HELP = ("the GPU machine's sweep (V 32k-256k, N 4096/16384, bf16/fp32, fused LM head at "
             "H=4096, DPO steps), most important first; tiny sizes on CPU (the dry run)")
@@ -97,6 +100,18 @@ def run(args) -> int:
     from fastdpo.bench.machine import competing_load
 
     workloads = args.workload.split(",") if args.workload else None
+    if args.preset == "trl-step":
+        from fastdpo.bench.trainer import trainer_job
+
+        given = [f for f, v in (("--workload", args.workload), ("--time-limit", args.time_limit),
+                                ("--row-limit", args.row_limit), ("--budget", args.budget),
+                                ("--impl", args.impl), ("--device", args.device))
+                 if v is not None] + (["--busy"] if args.busy else [])
+        if given:
+            raise SystemExit(f"fastdpo bench --preset trl-step takes no {', '.join(given)} "
+                             "(it times the three trainers' step on CPU)")
+        trainer_job(args.out)
+        return 0
     if args.preset == "lmhead-busy":
         from fastdpo.bench.jobs import busy_job
 

@@ -7,18 +7,24 @@ Switch by changing one import::
 Same constructor, same ``DPOConfig`` (or :class:`FastDPOConfig` for the extra options), same
 logged metrics. What changes inside ``_compute_loss`` / ``compute_ref_log_probs``:
 
-* policy and reference log-probs come from fastdpo's fused LM head
-  (:func:`fastdpo.linear.linear_token_logps`) on the completion positions only, so neither the
-  logits nor a copy of the prompt positions' hidden states is kept for backward;
-* the loss is :func:`fastdpo.dpo_loss` (closed-form backward), which adds two loss types to
-  TRL's: ``soft`` (soft-label DPO, target = P(chosen beats rejected)) and ``distill`` (regress
-  the implicit reward margin on the reward model's margin). Their targets come from reward
-  columns of the dataset (``chosen_reward`` / ``rejected_reward``: a number, or a list of numbers
-  for an ensemble of reward models) through :func:`fastdpo.preference_probs`.
+* with a trainable LM head, the policy's head pass and the loss are one
+  :func:`fastdpo.linear_dpo_loss` call: the gradients of the hidden states and the head are
+  formed in its forward, 3 head matmuls instead of the 4 of a log-prob pass and its backward,
+  and no logits are kept. The reference's log-probs come from :func:`fastdpo.linear_pair_logps`
+  (the same kernels and sums, so equal models give rewards of exactly 0, as in TRL);
+* a frozen head (LoRA), or ``sft`` beside ``ipo`` / ``sigmoid_norm`` (TRL divides those by two
+  different completion counts), keeps the fused log-prob pass
+  (:func:`fastdpo.linear.linear_token_logps`, 2 matmuls with a frozen head) on the completion
+  positions only and :func:`fastdpo.dpo_loss`;
+* the loss types add two to TRL's: ``soft`` (soft-label DPO, target = P(chosen beats
+  rejected)) and ``distill`` (regress the implicit reward margin on the reward model's margin).
+  Their targets come from reward columns of the dataset (``chosen_reward`` /
+  ``rejected_reward``: a number, or a list of numbers for an ensemble of reward models) through
+  :func:`fastdpo.preference_probs`.
 
 The policy's forward goes through the (possibly DDP/FSDP-wrapped) model's own ``forward`` with
-``output_hidden_states=True, logits_to_keep=1``, so wrappers see their usual forward (DDP's
-gradient hooks, FSDP's unsharding); logits are formed for one position per sequence only.
+``output_hidden_states=True`` and an empty ``logits_to_keep`` index, so wrappers see their usual
+forward (DDP's gradient hooks, FSDP's unsharding) and the model forms no logits at all.
 
 Configurations the fused path does not cover fall back to TRL's own computation, with a
 warning naming the reason: vision-language batches, ``use_weighting`` (WPO needs the sum of
@@ -33,105 +39,38 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-try:
-    import trl
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("fastdpo.integrations.trl needs TRL: pip install 'trl>=1.15,<1.17'") from exc
+# first: it checks the TRL version before anything imports TRL's internals
+from .trl_config import (TARGET_LOSS_TYPES, FastDPOConfig, RewardColumnsCollator,
+                         check_trl_version)
 
-from packaging.version import Version
-
-SUPPORTED_TRL = ((1, 15), (1, 16))  # (major, minor) series whose DPOTrainer internals were checked
-
-
-def check_trl_version(version: str | None = None) -> None:
-    """Raise ImportError unless ``version`` (default: the installed TRL) is a supported series."""
-    v = Version(version or trl.__version__)
-    if v.release[:2] not in SUPPORTED_TRL:
-        supported = ", ".join(f"{a}.{b}.x" for a, b in SUPPORTED_TRL)
-        raise ImportError(
-            f"fastdpo.integrations.trl supports TRL {supported}; found trl=={v}. FastDPOTrainer "
-            f"overrides DPOTrainer internals (_compute_loss, compute_ref_log_probs, the "
-            f"collator) that change between TRL releases: install a supported TRL "
-            f"(pip install 'trl>=1.15,<1.17') or use fastdpo.dpo_loss / "
-            f"fastdpo.linear.linear_sequence_logps directly in your own loop.")
-
-
-check_trl_version()
-
-from accelerate.utils import is_peft_model  # noqa: E402  (after the version check)
-from trl import DPOConfig, DPOTrainer  # noqa: E402
+from accelerate.utils import is_peft_model  # noqa: E402
+from trl import DPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
 from ..linear import linear_token_logps  # noqa: E402
-from ..rows import transform_logits_  # noqa: E402
 from ..losses import dpo_loss, preference_probs  # noqa: E402
-from ..losses.functional import LABEL_SMOOTHING_TYPES  # noqa: E402
-from .hf import head_params, lm_head_inputs  # noqa: E402
+from ..losses.functional import LABEL_SMOOTHING_TYPES, NORM_TYPES  # noqa: E402
+from ..losses.fused_linear import linear_dpo_loss, linear_pair_logps  # noqa: E402
+from .hf import head_of, head_params, lm_head_inputs  # noqa: E402
 from .reference import StoredReference  # noqa: E402
+from .trl_metrics import HeadPass, log_dpo_metrics, logit_stats  # noqa: E402
 
 __all__ = ["FastDPOTrainer", "FastDPOConfig", "RewardColumnsCollator", "check_trl_version"]
 
-TARGET_LOSS_TYPES = ("soft", "distill")
-# fp32 bytes of one logits tile in the (optional) no-grad pass for TRL's token metrics
-_METRIC_TILE_BYTES = 32 << 20
-
-
 @dataclass
-class FastDPOConfig(DPOConfig):
-    """``trl.DPOConfig`` plus fastdpo's options (a plain ``DPOConfig`` gets these defaults)."""
+class _Decoded:
+    """The decoder's output for the fused head: hidden states aligned with the labels."""
 
-    fastdpo_backend: str = field(
-        default="auto", metadata={"help": "fastdpo backend: auto, torch, triton or native."})
-    reward_columns: list[str] = field(
-        default_factory=lambda: ["chosen_reward", "rejected_reward"],
-        metadata={"help": "Dataset columns with the reward of the chosen and rejected completion "
-                          "(a number, or a list for an ensemble of reward models); targets of the "
-                          "'soft' and 'distill' loss types."})
-    reward_temperature: float = field(
-        default=1.0, metadata={"help": "Bradley-Terry temperature of the reward margins."})
-    reward_ensemble: str = field(
-        default="mean_prob", metadata={"help": "How ensemble members combine: mean_prob, "
-                                               "mean_margin, lower_quantile, mean_minus_std."})
-    entropy_metrics: bool = field(
-        default=True, metadata={"help": "Log TRL's entropy and entropy/chosen, entropy/rejected "
-                                        "(token means of the softmax entropy over each side's "
-                                        "completions), computed in the log-prob pass with "
-                                        "nothing kept for backward; set False to skip them."})
-    token_metrics: bool = field(
-        default=True, metadata={"help": "Log TRL's logits/chosen, logits/rejected and "
-                                        "mean_token_accuracy. They need the max and mean over "
-                                        "the vocabulary, one extra no-grad LM-head pass over the "
-                                        "completion tokens; set False to skip it."})
-
-
-@dataclass
-class RewardColumnsCollator:
-    """Runs ``base`` and adds the reward columns as float tensors: ``(B,)``, or ``(B, E)`` when
-    each example holds a list of ``E`` ensemble rewards. TRL's preference collator drops every
-    key it does not know, so the columns would not reach the loss otherwise."""
-
-    base: object
-    columns: tuple[str, ...]
-
-    def __call__(self, examples):
-        out = self.base(examples)
-        for c in self.columns:
-            if c in examples[0]:
-                out[c] = torch.tensor([ex[c] for ex in examples], dtype=torch.float32)
-        return out
-
-
-@dataclass
-class _HeadPass:
-    logps: torch.Tensor                  # (B, T-1), 0 outside the completion
-    entropy: torch.Tensor | None         # (B, T-1) detached
-    mean_logits: torch.Tensor | None     # (B, T-1) detached
-    is_top1: torch.Tensor | None         # (B, T-1) bool
+    hidden: torch.Tensor                 # (B, T, H)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    logit_scale: float
     aux_loss: torch.Tensor | None        # MoE router loss of the forward, when it computed one
 
 
@@ -206,7 +145,7 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
 
     # ------------------------------------------------------------------ log-probs
 
-    def _head_pass(self, model, model_kwargs, labels, *, policy: bool, stats: bool) -> _HeadPass:
+    def _head_pass(self, model, model_kwargs, labels, *, policy: bool, stats: bool) -> HeadPass:
         """Per-token log-probs of ``labels`` (prompt and padding = -100) under ``model``."""
         # Mixed precision: accelerate runs a prepared model's forward under autocast; run the
         # decoder-only reference call and the LM head under the same autocast so that policy,
@@ -214,7 +153,7 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
         with self.accelerator.autocast():
             return self._head_pass_impl(model, model_kwargs, labels, policy=policy, stats=stats)
 
-    def _head_pass_impl(self, model, model_kwargs, labels, *, policy, stats):
+    def _decoded(self, model, model_kwargs, labels, *, policy) -> _Decoded:
         unwrapped = self.accelerator.unwrap_model(model)
         # The policy (and any FSDP/DeepSpeed-wrapped model) runs its wrapper's forward, so DDP
         # sees the forward it needs for gradient sync and FSDP unshards; the frozen reference of
@@ -231,11 +170,18 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
         weight, bias, softcap, logit_scale = head_params(unwrapped)
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones.
         hidden = hidden[:, -labels.shape[1]:]
+        # keep only the aux loss of the outputs: not the tuple of every layer's hidden states
+        return _Decoded(hidden, weight, bias, softcap, logit_scale,
+                        getattr(outputs, "aux_loss", None))
+
+    def _head_pass_impl(self, model, model_kwargs, labels, *, policy, stats):
+        d = self._decoded(model, model_kwargs, labels, policy=policy)
+        weight, bias, softcap, logit_scale = d.weight, d.bias, d.softcap, d.logit_scale
         shift_labels = labels[:, 1:]
         mask = shift_labels != -100
         # Only completion positions: the prompt/padding rows' hidden states are not kept for
         # backward (the compaction costs one host sync for the row count, as in TRL on GPU).
-        rows = hidden[:, :-1][mask].to(weight.device)
+        rows = d.hidden[:, :-1][mask].to(weight.device)
         lab = shift_labels[mask].to(weight.device)
         kw = dict(bias=bias, softcap=softcap, logit_scale=logit_scale, backend=self._fd_backend)
         want_entropy = stats and getattr(self.args, "entropy_metrics", True)
@@ -252,12 +198,11 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
         per_token = scatter(lp)
         mean_logits = is_top1 = None
         if stats and getattr(self.args, "token_metrics", True):
-            m, t1 = _logit_stats(rows.detach(), weight.detach(), lab,
+            m, t1, _ = logit_stats(rows.detach(), weight.detach(), lab,
                                  None if bias is None else bias.detach(), softcap, logit_scale)
             mean_logits, is_top1 = scatter(m), scatter(t1, torch.bool)
-        # keep only the aux loss of the outputs: not the tuple of every layer's hidden states
-        return _HeadPass(per_token, None if ent is None else scatter(ent.detach()), mean_logits,
-                         is_top1, getattr(outputs, "aux_loss", None))
+        return HeadPass(per_token, None if ent is None else scatter(ent.detach()), mean_logits,
+                         is_top1, d.aux_loss)
 
     def _sequence_logps(self, per_token, shift_completion_mask):
         """Sum over the completion, or TRL's LD-DPO weighting of the tokens past the shorter
@@ -281,12 +226,36 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 adapter = "ref" if "ref" in unwrapped.peft_config else None
                 with use_adapter(unwrapped, adapter_name=adapter):
-                    ref = self._head_pass(self.model if model is None else model, model_kwargs,
-                                          labels, policy=False, stats=False)
-            else:
-                ref = self._head_pass(model if model is not None else self.ref_model,
-                                      model_kwargs, labels, policy=False, stats=False)
-        return self._sequence_logps(ref.logps, shift_completion_mask).chunk(2, dim=0)
+                    return self._ref_pass(self.model if model is None else model, model_kwargs,
+                                          labels, shift_completion_mask)
+            return self._ref_pass(model if model is not None else self.ref_model, model_kwargs,
+                                  labels, shift_completion_mask)
+
+    def _ref_pass(self, model, model_kwargs, labels, shift_completion_mask):
+        """``(chosen, rejected)`` reference log-probs, summed as the policy's are (with the
+        fused loss, :func:`linear_pair_logps`: equal models give equal bits, so the rewards
+        start at exactly 0, as in TRL)."""
+        if not self._fused_loss():
+            ref = self._head_pass(model, model_kwargs, labels, policy=False, stats=False)
+            return self._sequence_logps(ref.logps, shift_completion_mask).chunk(2, dim=0)
+        with self.accelerator.autocast():
+            d = self._decoded(model, model_kwargs, labels, policy=False)
+            lab = labels.to(d.weight.device)
+            return linear_pair_logps(d.hidden.to(d.weight.device), d.weight, lab, bias=d.bias,
+                                     softcap=d.softcap, logit_scale=d.logit_scale,
+                                     token_weights=self._ld_weights(lab),
+                                     backend=self._fd_backend)
+
+    def _ld_weights(self, labels):
+        """TRL's LD-DPO token weights (``ld_alpha`` past the shorter completion of the pair),
+        shaped like ``labels``; None without ``ld_alpha``."""
+        if self.ld_alpha is None:
+            return None
+        mask = labels[:, 1:] != -100
+        pos = mask.cumsum(dim=1)
+        shared = torch.minimum(*mask.sum(dim=1).chunk(2, dim=0)).repeat(2).unsqueeze(1)
+        w = torch.where(pos <= shared, 1.0, float(self.ld_alpha))
+        return torch.cat([torch.zeros_like(w[:, :1]), w], dim=1)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch (``precompute_ref_log_probs``)."""
@@ -334,19 +303,103 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
         shift_completion_mask = completion_mask[..., 1:]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
 
-        pol = self._head_pass(model, model_kwargs, labels, policy=True, stats=True)
-        logps = self._sequence_logps(pol.logps, shift_completion_mask)
-        chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # the batch is [chosen; rejected]
-        if self.precompute_ref_logps:
-            ref_chosen_logps, ref_rejected_logps = (inputs["ref_chosen_logps"],
-                                                    inputs["ref_rejected_logps"])
+        if self._fused_loss():
+            # the policy's decoder runs first, as in TRL (same RNG order for dropout)
+            with self.accelerator.autocast():
+                dec = self._decoded(model, model_kwargs, labels, policy=True)
+            refs = self._reference_pair(inputs, ref_kwargs, labels)
+            target_probs, reward_margins = self._targets(inputs)
+            pol, loss, chosen_logps, rejected_logps = self._fused_policy_loss(
+                dec, labels, completion_mask, refs, target_probs, reward_margins)
+            ref_chosen_logps, ref_rejected_logps = refs
         else:
-            ref_chosen_logps, ref_rejected_logps = self._reference_logps(
-                self.ref_model, inputs, ref_kwargs, labels)
-        ref_chosen_logps = ref_chosen_logps.to(chosen_logps)
-        ref_rejected_logps = ref_rejected_logps.to(chosen_logps)
+            pol = self._head_pass(model, model_kwargs, labels, policy=True, stats=True)
+            logps = self._sequence_logps(pol.logps, shift_completion_mask)
+            chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # batch = [chosen; rejected]
+            ref_chosen_logps, ref_rejected_logps = (
+                r.to(chosen_logps) for r in self._reference_pair(inputs, ref_kwargs, labels))
+            target_probs, reward_margins = self._targets(inputs)
+            loss = self._pair_loss(chosen_logps, rejected_logps, ref_chosen_logps,
+                                   ref_rejected_logps, completion_mask, target_probs,
+                                   reward_margins)
 
-        target_probs, reward_margins = self._targets(inputs)
+        if self.aux_loss_enabled:
+            aux_loss = pol.aux_loss
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        log_dpo_metrics(self, mode, inputs, pol, shift_completion_mask, chosen_logps, rejected_logps,
+                          ref_chosen_logps, ref_rejected_logps, target_probs)
+        return loss
+
+    def _reference_pair(self, inputs, ref_kwargs, labels):
+        """The reference's ``(B,)`` chosen and rejected log-probs: stored, or computed."""
+        if self.precompute_ref_logps:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        return self._reference_logps(self.ref_model, inputs, ref_kwargs, labels)
+
+    def _loss_args(self, types):
+        """``dpo_loss`` keywords shared by both routes, for the loss types ``types``."""
+        uses_smoothing = any(t in LABEL_SMOOTHING_TYPES for t in types)
+        return dict(beta=self.beta, label_smoothing=self.label_smoothing if uses_smoothing else 0.0,
+                    discopop_tau=self.args.discopop_tau,
+                    f_divergence_type=self.f_divergence_type,
+                    f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+
+    def _fused_loss(self) -> bool:
+        """Whether the policy's head pass and the loss run as one :func:`linear_dpo_loss` call:
+        3 head matmuls with a trainable head instead of 4. A frozen head (LoRA) keeps the
+        log-prob pass, whose 2 matmuls also give the entropy. Not with ``sft`` beside ``ipo`` /
+        ``sigmoid_norm`` either: TRL divides those by two different completion counts."""
+        types = set(self.loss_types)
+        if "sft" in types and types & set(NORM_TYPES):
+            return False
+        return bool(head_of(self.accelerator.unwrap_model(self.model)).weight.requires_grad)
+
+    def _fused_policy_loss(self, dec, labels, completion_mask, refs, target_probs,
+                           reward_margins):
+        """``(head pass, loss, chosen_logps, rejected_logps)`` of the policy from one
+        :func:`linear_dpo_loss` call: the gradients are formed in its forward. The logged
+        token metrics come from one no-grad pass over the completion rows."""
+        types = list(self.loss_types)
+        weights = list(self.loss_weights or (1.0,) * len(types))
+        lab = labels.to(dec.weight.device)
+        mask = lab[:, 1:] != -100
+        tw, lengths = self._ld_weights(lab), None
+        if set(types) & set(NORM_TYPES):  # TRL's count: the unshifted completion mask
+            lengths = completion_mask.to(lab.device).sum(dim=1).chunk(2, dim=0)
+        with self.accelerator.autocast():
+            loss, m = linear_dpo_loss(
+                dec.hidden.to(dec.weight.device), dec.weight, lab, bias=dec.bias,
+                ref_chosen_logps=refs[0], ref_rejected_logps=refs[1], loss_type=types,
+                loss_weights=weights, target_probs=target_probs, reward_margins=reward_margins,
+                softcap=dec.softcap, logit_scale=dec.logit_scale, token_weights=tw,
+                chosen_lengths=None if lengths is None else lengths[0],
+                rejected_lengths=None if lengths is None else lengths[1],
+                backend=self._fd_backend, per_pair_metrics=True, **self._loss_args(types))
+            ent = mean_logits = is_top1 = None
+            want_ent = getattr(self.args, "entropy_metrics", True)
+            want_tok = getattr(self.args, "token_metrics", True)
+            if want_ent or want_tok:
+                rows = dec.hidden[:, :-1].detach().to(dec.weight.device)[mask]
+                b = None if dec.bias is None else dec.bias.detach()
+                mean, top1, e = logit_stats(rows, dec.weight.detach(), lab[:, 1:][mask], b,
+                                             dec.softcap, dec.logit_scale, entropy=want_ent)
+
+                def scatter(x, dtype=None):
+                    z = torch.zeros(mask.shape, dtype=dtype or x.dtype, device=x.device)
+                    return z.masked_scatter(mask, x)
+
+                ent = scatter(e) if want_ent else None
+                if want_tok:
+                    mean_logits, is_top1 = scatter(mean), scatter(top1, torch.bool)
+        pol = HeadPass(None, ent, mean_logits, is_top1, dec.aux_loss)
+        return pol, loss, m["logps/chosen"], m["logps/rejected"]
+
+    def _pair_loss(self, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                   completion_mask, target_probs, reward_margins):
+        """The loss from sequence log-probs (:func:`fastdpo.dpo_loss`)."""
+        shift_completion_mask = completion_mask[..., 1:]
         types = tuple(self.loss_types)
         weights = tuple(self.loss_weights or (1.0,) * len(types))
         # TRL divides ipo / sigmoid_norm by the completion_mask count but sft by the shifted
@@ -358,86 +411,12 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
                 continue
             group_types, group_weights = (list(x) for x in zip(*group))
             chosen_lengths, rejected_lengths = count_mask.sum(dim=1).chunk(2, dim=0)
-            uses_smoothing = any(t in LABEL_SMOOTHING_TYPES for t in group_types)
             part, _ = dpo_loss(
                 chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                beta=self.beta, loss_type=group_types, loss_weights=group_weights,
-                label_smoothing=self.label_smoothing if uses_smoothing else 0.0,
+                loss_type=group_types, loss_weights=group_weights,
                 target_probs=target_probs if "soft" in group_types else None,
                 reward_margins=reward_margins if "distill" in group_types else None,
                 chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                discopop_tau=self.args.discopop_tau, f_divergence_type=self.f_divergence_type,
-                f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+                **self._loss_args(group_types))
             loss = loss + part
-
-        if self.aux_loss_enabled:
-            aux_loss = pol.aux_loss
-            loss = loss + self.router_aux_loss_coef * aux_loss
-            self._metrics[mode]["aux_loss"].append(
-                self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_metrics(mode, inputs, pol, shift_completion_mask, chosen_logps, rejected_logps,
-                          ref_chosen_logps, ref_rejected_logps, target_probs)
         return loss
-
-    # ------------------------------------------------------------------ metrics (TRL's names)
-
-    def _log_metrics(self, mode, inputs, pol, mask, chosen_logps, rejected_logps,
-                     ref_chosen_logps, ref_rejected_logps, target_probs):
-        acc = self.accelerator
-        metrics = self._metrics[mode]
-
-        def gathered_sum(x):
-            return acc.gather_for_metrics(x).sum()
-
-        def ratio(num, den):
-            num, den = gathered_sum(num).item(), gathered_sum(den).item()
-            return num / den if den > 0 else 0.0
-
-        if pol.entropy is not None:
-            metrics["entropy"].append(ratio((pol.entropy * mask).sum(), mask.sum()))
-            for side, ent, m in zip(("chosen", "rejected"), pol.entropy.chunk(2, dim=0),
-                                    mask.chunk(2, dim=0)):
-                metrics[f"entropy/{side}"].append(ratio((ent * m).sum(), m.sum()))
-        if mode == "train":
-            n = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += n // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
-        chosen_mask, rejected_mask = mask.chunk(2, dim=0)
-        if pol.mean_logits is not None:
-            mean_c, mean_r = pol.mean_logits.chunk(2, dim=0)
-            metrics["logits/chosen"].append(ratio((mean_c * chosen_mask).sum(), chosen_mask.sum()))
-            metrics["logits/rejected"].append(ratio((mean_r * rejected_mask).sum(),
-                                                    rejected_mask.sum()))
-            top1_c, _ = pol.is_top1.chunk(2, dim=0)
-            metrics["mean_token_accuracy"].append(
-                ratio((top1_c & chosen_mask.bool()).sum(), chosen_mask.sum()))
-        chosen_rewards = self.beta * (chosen_logps.detach() - ref_chosen_logps)
-        rejected_rewards = self.beta * (rejected_logps.detach() - ref_rejected_logps)
-        metrics["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
-        metrics["rewards/accuracies"].append(
-            acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
-        metrics["rewards/margins"].append(
-            acc.gather(chosen_rewards - rejected_rewards).mean().item())
-        metrics["logps/chosen"].append(acc.gather(chosen_logps.detach()).mean().item())
-        metrics["logps/rejected"].append(acc.gather(rejected_logps.detach()).mean().item())
-        if target_probs is not None:
-            metrics["targets/probs"].append(acc.gather(target_probs.detach()).mean().item())
-
-
-@torch.no_grad()
-def _logit_stats(rows, weight, labels, bias, softcap, logit_scale):
-    """Per row: the mean logit over the vocabulary and whether the label is the (first) argmax,
-    computed in row blocks whose fp32 logits stay under ``_METRIC_TILE_BYTES``."""
-    N, V = rows.shape[0], weight.shape[0]
-    mean = torch.empty(N, dtype=torch.float32, device=rows.device)
-    top1 = torch.empty(N, dtype=torch.bool, device=rows.device)
-    step = max(1, _METRIC_TILE_BYTES // (4 * V))
-    for i in range(0, N, step):
-        z = (rows[i:i + step].to(weight.dtype) @ weight.t()).float()
-        if bias is not None:
-            z += bias.float()
-        z = transform_logits_(z, logit_scale, softcap or 0.0)
-        mean[i:i + step] = z.mean(-1)
-        top1[i:i + step] = z.argmax(-1) == labels[i:i + step]
-    return mean, top1

@@ -27,7 +27,8 @@ import torch
 from ..linear import linear_token_logps
 from ..losses import cpo_loss, orpo_loss
 from .hf import head_params
-from .trl import _logit_stats, check_trl_version
+from .trl_config import check_trl_version
+from .trl_metrics import logit_stats
 
 check_trl_version()
 
@@ -84,7 +85,7 @@ class _FusedConcatenatedForward:
             nll = -torch.where(nmask, tok[:n], 0.0).sum() / nmask.sum()
         with torch.no_grad():  # TRL logs the mean of every logit of the padded batch
             rows = hidden.detach().reshape(-1, hidden.shape[-1])
-            mean, _ = _logit_stats(rows, weight.detach(),
+            mean, _, _ = logit_stats(rows, weight.detach(),
                                    torch.zeros(rows.shape[0], dtype=torch.long,
                                                device=rows.device),
                                    None if bias is None else bias.detach(), softcap, logit_scale)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..autograd.options import refuse_double_backward
 from .functional import LossConfig, PairInputs, combined
 
 # Positional order of the differentiable DPO-family inputs, and their names in the VJP dicts.
@@ -44,8 +45,9 @@ class ClosedFormLoss(torch.autograd.Function):
         return _reduce(per, reduction)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        # not once_differentiable: it runs backward without grad mode, hiding create_graph
+        refuse_double_backward("the DPO-family losses")
         if ctx.reduction == "none":
             g = grad
         else:

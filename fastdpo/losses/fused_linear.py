@@ -44,7 +44,8 @@ def check_head(hidden, weight, labels, bias, name="", paired=True):
     _validate.check_float(f"{name}weight", weight)
     if bias is not None:
         _validate.check_float(f"{name}bias", bias)
-    _validate.check_same_device(**{f"{name}hidden": hidden, f"{name}weight": weight, "labels": labels})
+    _validate.check_same_device(**{f"{name}hidden": hidden, f"{name}weight": weight,
+                                   f"{name}bias": bias, "labels": labels})
     if paired and (hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[0] % 2):
         raise ValueError(f"{name}hidden must be (2B, T, H) with the B chosen sequences first, "
                          f"then the B rejected ones, got shape {tuple(hidden.shape)}")
@@ -119,7 +120,8 @@ def prepare(name, hidden, weight, labels, bias, *, parts, ignore_index, shift, t
     _validate.check_index("labels", labels)  # before check_head reads its shape
     check_head(hidden, weight, labels, bias, paired=parts == 2)
     _validate.check_options(ignore_index=ignore_index, temperature=temperature, backend=backend,
-                            validate=validate, shift=shift, batch_invariant=batch_invariant)
+                            validate=validate, shift=shift, batch_invariant=batch_invariant,
+                            average=average)
     if chunk_rows is not None:
         _validate.check_int("chunk_rows", chunk_rows, minimum=1)
     check_workspace(workspace)
@@ -164,10 +166,16 @@ def reference_logps(fb: FusedBatch, ref_hidden, ref_weight, ref_bias, labels, sh
     check_head(ref_hidden, ref_weight, labels, ref_bias, "ref_", paired=fb.rows.parts == 2)
     if ref_weight.shape[0] != fb.V:
         raise ValueError(f"ref_weight has {ref_weight.shape[0]} vocabulary rows, weight {fb.V}")
+    return _logps_of(fb, ref_hidden, ref_weight, ref_bias, labels, shift)
+
+
+def _logps_of(fb: FusedBatch, hidden, weight, bias, labels, shift):
+    """Sequence log-probs of ``hidden`` under ``weight`` on ``fb``'s rows and chunks, no graph:
+    the same kernels and sums as ``fb``'s own pass, so equal models give equal bits."""
     pr = fb.rows
     acc = pr.scale.dtype
     with torch.no_grad():
-        rh = ref_hidden.detach()
+        rh = hidden.detach()
         rh = rh.to(fb.hidden.dtype) if rh.dtype != fb.hidden.dtype else rh
         r2, _ = flat_rows(rh, labels, shift, fb.head.ignore_index)
         # the same rows as the policy's: its plan (and its host sync) serves again, unless a
@@ -175,9 +183,27 @@ def reference_logps(fb: FusedBatch, ref_hidden, ref_weight, ref_bias, labels, sh
         rows = (dataclasses.replace(pr, h2=r2) if pr.extra is None else
                 build_rows(r2, fb.lab, fb.w_rows, pr.pairs, labels.shape[1], acc,
                            parts=pr.parts))
-        return run_pairs(fb.head, rows, ref_weight.detach(),
-                         None if ref_bias is None else ref_bias.detach(), fb.chunks, None, False,
+        return run_pairs(fb.head, rows, weight.detach(),
+                         None if bias is None else bias.detach(), fb.chunks, None, False,
                          False, False, tile=fb.tile, slab=fb.slab).logps
+
+
+def linear_pair_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, shift=True,
+                      temperature=1.0, logit_scale=1.0, softcap=None, token_weights=None,
+                      average=False, backend="auto", validate=None, chunk_rows=None,
+                      batch_invariant=False):
+    """``(chosen, rejected)`` ``(B,)`` sequence log-probs of a ``[chosen; rejected]`` batch, no
+    graph: the values :func:`linear_dpo_loss` forms for the policy on the same batch and
+    options, bit for bit (its ``logps/*`` metrics). Use it for reference log-probs that must
+    cancel the policy's exactly when the two models are equal (TRL's rewards are then exactly
+    0 at the first step). Arguments as :func:`linear_dpo_loss`."""
+    fb = prepare("linear_pair_logps", hidden, weight, labels, bias, parts=2,
+                 ignore_index=ignore_index, shift=shift, temperature=temperature,
+                 logit_scale=logit_scale, softcap=softcap, reduction="mean",
+                 token_weights=token_weights, average=average, backend=backend,
+                 validate=validate, chunk_rows=chunk_rows, batch_invariant=batch_invariant)
+    pc, pr = _logps_of(fb, fb.hidden, weight, bias, labels, shift)
+    return pc, pr
 
 
 def _head(backend, hidden, ignore_index, temperature, logit_scale, softcap, workspace=None):
@@ -195,7 +221,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                     reward_margins=None, reduction="mean", ignore_index=-100, shift=True,
                     temperature=1.0, logit_scale=1.0, softcap=None, token_weights=None,
                     average=False, backend="auto", validate=None, chunk_rows=None,
-                    batch_invariant=False, workspace=None):
+                    batch_invariant=False, workspace=None, chosen_lengths=None,
+                    rejected_lengths=None, per_pair_metrics=False):
     """DPO-family loss of a ``[chosen; rejected]`` batch from the policy's hidden states.
 
     Equals ``dpo_loss(pc, pr, rc, rr, ...)`` with ``(pc; pr) = linear_sequence_logps(hidden,
@@ -215,7 +242,10 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         beta, loss_type, label_smoothing, loss_weights, discopop_tau, f_divergence_type,
             f_alpha_divergence_coef, target_probs, reward_margins: as :func:`fastdpo.dpo_loss`;
             the completion lengths ``ipo`` / ``sigmoid_norm`` / ``sft`` use are the label counts,
-            as :class:`fastdpo.DPOLoss` takes them.
+            as :class:`fastdpo.DPOLoss` takes them, unless given:
+        chosen_lengths, rejected_lengths: ``(B,)`` completion lengths to use instead (both or
+            neither), as :func:`fastdpo.dpo_loss` takes them (TRL counts the unshifted
+            completion mask, one more than the labels when the prompt is empty).
         bco_delta: ``bco_pair``'s reward shift: a number or one-element tensor, or a callable
             ``f(pc, pr, rc, rr) -> delta`` evaluated on this batch's detached sequence log-probs
             (e.g. to update a :class:`fastdpo.losses.RewardRunningMean`; costs a first pass).
@@ -244,6 +274,9 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
             step, :mod:`fastdpo.autograd.workspace`), for one chunk's logits held until
             ``workspace.release()``.
 
+        per_pair_metrics: the metrics as ``(B,)`` tensors, not batch means (for callers that
+            gather across ranks before averaging).
+
     Returns:
         ``(loss, metrics)`` as :func:`fastdpo.dpo_loss` (TRL's reward and log-prob metrics).
     """
@@ -265,7 +298,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
     if ref_hidden is not None:
         rc, rr = reference_logps(fb, ref_hidden, ref_weight, ref_bias, labels, shift)
     else:
-        if ref_chosen_logps is None or ref_rejected_logps is None or ref_weight is not None:
+        if (ref_chosen_logps is None or ref_rejected_logps is None or ref_weight is not None
+                or ref_bias is not None):
             raise ValueError("pass both ref_chosen_logps and ref_rejected_logps (and no "
                              "ref_weight / ref_bias)")
         for n, t in (("ref_chosen_logps", ref_chosen_logps),
@@ -285,7 +319,7 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
     delta_fn = bco_delta if callable(bco_delta) else None
     if delta_fn is not None and "bco_pair" not in types:
         raise ValueError("bco_delta is only used by loss_type='bco_pair'")
-    nc, nr = lengths[:B], lengths[B:]
+    nc, nr = _pair_lengths(lengths, B, chosen_lengths, rejected_lengths, acc)
     with torch.no_grad():  # the tensor checks of dpo_loss, on this batch's shapes
         z = torch.zeros(B, dtype=acc, device=dev)
         dpo_loss(z, z, rc, rr, target_probs=target_probs, reward_margins=reward_margins,
@@ -379,7 +413,26 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
 
     loss, pc, pr = LinearPairLoss.apply(hidden, weight, bias, target_probs, reward_margins,
                                         compute, "linear_dpo_loss")
-    return loss, preference_metrics(pc, pr, rc, rr, beta)
+    return loss, preference_metrics(pc, pr, rc, rr, beta, reduce=not per_pair_metrics)
 
 
-__all__ = ["linear_dpo_loss"]
+def _pair_lengths(label_counts, B, chosen_lengths, rejected_lengths, acc):
+    """``(nc, nr)``: the given completion lengths, or the batch's label counts."""
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
+    if chosen_lengths is None:
+        return label_counts[:B], label_counts[B:]
+    out = []
+    for n, t in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        if not torch.is_tensor(t) or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{n} must be an integer or floating tensor, got "
+                            f"{type(t).__name__ if not torch.is_tensor(t) else t.dtype}")
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"{n} must have shape ({B},) (one value per pair), got "
+                             f"{tuple(t.shape)}")
+        _validate.check_same_device(**{"hidden": label_counts, n: t})
+        out.append(t.detach().to(acc))
+    return out[0], out[1]
+
+
+__all__ = ["linear_dpo_loss", "linear_pair_logps"]

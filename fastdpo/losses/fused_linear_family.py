@@ -37,7 +37,9 @@ _HEAD_DOC = """ignore_index, shift, temperature, logit_scale, softcap, token_wei
             validate, chunk_rows, batch_invariant, workspace: as :func:`fastdpo.linear_dpo_loss`
             (no ``average``: the losses take sums, and divide by the label counts where they
             average). ``token_weights`` weight each token in its sequence's sum; the lengths
-            stay the label counts, as :class:`fastdpo.CPOLoss` etc. count them."""
+            stay the label counts, as :class:`fastdpo.CPOLoss` etc. count them. A pair over
+            ``chunk_rows`` is streamed as there (one matmul more), except ORPO's with
+            ``nll_labels`` (its NLL rows are a second term of the pass: held whole)."""
 
 
 def _fused(name, fb, weight, bias, unit_grads, value, extra_grad=0.0):
@@ -49,11 +51,22 @@ def _fused(name, fb, weight, bias, unit_grads, value, extra_grad=0.0):
     out = {}
 
     def compute():
+        w_, b_ = weight.detach(), None if bias is None else bias.detach()
         with torch.no_grad():
-            res = run_pairs(fb.head, fb.rows, weight.detach(),
-                            None if bias is None else bias.detach(), fb.chunks, unit_grads,
-                            need_h, need_w, need_b, hidden_shape=hidden.shape, tile=fb.tile,
-                            extra_grad=extra_grad)
+            grads_of, first = unit_grads, None
+            if fb.slab and (need_h or need_w or need_b) and fb.rows.extra is None:
+                # a pair over the budget (chunk_rows): a first log-prob pass, then slabs with
+                # the known per-pair gradients, as linear_dpo_loss streams
+                first = run_pairs(fb.head, fb.rows, w_, b_, fb.chunks, None, False, False, False,
+                                  tile=fb.tile, slab=fb.slab)
+                known = unit_grads(0, fb.rows.pairs, *first.logps)
+
+                def grads_of(j0, j1, *_):
+                    return tuple(g[j0:j1] for g in known)
+            res = run_pairs(fb.head, fb.rows, w_, b_, fb.chunks, grads_of, need_h, need_w,
+                            need_b, hidden_shape=hidden.shape, tile=fb.tile,
+                            extra_grad=extra_grad, slab=fb.slab, known_grads=first is not None,
+                            first=first)
             out["loss"], out["metrics"] = value(res)
         return out["loss"], res.logps, (res.d_hidden, res.d_weight, res.d_bias, None, None)
 

@@ -32,7 +32,6 @@ The logit transform (Gemma-2 style soft-capping): ``z = c * tanh(s * (h @ w.T + 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -41,12 +40,21 @@ import torch
 
 from .. import backends, ops, rows
 from . import logps as _torch_rows  # noqa: F401  (registers the torch row kernels run here)
+from .matmul import acc_dtype, logits_tile, mm_acc, operand_dtype
 
 # Extra memory allowed, as a fraction of the (N, V) logits. More (FASTDPO_LINEAR_MEMORY_FRACTION,
 # e.g. 0.1) lets bf16 d_hidden accumulate in one sweep: at H = 4096, V = 128k its fp32
 # accumulator alone is 6.25% of the bf16 logits, so 5% costs a second sweep (one more matmul).
 BUDGET_FRACTION = float(os.environ.get("FASTDPO_LINEAR_MEMORY_FRACTION", "0.05"))
 MIN_BUDGET = 16 << 20
+# On a GPU each tile costs ~5-35 kernel launches (matmul, row kernel, the tile merge), ~5 us of
+# host time each, while its matmul takes 2 * rows * cols * H / ~790 TFLOP/s (H100/H200 bf16): a
+# 128-column tile of 330 rows at H = 4096 is 0.4 us of GPU work against ~150 us of launches, so
+# the 16 MiB floor would leave the GPU idle (4008 tiles for N = 1024, V = 128256). 512 MiB
+# (0.4% of an H200, 0.6% of an 80 GB H100) gives whole-vocabulary-row tiles of ~1000 rows there
+# (~0.65 ms of matmul per tile) and, for a trainable head's backward at N = 4096, ~5000-column
+# tiles (~0.2 ms each): GPU work above the launches' host time, so they overlap.
+MIN_BUDGET_CUDA = 512 << 20
 # fp32 copies of one logits tile alive at once in the torch row kernel (tile, tanh buffer, the
 # kernel's own exp / product temporaries); the native and Triton tile kernels need fewer.
 TILE_COPIES = 5
@@ -68,7 +76,8 @@ class Plan:
 
 
 def plan(N: int, V: int, H: int, itemsize: int, *, tile_bytes: int = 4 * TILE_COPIES,
-         hidden_acc: bool = True, budget: int | None = None, weight_direct: bool = False) -> Plan:
+         hidden_acc: bool = True, budget: int | None = None, weight_direct: bool = False,
+         device: str = "cpu") -> Plan:
     """Chunk sizes keeping the extra memory near ``budget`` bytes (see the module docstring).
 
     ``tile_bytes``: bytes of temporaries per logits-tile element; ``hidden_acc``: whether
@@ -77,9 +86,11 @@ def plan(N: int, V: int, H: int, itemsize: int, *, tile_bytes: int = 4 * TILE_CO
     so no weight chunk is copied: then whole vocabulary rows per tile when at least
     ``FULL_ROWS_MIN`` rows fit, which makes one matmul and one row-kernel call per token chunk
     (a few long parallel regions, no merging of tiles) instead of one per tile.
+    ``device``: the device type; CUDA's budget floor is ``MIN_BUDGET_CUDA``.
     """
     if budget is None:
-        budget = max(MIN_BUDGET, int(BUDGET_FRACTION * N * V * itemsize))
+        floor = MIN_BUDGET_CUDA if device == "cuda" else MIN_BUDGET
+        budget = max(floor, int(BUDGET_FRACTION * N * V * itemsize))
     part = budget // 3
     H = max(H, 1)
     block_rows = max(1, min(N, part // (4 * H))) if hidden_acc else max(N, 1)
@@ -114,55 +125,6 @@ def pad_rows(t, n: int, value):
     return out
 
 
-# --------------------------------------------------------------------------- matmul helpers
-
-
-acc_dtype = ops.acc_dtype
-
-
-def operand_dtype(compute: torch.dtype, device: torch.device) -> torch.dtype:
-    """dtype of matmul operands: the input's own on CUDA (tensor cores, fp32 accumulation
-    inside), fp32 on CPU (its bf16/fp16 matmuls round the result to the input dtype)."""
-    return compute if device.type == "cuda" else acc_dtype(compute)
-
-
-@functools.lru_cache(maxsize=None)
-def _mm_out_dtype_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.mm(..., out_dtype=fp32)`` works for ``dtype`` operands here, probed once
-    on 1x1 tensors (so an out-of-memory error in a real call is never mistaken for "no")."""
-    one = torch.ones((1, 1), dtype=dtype, device=device)
-    try:
-        torch.mm(one, one, out_dtype=torch.float32)
-    except (RuntimeError, TypeError):
-        return False
-    return True
-
-
-def mm_acc(a, b, out=None, accumulate=False):
-    """``out (+)= a @ b`` with an fp32/fp64 result whatever the operands' dtype."""
-    target = out.dtype if out is not None else acc_dtype(a.dtype)
-    if a.dtype == target:
-        if out is None:
-            return a @ b
-        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
-    if a.is_cuda and target == torch.float32 and _mm_out_dtype_ok(a.device, a.dtype):
-        r = torch.mm(a, b, out_dtype=target)
-    else:
-        r = (a @ b).to(target)
-    if out is None:
-        return r
-    return out.add_(r) if accumulate else out.copy_(r)
-
-
-def logits_tile(h, w, b, logit_scale, softcap, out, tanh_out=None):
-    """Write the transformed logits (before temperature) of rows ``h`` and vocabulary ``w`` into
-    ``out``; with ``tanh_out`` also keep ``tanh(s * a / c)`` for the backward's chain rule."""
-    mm_acc(h, w.t(), out=out)
-    if b is not None:
-        out.add_(b.to(out.dtype))
-    return rows.transform_logits_(out, logit_scale, softcap, tanh_out)
-
-
 # ----------------------------------------------------------------------------- forward loop
 
 
@@ -172,7 +134,8 @@ def forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temper
     N, H = hidden.shape
     V = weight.shape[0]
     if batch_invariant:  # a fixed plan, every tile full: see invariant_plan
-        p = invariant_plan(V, H, hidden.element_size(), hidden_acc=False)
+        p = invariant_plan(V, H, hidden.element_size(), hidden_acc=False,
+                           device=hidden.device.type)
         n_pad = -(-N // p.tile_rows) * p.tile_rows
         out = forward_loop(row_backend, pad_rows(hidden, n_pad, 0), weight, bias,
                            pad_rows(labels, n_pad, ignore_index), ignore_index, temperature,
@@ -183,7 +146,7 @@ def forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temper
     opd = operand_dtype(hidden.dtype, dev)
     p = plan_ or plan(N, V, H, hidden.element_size(), hidden_acc=False,
                       tile_bytes=tile_bytes_of(row_backend, 0.0),
-                      weight_direct=weight.dtype == opd)
+                      weight_direct=weight.dtype == opd, device=dev.type)
     row_fwd = ops.get_op(row_backend, "logps_fwd")
     # running row statistics over the tiles seen so far (the contract's values for no column)
     logp = torch.zeros(N, dtype=acc, device=dev)
@@ -223,6 +186,8 @@ def forward_loop(row_backend, hidden, weight, bias, labels, ignore_index, temper
             held[sl] |= here
     if not with_entropy:
         ent = hidden.new_empty((0,), dtype=acc)
+    # an invalid label is NaN (the row contract); the running log-prob started at 0, not NaN
+    logp = torch.where(lab.active & ~lab.valid, math.nan, logp)
     zero = ~lab.active
     return (logp.masked_fill(zero, 0.0), m.masked_fill(zero, 0.0), log_s.masked_fill(zero, 0.0),
             ent if not with_entropy else ent.masked_fill(zero, 0.0))
@@ -289,7 +254,7 @@ def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, 
     hidden_acc = need_hidden_grad and d_h.dtype != acc
     if batch_invariant:  # a fixed plan, every tile full: see invariant_plan
         p = invariant_plan(V, H, hidden.element_size(), tile_bytes=tiles.tile_bytes,
-                           hidden_acc=hidden_acc)
+                           hidden_acc=hidden_acc, device=hidden.device.type)
         n_pad = -(-N // p.tile_rows) * p.tile_rows
         padded = [None if t is None or t.numel() == 0 else pad_rows(t, n_pad, 0)
                   for t in (grad_logp, grad_entropy, hidden, row_max, log_sum, entropy)]
@@ -305,7 +270,7 @@ def backward_loop(tiles, grad_logp, grad_entropy, hidden, weight, bias, labels, 
               and not ((need_weight_grad and d_w.dtype != acc)
                        or (need_bias_grad and d_b.dtype != acc)))
     p = plan_ or plan(N, V, H, hidden.element_size(), tile_bytes=tiles.tile_bytes,
-                      hidden_acc=hidden_acc, weight_direct=direct)
+                      hidden_acc=hidden_acc, weight_direct=direct, device=hidden.device.type)
     tiles.reserve(p.tile_rows * p.tile_cols)
     row_data = (labels, grad_logp.to(acc),
                 None if grad_entropy is None else grad_entropy.to(acc), row_max, log_sum, entropy)

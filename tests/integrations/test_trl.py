@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import peers
+from matmul_count import MatmulFlops
 
 peers.require("trl", "datasets")
 from datasets import Dataset  # noqa: E402
@@ -185,6 +186,57 @@ def test_entropy_per_side_on_demand(tokenizer):
                        fastdpo_backend="torch", entropy_metrics=False)
     log = train_log(off)
     assert not any(k.startswith("entropy") for k in log[0])
+
+
+def _one_batch(tr):
+    tr.model.train()
+    return tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("metrics", [False, True], ids=["no-metrics", "metrics"])
+def test_trainable_head_step_is_one_fused_loss(tokenizer, backend, metrics):
+    """A trainable head's step runs linear_dpo_loss (gradients formed in forward): policy 3 head
+    matmuls over the completion tokens, reference 1, and TRL's token metrics (entropy, mean
+    logit, top-1) one no-grad pass more. The log-prob pass + dpo_loss took 4 for the policy."""
+    tr = make_trainer(FastDPOTrainer, tokenizer, dataset("none"), steps=1,
+                      fastdpo_backend=backend, entropy_metrics=metrics, token_metrics=metrics)
+    assert tr._fused_loss()
+    batch = _one_batch(tr)
+    V, H = tr.model.config.vocab_size, tr.model.config.hidden_size
+    assert V not in (H, tr.model.config.intermediate_size)
+    n_rows = int(batch["completion_mask"][:, 1:].sum())
+    with MatmulFlops(V) as step:
+        tr.compute_loss(tr.model, batch).backward()
+    assert step.macs == (4 + metrics) * n_rows * H * V, step.macs / (n_rows * H * V)
+    assert tr.model.lm_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cfg", [{}, {"precompute_ref_log_probs": True},
+                                 {"ld_alpha": 0.5, "loss_type": ["ipo"]}],
+                         ids=["live", "precompute", "ld-ipo"])
+def test_rewards_start_at_exactly_zero(tokenizer, cfg):
+    """Policy = reference before the first update: the reference's log-probs are summed as the
+    fused loss sums the policy's (linear_pair_logps), so every reward is exactly 0 as in TRL and
+    rewards/accuracies is 0, not a coin flip on the last bit."""
+    tr = make_trainer(FastDPOTrainer, tokenizer, dataset("none"), steps=1, batch=4, **cfg)
+    assert tr._fused_loss()
+    tr.compute_loss(tr.model, _one_batch(tr))
+    m = {k: v[-1] for k, v in tr._metrics["train"].items()}
+    assert m["logps/chosen"] != 0
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert m[k] == 0.0, (k, m[k])
+
+
+def test_frozen_head_and_sft_with_norm_keep_the_log_prob_pass(tokenizer):
+    """The routes: a frozen head's log-prob pass is already 2 matmuls and gives the entropy, and
+    sft beside ipo / sigmoid_norm needs two completion counts: both keep the log-prob pass."""
+    tr = make_trainer(FastDPOTrainer, tokenizer, dataset("none"), steps=1,
+                      loss_type=["ipo", "sft"])
+    assert not tr._fused_loss()
+    tr = make_trainer(FastDPOTrainer, tokenizer, dataset("none"), steps=1)
+    tr.model.lm_head.weight.requires_grad_(False)
+    assert not tr._fused_loss()
 
 
 def test_saves_less_for_backward_than_trl(tokenizer):

@@ -309,15 +309,20 @@ def scored_rows(labels, nll_labels=None):
     return int(active.sum())
 
 
-def gemm_count(family, kw, trainable_head=True, use_nll_rows=False, **extra):
+def gemm_count(family, kw, trainable_head=True, use_nll_rows=False, chunk_rows=None,
+               with_rows=False):
     h, w, _, labels, nll, kto = with_kl(batch(B=4, T=10, H=24, V=97, seed=8))
     n_rows = scored_rows(labels, nll if use_nll_rows else None)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_(trainable_head)
     with MatmulFlops() as fm:
         loss, _ = fused(family, hh, ww, None, (h, w, None, labels, nll, kto), {}, dict(kw),
-                        "torch", 7)
+                        "torch", chunk_rows)
         loss.backward()
-    return fm.macs / (n_rows * 24 * 97)
+    count = fm.macs / (n_rows * 24 * 97)
+    if not with_rows:
+        return count
+    return count, max((e.input_shapes[0][0] for e in fm.prof.events()
+                       if e.name == "aten::mm" and e.input_shapes[1][1] == 97), default=0)
 
 
 @pytest.mark.parametrize("family,kw", FAMILIES[:1] + [("orpo", {}), ("kto", dict(kl=0.1))],
@@ -325,6 +330,18 @@ def gemm_count(family, kw, trainable_head=True, use_nll_rows=False, **extra):
 def test_gemm_count(family, kw):
     assert gemm_count(family, kw) == 3
     assert gemm_count(family, kw, trainable_head=False) == 2
+
+
+@pytest.mark.parametrize("family,kw", FAMILIES[:1] + [("orpo", {}), ("kto", dict(kl=0.1))],
+                         ids=["cpo", "orpo", "kto"])
+def test_chunk_rows_bounds_the_logits_held(family, kw):
+    """chunk_rows under a pair's (or example's) row count streams it, as linear_dpo_loss does: a
+    first log-prob pass, then slabs of at most chunk_rows rows with the known gradients (one
+    matmul more); before, CPO/ORPO/KTO held the whole pair's logits whatever chunk_rows said."""
+    count, rows = gemm_count(family, kw, chunk_rows=5, with_rows=True)
+    assert count == 4 and 0 < rows <= 5, (count, rows)
+    count, rows = gemm_count(family, kw, chunk_rows=40, with_rows=True)
+    assert count == 3 and rows > 5
 
 
 def test_gemm_count_extra_passes():
