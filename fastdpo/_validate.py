@@ -202,10 +202,10 @@ def check_no_overlap(name: str, t) -> None:
                          f"contiguous {name} or inplace_backward=False")
 
 
-def check_label_values(labels, ignore_index: int, vocab_total: int) -> None:
+def check_label_values(labels, ignore_index: int, vocab_total: int, name: str = "labels") -> None:
     """Checked mode: every label is ``ignore_index`` or in ``[0, vocab_total)``."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_total))
-    msg = f"labels must lie in [0, {vocab_total}) or equal ignore_index={ignore_index}"
+    msg = f"{name} must lie in [0, {vocab_total}) or equal ignore_index={ignore_index}"
     if torch.compiler.is_compiling():
         require(~bad.any(), msg)
     elif bool(bad.any()):

@@ -359,3 +359,41 @@ def test_fp16_loss_scaling_keeps_fused_gradients_finite(backend):
         for unit, scaled in zip(*got):
             assert torch.isfinite(scaled).all(), name
             torch.testing.assert_close(scaled, (unit.float() * S).half(), rtol=2e-3, atol=0)
+
+
+def test_fused_losses_refuse_a_reference_that_needs_a_gradient():
+    """dpo_loss / kto_loss differentiate a reference log-prob; the fused losses treated it as
+    fixed and silently dropped its gradient."""
+    h, w, _, labels, rc, rr = _pair_batch()
+    rcg = rc.clone().requires_grad_()
+    with pytest.raises(ValueError, match="ref_chosen_logps requires grad"):
+        fastdpo.linear_dpo_loss(h, w, labels, ref_chosen_logps=rcg, ref_rejected_logps=rr)
+    ref = torch.cat([rc, rr]).requires_grad_()
+    desirable = torch.tensor([True, False] * 3)
+    with pytest.raises(ValueError, match="ref_logps requires grad"):
+        fastdpo.linear_kto_loss(h, w, labels, desirable, ref_logps=ref, kl=0.1)
+    with torch.no_grad():  # no gradient asked for: nothing is dropped
+        fastdpo.linear_dpo_loss(h, w, labels, ref_chosen_logps=rcg, ref_rejected_logps=rr)
+    fastdpo.linear_dpo_loss(h, w, labels, ref_chosen_logps=rcg.detach(), ref_rejected_logps=rr)
+
+
+def test_family_errors_name_the_argument_at_fault():
+    """ORPO's nll_labels and KTO's KL batch were reported as 'labels' / 'hidden' / 'weight'."""
+    h, w, _, labels, rc, rr = _pair_batch()
+    V, H = w.shape
+    nll = labels.clone()
+    nll[nll == -100] = V + 5
+    with pytest.raises(ValueError, match="^nll_labels must lie"):
+        fastdpo.linear_orpo_loss(h, w, labels, nll_labels=nll)
+    desirable = torch.tensor([True, False] * 3)
+    ref = torch.cat([rc, rr])
+    g = torch.Generator().manual_seed(0)
+    klh, kll = torch.randn(6, 9, H, generator=g), torch.randint(0, V, (6, 9), generator=g)
+    kw = dict(ref_logps=ref, ref_kl_logps=ref)
+    cases = [(dict(kl_hidden=klh[..., :-1], kl_labels=kll), ValueError, "kl_hidden"),
+             (dict(kl_hidden=klh, kl_labels=kll[:, :-1]), ValueError, "^kl_labels must have"),
+             (dict(kl_hidden=klh, kl_labels=kll + V), ValueError, "^kl_labels must lie"),
+             (dict(kl_hidden=klh.long(), kl_labels=kll), TypeError, "^kl_hidden must be")]
+    for extra, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fastdpo.linear_kto_loss(h, w, labels, desirable, **kw, **extra)

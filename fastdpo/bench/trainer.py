@@ -8,6 +8,9 @@ large (the LM head dominates, as in real DPO on 128k-256k vocabularies), for:
 * ``FastDPOTrainer[log-prob pass]``: the same trainer made to take its other route (the fused
   log-prob pass, recomputing the logits in backward: 4 head matmuls, then ``dpo_loss``), which
   is what it ran before the fused loss and still runs for a frozen head;
+* ``FastDPOTrainer[log-prob pass, tiled metrics]``: that route with TRL's token metrics from
+  the tiled eager pass (``trl_metrics.logit_stats``) instead of one fused no-grad pass: the
+  trainer as it was before both changes (0.2.0 and earlier);
 * ``trl.DPOTrainer``: TRL's own step (its chunked fused LM head on CPU).
 
 Every trainer has the same model weights, batch and metrics settings (TRL's defaults: entropy
@@ -18,6 +21,7 @@ tokenizer and a config-built model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
@@ -46,7 +50,9 @@ class TrainerCase:
 
 CASES = (TrainerCase(2, 64, 192, 256, 32000), TrainerCase(2, 64, 192, 256, 128256))
 TINY = (TrainerCase(1, 6, 10, 16, 300, layers=1),)  # the tests' size
-IMPLS = ("FastDPOTrainer", "FastDPOTrainer[log-prob pass]", "trl.DPOTrainer")
+IMPLS = ("FastDPOTrainer", "FastDPOTrainer[log-prob pass]",
+         "FastDPOTrainer[log-prob pass, tiled metrics]", "trl.DPOTrainer")
+TILED = "FastDPOTrainer[log-prob pass, tiled metrics]"
 CHARS = "abcdefghijklmnopqrstuvwxyz .,?!:"
 
 
@@ -103,24 +109,39 @@ def build(impl: str, case: TrainerCase, out_dir: str):
     cls = FastDPOTrainer if fast else DPOTrainer
     tr = cls(model=model, ref_model=copy.deepcopy(model), args=args,
              train_dataset=_dataset(case), processing_class=_tokenizer())
-    if impl == "FastDPOTrainer[log-prob pass]":
+    if impl.startswith("FastDPOTrainer[log-prob pass"):
         tr._fused_loss = lambda: False  # the other route of the same trainer
     tr.model.train()
     batch = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
     return tr, batch
 
 
-def step(tr, batch) -> float:
+@contextlib.contextmanager
+def _tiled_metrics():
+    """The trainer's token metrics from the tiled eager pass, for the duration of a step."""
+    from ..integrations import trl as trl_mod
+    from ..integrations.trl_metrics import logit_stats
+
+    fused = trl_mod.token_stats
+    trl_mod.token_stats = lambda *a, backend=None, **k: logit_stats(*a, **k)
+    try:
+        yield
+    finally:
+        trl_mod.token_stats = fused
+
+
+def step(tr, batch, impl: str = "") -> float:
     """One ``compute_loss`` + ``backward``; returns the loss."""
-    tr.model.zero_grad(set_to_none=True)
-    loss = tr.compute_loss(tr.model, batch)
-    loss.backward()
+    with _tiled_metrics() if impl == TILED else contextlib.nullcontext():
+        tr.model.zero_grad(set_to_none=True)
+        loss = tr.compute_loss(tr.model, batch)
+        loss.backward()
     return loss.detach().item()
 
 
-def _timed(tr, batch) -> float:
+def _timed(tr, batch, impl) -> float:
     t0 = time.perf_counter()
-    step(tr, batch)
+    step(tr, batch, impl)
     return time.perf_counter() - t0
 
 
@@ -129,12 +150,12 @@ def run_case(case: TrainerCase, impls=IMPLS, *, repeats: int = 5, out_dir: str,
     """One row per implementation: interleaved repeats (order rotating), median and samples, the
     step's loss (the same batch and weights for every trainer)."""
     built = {name: build(name, case, out_dir) for name in impls}
-    losses = {name: step(*built[name]) for name in impls}  # warm-up (allocations, imports)
+    losses = {name: step(*built[name], name) for name in impls}  # warm-up (allocations)
     samples = {name: [] for name in impls}
     names = list(impls)
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            samples[name].append(_timed(*built[name]))
+            samples[name].append(_timed(*built[name], name))
         log(f"  {case.label()} repeat {r + 1}/{repeats}: " +
             ", ".join(f"{n} {samples[n][-1] * 1e3:.0f} ms" for n in names))
     _, batch = built[names[0]]
@@ -152,15 +173,15 @@ def run_case(case: TrainerCase, impls=IMPLS, *, repeats: int = 5, out_dir: str,
 
 def table(rows: list[dict]) -> str:
     """Per case and trainer: the median step, as a multiple of the case's first row, the loss."""
-    lines = [f"{'case':38s} {'impl':32s} {'median':>9s} {'x first':>8s} {'loss':>9s}"]
+    lines = [f"{'case':38s} {'impl':46s} {'median':>9s} {'x first':>8s} {'loss':>9s}"]
     for r in rows:
         case = f"pairs={r['pairs']} T={r['seq_len']} H={r['hidden']} V={r['vocab']}"
-        lines.append(f"{case:38s} {r['impl']:32s} {r['median_s'] * 1e3:7.0f}ms "
+        lines.append(f"{case:38s} {r['impl']:46s} {r['median_s'] * 1e3:7.0f}ms "
                      f"{r['vs_first']:7.2f}x {r['loss']:9.5f}")
     return "\n".join(lines)
 
 
-def trainer_job(out: Path, *, cases=CASES, impls=IMPLS, repeats: int = 5, log=print) -> dict:
+def trainer_job(out: Path, *, cases=CASES, impls=IMPLS, repeats: int = 7, log=print) -> dict:
     """``fastdpo bench --preset trl-step``: JSON, CSV and the table under ``out``."""
     import tempfile
 

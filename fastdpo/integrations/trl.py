@@ -58,7 +58,7 @@ from ..losses.functional import LABEL_SMOOTHING_TYPES, NORM_TYPES  # noqa: E402
 from ..losses.fused_linear import linear_dpo_loss, linear_pair_logps  # noqa: E402
 from .hf import head_of, head_params, lm_head_inputs  # noqa: E402
 from .reference import StoredReference  # noqa: E402
-from .trl_metrics import HeadPass, log_dpo_metrics, logit_stats  # noqa: E402
+from .trl_metrics import HeadPass, log_dpo_metrics, token_stats  # noqa: E402
 
 __all__ = ["FastDPOTrainer", "FastDPOConfig", "RewardColumnsCollator", "check_trl_version"]
 
@@ -198,8 +198,9 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
         per_token = scatter(lp)
         mean_logits = is_top1 = None
         if stats and getattr(self.args, "token_metrics", True):
-            m, t1, _ = logit_stats(rows.detach(), weight.detach(), lab,
-                                 None if bias is None else bias.detach(), softcap, logit_scale)
+            m, t1, _ = token_stats(rows.detach(), weight.detach(), lab,
+                                   None if bias is None else bias.detach(), softcap,
+                                   logit_scale, backend=self._fd_backend)
             mean_logits, is_top1 = scatter(m), scatter(t1, torch.bool)
         return HeadPass(per_token, None if ent is None else scatter(ent.detach()), mean_logits,
                          is_top1, d.aux_loss)
@@ -383,8 +384,9 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
             if want_ent or want_tok:
                 rows = dec.hidden[:, :-1].detach().to(dec.weight.device)[mask]
                 b = None if dec.bias is None else dec.bias.detach()
-                mean, top1, e = logit_stats(rows, dec.weight.detach(), lab[:, 1:][mask], b,
-                                             dec.softcap, dec.logit_scale, entropy=want_ent)
+                mean, top1, e = token_stats(rows, dec.weight.detach(), lab[:, 1:][mask], b,
+                                            dec.softcap, dec.logit_scale, entropy=want_ent,
+                                            backend=self._fd_backend)
 
                 def scatter(x, dtype=None):
                     z = torch.zeros(mask.shape, dtype=dtype or x.dtype, device=x.device)

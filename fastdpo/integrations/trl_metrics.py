@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import backends, ops
 from ..rows import transform_logits_
 
 # fp32 bytes of one logits tile in the (optional) no-grad pass for TRL's token metrics
@@ -92,3 +93,39 @@ def logit_stats(rows, weight, labels, bias, softcap, logit_scale, *, entropy=Fal
             p = z.softmax(-1)
             ent[i:i + step] = torch.logsumexp(z, -1) - (p * z).sum(-1)
     return mean, top1, ent
+
+
+@torch.no_grad()
+def mean_logits(rows, weight, bias, softcap, logit_scale):
+    """Each row's mean logit over the vocabulary. Without soft-capping the logits are linear in
+    the head, so the mean is one matrix-vector product with the head's mean row; with it, the
+    tiles of :func:`logit_stats`."""
+    if softcap:
+        zeros = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+        return logit_stats(rows, weight, zeros, bias, softcap, logit_scale)[0]
+    mean = rows.float() @ weight.float().mean(0)
+    if bias is not None:
+        mean += bias.float().mean()
+    return mean * float(logit_scale)
+
+
+@torch.no_grad()
+def token_stats(rows, weight, labels, bias, softcap, logit_scale, *, entropy=False,
+                backend="auto"):
+    """``(mean logit, is_top1, entropy or None)`` per row, as :func:`logit_stats`, from one
+    no-grad pass of the fused head (its matmul and row statistics in cache; no logits tensor)
+    and :func:`mean_logits`. Top-1: the label's logit is the row's max exactly when the row op's
+    ``logp = (x_label - max) - log_sum`` is ``-log_sum`` (a logit within half an ulp of
+    ``log_sum`` below the max counts as a tie). Soft-capped heads take :func:`logit_stats`."""
+    if softcap:
+        return logit_stats(rows, weight, labels, bias, softcap, logit_scale, entropy=entropy)
+    dev = rows.device
+    if torch.is_autocast_enabled(dev.type):  # the head's matmul in the autocast dtype
+        rows = rows.to(torch.get_autocast_dtype(dev.type))
+    be = backends.resolve(backend, dev, rows.dtype)
+    logp, _, log_sum, ent = ops.get_op(be, "linear_logps_fwd")(
+        rows, weight, bias, labels, -100, 1.0, float(logit_scale), 0.0, 0, weight.shape[0],
+        bool(entropy), False)
+    top1 = (logp + log_sum) == 0
+    return mean_logits(rows, weight, bias, 0.0, logit_scale), top1, (ent if entropy else None)
+

@@ -28,7 +28,7 @@ from ..linear import linear_token_logps
 from ..losses import cpo_loss, orpo_loss
 from .hf import head_params
 from .trl_config import check_trl_version
-from .trl_metrics import logit_stats
+from .trl_metrics import mean_logits
 
 check_trl_version()
 
@@ -85,11 +85,8 @@ class _FusedConcatenatedForward:
             nll = -torch.where(nmask, tok[:n], 0.0).sum() / nmask.sum()
         with torch.no_grad():  # TRL logs the mean of every logit of the padded batch
             rows = hidden.detach().reshape(-1, hidden.shape[-1])
-            mean, _, _ = logit_stats(rows, weight.detach(),
-                                   torch.zeros(rows.shape[0], dtype=torch.long,
-                                               device=rows.device),
-                                   None if bias is None else bias.detach(), softcap, logit_scale)
-            mean = mean.view(hidden.shape[:2])
+            mean = mean_logits(rows, weight.detach(), None if bias is None else bias.detach(),
+                               softcap, logit_scale).view(hidden.shape[:2])
             if self._fd_logits_drop_last:  # ORPO logs the logits of the shifted positions
                 mean = mean[:, :-1]
         out = (logps[:n], logps[n:], mean[:n].mean(), mean[n:].mean(), nll)

@@ -20,172 +20,18 @@ Cost, counted in ``(rows, H) x (H, V)`` matmuls over the labelled rows only:
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 
-from .. import _validate, backends, ops
-from ..autograd.linear import flat_rows
-from ..autograd.workspace import check_workspace
-from ..sequences import average_weights, token_weights_of
-from ..autograd.linear_loss import (INVARIANT_TILE_ROWS, Head, LinearPairLoss, PairRows,
-                                   build_rows, chunk_pairs, pair_limit_rows, plan_rows,
-                                   run_pairs, unit_rows)
+from .. import _validate, ops
+from ..autograd.linear_loss import LinearPairLoss, run_pairs
 from . import args as loss_args
 from .dpo import dpo_loss, loss_config, preference_metrics
 from .functional import PairInputs, combined
+from .fused_batch import logps_of, check_fixed_reference, prepare, reference_logps
 
 # Loss types whose pair gradient depends on other pairs' log-probs (a first pass is needed).
 BATCH_TYPES = ("aot", "aot_unpaired")
-
-
-def check_head(hidden, weight, labels, bias, name="", paired=True):
-    _validate.check_float(f"{name}hidden", hidden)
-    _validate.check_float(f"{name}weight", weight)
-    if bias is not None:
-        _validate.check_float(f"{name}bias", bias)
-    _validate.check_same_device(**{f"{name}hidden": hidden, f"{name}weight": weight,
-                                   f"{name}bias": bias, "labels": labels})
-    if paired and (hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[0] % 2):
-        raise ValueError(f"{name}hidden must be (2B, T, H) with the B chosen sequences first, "
-                         f"then the B rejected ones, got shape {tuple(hidden.shape)}")
-    if not paired and (hidden.dim() != 3 or hidden.shape[0] == 0):
-        raise ValueError(f"{name}hidden must be (B, T, H), one row per completion, got shape "
-                         f"{tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"{name}weight must be (V, H) with H = {hidden.shape[-1]} and V > 0, "
-                         f"got shape {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{name}bias must have shape ({weight.shape[0]},), got "
-                         f"{tuple(bias.shape)}")
-    if tuple(labels.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])} to match "
-                         f"{name}hidden {tuple(hidden.shape)}, got {tuple(labels.shape)}")
-
-
-def _check_options(temperature, logit_scale, softcap, reduction, shift, labels, name):
-    _validate.check_temperature(temperature)
-    _validate.check_logit_transform(logit_scale, softcap)
-    if reduction not in ("mean", "sum"):
-        loss = name.replace("linear_", "")
-        raise ValueError(f"reduction must be 'mean' or 'sum' for {name} (its gradient is formed "
-                         f"in forward for a scalar loss), got {reduction!r}; for per-pair "
-                         f"losses use linear_sequence_logps + {loss}")
-    if shift and labels.shape[1] < 1:
-        raise ValueError("shift=True needs at least one position")
-
-
-def _row_weights(labels, token_weights, ignore_index, shift, average, acc):
-    """Each row's weight in its sequence's log-prob (flat) and the label counts per sequence."""
-    active = labels != ignore_index
-    if shift:
-        pad = torch.zeros_like(active[:, :1])
-        active = torch.cat([active[:, 1:], pad], 1)
-    tw = token_weights
-    if tw is not None:
-        _validate.check_token_weights(tw, labels)
-        if shift:
-            tw = torch.cat([tw[:, 1:], torch.zeros_like(tw[:, :1])], 1)
-    w = token_weights_of(active, tw, acc)
-    lengths = active.sum(1).to(acc)
-    if average:
-        w = average_weights(w)
-    # rows of weight 0 add nothing to any sum or gradient: skipped like ignored rows
-    return w.reshape(-1), lengths
-
-
-@dataclasses.dataclass
-class FusedBatch:
-    """One fused pass's checked inputs: the head options, the rows and their chunks."""
-    hidden: torch.Tensor    # the policy's hidden states (in the autocast dtype under autocast)
-    head: Head
-    rows: PairRows
-    chunks: list
-    tile: int               # slab rows under batch invariance, else 0
-    lab: torch.Tensor       # (N,) each row's label (shift applied)
-    w_rows: torch.Tensor    # (N,) each row's weight in its sequence's log-prob
-    lengths: torch.Tensor   # (parts * B,) label counts
-    extra_lengths: Optional[torch.Tensor]  # (parts * B,) counts of extra_labels
-    V: int
-    slab: int = 0           # > 0: a pair exceeds the chunk budget; stream slabs of this many rows
-
-
-def prepare(name, hidden, weight, labels, bias, *, parts, ignore_index, shift, temperature,
-            logit_scale, softcap, reduction, token_weights, average, backend, validate,
-            chunk_rows, batch_invariant, extra_labels=None, workspace=None) -> FusedBatch:
-    """Checks and rows of a fused pass over ``parts * B`` sequences. ``extra_labels`` (shaped
-    like ``labels``, equal to them wherever both are scored) marks the tokens of a term linear in
-    the token log-probs (``PairRows.extra``, token weights applied); a row scored by either takes
-    the label it has."""
-    _validate.check_index("labels", labels)  # before check_head reads its shape
-    check_head(hidden, weight, labels, bias, paired=parts == 2)
-    _validate.check_options(ignore_index=ignore_index, temperature=temperature, backend=backend,
-                            validate=validate, shift=shift, batch_invariant=batch_invariant,
-                            average=average)
-    if chunk_rows is not None:
-        _validate.check_int("chunk_rows", chunk_rows, minimum=1)
-    check_workspace(workspace)
-    _check_options(temperature, logit_scale, softcap, reduction, shift, labels, name)
-    dev = hidden.device
-    if torch.is_autocast_enabled(dev.type):  # compute in the autocast dtype, like F.linear
-        hidden = hidden.to(torch.get_autocast_dtype(dev.type))
-    acc = ops.acc_dtype(hidden.dtype)
-    V = weight.shape[0]
-    checked = _validate.checked_mode(validate, dev)
-    if checked:
-        _validate.check_label_values(labels, ignore_index, V)
-    head = _head(backend, hidden, ignore_index, temperature, logit_scale, softcap, workspace)
-    w_rows, lengths = _row_weights(labels, token_weights, ignore_index, shift, average, acc)
-    h2, lab = flat_rows(hidden, labels, shift, ignore_index)
-    extra = extra_lengths = None
-    if extra_labels is not None:
-        if checked:
-            _validate.check_label_values(extra_labels, ignore_index, V)
-        extra, extra_lengths = _row_weights(extra_labels, token_weights, ignore_index, shift,
-                                            False, acc)
-        _, elab = flat_rows(hidden, extra_labels, shift, ignore_index)
-        lab = torch.where(lab != ignore_index, lab, elab)
-    B = hidden.shape[0] // parts
-    rows = build_rows(h2, lab, w_rows, B, labels.shape[1], acc, parts=parts, extra=extra)
-    cap = plan_rows(h2.shape[0], V, hidden.element_size(), bool(softcap), chunk_rows)
-    tile = INVARIANT_TILE_ROWS if batch_invariant else 0
-    chunks = chunk_pairs(rows, cap)
-    # a chunk holds whole pairs: one pair over the budget is streamed instead (a first log-prob
-    # pass, then slabs of rows with the known pair gradients: 1 matmul more on those rows)
-    limit = pair_limit_rows(cap, V, bool(softcap), chunk_rows)
-    big = any(unit_rows(rows, j0, j1) > limit for j0, j1 in chunks if j1 - j0 == 1)
-    return FusedBatch(hidden, head, rows, chunks, tile, lab, w_rows, lengths, extra_lengths, V,
-                      slab=cap if big else 0)
-
-
-def reference_logps(fb: FusedBatch, ref_hidden, ref_weight, ref_bias, labels, shift):
-    """The reference model's sequence log-probs on the same batch (no graph, nothing kept):
-    one tensor per part."""
-    if ref_weight is None:
-        raise ValueError("ref_hidden needs ref_weight (the reference LM head, (V, H))")
-    check_head(ref_hidden, ref_weight, labels, ref_bias, "ref_", paired=fb.rows.parts == 2)
-    if ref_weight.shape[0] != fb.V:
-        raise ValueError(f"ref_weight has {ref_weight.shape[0]} vocabulary rows, weight {fb.V}")
-    return _logps_of(fb, ref_hidden, ref_weight, ref_bias, labels, shift)
-
-
-def _logps_of(fb: FusedBatch, hidden, weight, bias, labels, shift):
-    """Sequence log-probs of ``hidden`` under ``weight`` on ``fb``'s rows and chunks, no graph:
-    the same kernels and sums as ``fb``'s own pass, so equal models give equal bits."""
-    pr = fb.rows
-    acc = pr.scale.dtype
-    with torch.no_grad():
-        rh = hidden.detach()
-        rh = rh.to(fb.hidden.dtype) if rh.dtype != fb.hidden.dtype else rh
-        r2, _ = flat_rows(rh, labels, shift, fb.head.ignore_index)
-        # the same rows as the policy's: its plan (and its host sync) serves again, unless a
-        # second term added rows of its own
-        rows = (dataclasses.replace(pr, h2=r2) if pr.extra is None else
-                build_rows(r2, fb.lab, fb.w_rows, pr.pairs, labels.shape[1], acc,
-                           parts=pr.parts))
-        return run_pairs(fb.head, rows, weight.detach(),
-                         None if bias is None else bias.detach(), fb.chunks, None, False,
-                         False, False, tile=fb.tile, slab=fb.slab).logps
 
 
 def linear_pair_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, shift=True,
@@ -202,15 +48,8 @@ def linear_pair_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, s
                  logit_scale=logit_scale, softcap=softcap, reduction="mean",
                  token_weights=token_weights, average=average, backend=backend,
                  validate=validate, chunk_rows=chunk_rows, batch_invariant=batch_invariant)
-    pc, pr = _logps_of(fb, fb.hidden, weight, bias, labels, shift)
+    pc, pr = logps_of(fb, fb.hidden, weight, bias, labels, shift)
     return pc, pr
-
-
-def _head(backend, hidden, ignore_index, temperature, logit_scale, softcap, workspace=None):
-    dev = hidden.device
-    be = backends.resolve(backend, dev, hidden.dtype)
-    return Head(be, ignore_index, float(temperature), float(logit_scale),
-                float(softcap) if softcap else 0.0, workspace)
 
 
 def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
@@ -277,6 +116,11 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         per_pair_metrics: the metrics as ``(B,)`` tensors, not batch means (for callers that
             gather across ranks before averaging).
 
+    fp16 inputs: the gradients are formed at unit scale in forward and kept in fp16; a loss
+    scale (GradScaler) multiplies them in fp32 in backward, so it cannot overflow them, but
+    entries under fp16's smallest subnormal (6e-8) are already 0 by then. With fp16 and small
+    gradients (small ``beta``), prefer bf16, or ``linear_sequence_logps`` + ``dpo_loss``.
+
     Returns:
         ``(loss, metrics)`` as :func:`fastdpo.dpo_loss` (TRL's reward and log-prob metrics).
     """
@@ -305,6 +149,7 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         for n, t in (("ref_chosen_logps", ref_chosen_logps),
                      ("ref_rejected_logps", ref_rejected_logps)):
             _validate.check_float(n, t)
+            check_fixed_reference(n, t)
             if tuple(t.shape) != (B,):
                 raise ValueError(f"{n} must have shape ({B},) (one value per pair), got "
                                  f"{tuple(t.shape)}")

@@ -29,7 +29,7 @@ from . import args
 from .autograd import compute_dtype
 from .formulas import (CPO_AVERAGED_TYPES, CPO_LOSS_TYPES, CPOConfig, cpo_terms, kto_terms,
                        orpo_terms)
-from .fused_linear import prepare, reference_logps
+from .fused_batch import check_fixed_reference, prepare, reference_logps
 from .kto import kto_loss
 from .reference_free import cpo_loss, orpo_loss
 
@@ -61,8 +61,9 @@ def _fused(name, fb, weight, bias, unit_grads, value, extra_grad=0.0):
                                   tile=fb.tile, slab=fb.slab)
                 known = unit_grads(0, fb.rows.pairs, *first.logps)
 
-                def grads_of(j0, j1, *_):
+                def known_slice(j0, j1, *_):
                     return tuple(g[j0:j1] for g in known)
+                grads_of = known_slice
             res = run_pairs(fb.head, fb.rows, w_, b_, fb.chunks, grads_of, need_h, need_w,
                             need_b, hidden_shape=hidden.shape, tile=fb.tile,
                             extra_grad=extra_grad, slab=fb.slab, known_grads=first is not None,
@@ -74,9 +75,9 @@ def _fused(name, fb, weight, bias, unit_grads, value, extra_grad=0.0):
     return loss, out["metrics"]
 
 
-def _prepare(name, hidden, weight, labels, bias, parts, head, extra_labels=None):
+def _prepare(name, hidden, weight, labels, bias, parts, head, extra_labels=None, **names):
     return prepare(name, hidden, weight, labels, bias, parts=parts, average=False,
-                   extra_labels=extra_labels, **head)
+                   extra_labels=extra_labels, **head, **names)
 
 
 def _chosen_only(labels, ignore_index):
@@ -193,7 +194,8 @@ def linear_orpo_loss(hidden, weight, labels, *, bias=None, beta=0.1, nll_weight=
             lambda: ((labels == ignore_index) | (labels == nll_labels)).all(),
             "nll_labels must equal labels wherever labels are not ignore_index")
         extra_labels = _chosen_only(nll_labels, ignore_index)
-    fb = _prepare("linear_orpo_loss", hidden, weight, labels, bias, 2, head, extra_labels)
+    fb = _prepare("linear_orpo_loss", hidden, weight, labels, bias, 2, head, extra_labels,
+                  extra_name="nll_labels")
     B = fb.rows.pairs
     nc, nr = fb.lengths[:B], fb.lengths[B:]
     sc, sr = 1.0 / nc.clamp(min=1), 1.0 / nr.clamp(min=1)
@@ -226,7 +228,8 @@ def _kl_logps(kl_hidden, kl_labels, weight, bias, ref_kl_hidden, ref_weight, ref
     kh = dict(head, token_weights=None)  # TRL's KL log-probs are plain sums
     with torch.no_grad():
         fb = _prepare("linear_kto_loss", kl_hidden.detach(), weight.detach(), kl_labels,
-                      None if bias is None else bias.detach(), 1, kh)
+                      None if bias is None else bias.detach(), 1, kh, hidden_name="kl_hidden",
+                      labels_name="kl_labels")
         pol = run_pairs(fb.head, fb.rows, weight.detach(),
                         None if bias is None else bias.detach(), fb.chunks, None, False, False,
                         False, tile=fb.tile).logps[0]
@@ -292,6 +295,7 @@ def linear_kto_loss(hidden, weight, labels, desirable, *, bias=None, ref_logps=N
         if ref_kl_hidden is None and (ref_weight is not None or ref_bias is not None):
             raise ValueError("ref_weight / ref_bias belong to ref_hidden or ref_kl_hidden")
         args.check_logps(("ref_logps",), (ref_logps,))
+        check_fixed_reference("ref_logps", ref_logps)
         if tuple(ref_logps.shape) != (B,):
             raise ValueError(f"ref_logps must have shape ({B},), got {tuple(ref_logps.shape)}")
         ref = ref_logps.detach()

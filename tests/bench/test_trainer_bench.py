@@ -22,17 +22,26 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_routes_and_equal_losses(tmp_path):
+def test_routes_and_equal_losses(tmp_path, monkeypatch):
+    from fastdpo.integrations import trl_metrics
+
+    tiled_calls = []
+    real = trl_metrics.logit_stats
+    monkeypatch.setattr(trl_metrics, "logit_stats",
+                        lambda *a, **k: tiled_calls.append(1) or real(*a, **k))
     case = trainer.TINY[0]
     built = {name: trainer.build(name, case, str(tmp_path)) for name in trainer.IMPLS}
-    fused, logp_pass, trl = (built[n][0] for n in trainer.IMPLS)
-    assert fused._fused_loss() and not logp_pass._fused_loss()
+    fused, logp_pass, tiled, trl = (built[n][0] for n in trainer.IMPLS)
+    assert fused._fused_loss() and not logp_pass._fused_loss() and not tiled._fused_loss()
     assert type(trl).__name__ == "DPOTrainer"
-    losses, macs = {}, {}
+    losses, macs, metrics = {}, {}, {}
     for name, (tr, batch) in built.items():
+        n_tiled = len(tiled_calls)
         with MatmulFlops(case.vocab) as fm:
-            losses[name] = trainer.step(tr, batch)
+            losses[name] = trainer.step(tr, batch, name)
+        assert (len(tiled_calls) > n_tiled) == (name == trainer.TILED), name
         macs[name] = fm.macs
+        metrics[name] = {k: v[-1] for k, v in tr._metrics["train"].items()}
     first = losses[trainer.IMPLS[0]]
     assert all(abs(v - first) < 1e-5 for v in losses.values()), losses
     # the fused loss saves one of the log-prob pass's head matmuls (metrics pass in both)
@@ -40,6 +49,14 @@ def test_routes_and_equal_losses(tmp_path):
     rows = int(batch["completion_mask"][:, 1:].sum())
     one = rows * case.hidden * case.vocab
     assert macs["FastDPOTrainer[log-prob pass]"] - macs["FastDPOTrainer"] == one, macs
+    assert macs[trainer.TILED] == macs["FastDPOTrainer[log-prob pass]"], macs
+    # the tiled metrics really ran (the patch is undone after the step) and agree
+    from fastdpo.integrations import trl as trl_mod
+    from fastdpo.integrations.trl_metrics import token_stats
+    assert trl_mod.token_stats is token_stats
+    for k in ("logits/chosen", "mean_token_accuracy", "entropy"):
+        a, b = metrics[trainer.TILED][k], metrics["FastDPOTrainer"][k]
+        assert abs(a - b) <= 1e-4 * abs(b) + 1e-6, (k, a, b)
 
 
 def test_job_writes_rows_and_files(tmp_path):

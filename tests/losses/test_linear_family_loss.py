@@ -278,7 +278,7 @@ def test_kto_baseline_is_clamped_at_zero():
 def test_reference_pass_reuses_the_row_plan(monkeypatch):
     """The row plan (nonzero + the counts per sequence: a host sync) is made once per call; the
     reference given as hidden states walks the same rows."""
-    import fastdpo.losses.fused_linear as fl
+    import fastdpo.losses.fused_batch as fl
     calls = []
     real = fl.build_rows
     monkeypatch.setattr(fl, "build_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
