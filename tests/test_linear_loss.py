@@ -248,9 +248,9 @@ def test_given_lengths_and_pair_logps_errors_name_the_argument():
         linear_dpo_loss(h, w, labels, chosen_lengths=n, **ref)
     with pytest.raises(ValueError, match=r"rejected_lengths must have shape \(3,\)"):
         linear_dpo_loss(h, w, labels, chosen_lengths=n, rejected_lengths=n[:2], **ref)
-    with pytest.raises(TypeError, match="chosen_lengths must be an integer or floating"):
+    with pytest.raises(TypeError, match="chosen_lengths must be a floating or integer tensor"):
         linear_dpo_loss(h, w, labels, chosen_lengths=n > 0, rejected_lengths=n, **ref)
-    with pytest.raises(TypeError, match="chosen_lengths must be an integer or floating"):
+    with pytest.raises(TypeError, match="chosen_lengths must be a torch.Tensor"):
         linear_dpo_loss(h, w, labels, chosen_lengths=[1, 2, 3], rejected_lengths=n, **ref)
     with pytest.raises(ValueError, match="hidden must be"):
         linear_pair_logps(h[:5], w, labels[:5])

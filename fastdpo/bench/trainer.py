@@ -13,8 +13,9 @@ large (the LM head dominates, as in real DPO on 128k-256k vocabularies), for:
   trainer as it was before both changes (0.2.0 and earlier);
 * ``trl.DPOTrainer``: TRL's own step (its chunked fused LM head on CPU).
 
-Every trainer has the same model weights, batch and metrics settings (TRL's defaults: entropy
-and token metrics logged). Repeats are interleaved, the order rotating, and the median kept, so
+Every trainer has the same model weights (the reference a seeded perturbation of the policy),
+batch and metrics settings (TRL's defaults: entropy and token metrics logged), so their losses
+must agree. Repeats are interleaved, the order rotating, and the median kept, so
 the machine's drift hits every row alike. No data or model is downloaded: a one-character
 tokenizer and a config-built model.
 """
@@ -95,6 +96,17 @@ def _model(case: TrainerCase):
     return LlamaForCausalLM(cfg)
 
 
+def _reference(model):
+    """A copy of the policy with seeded noise on every weight: the loss then depends on both
+    models (an exact copy makes every trainer's loss log 2, whatever its route computes)."""
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return ref
+
+
 def build(impl: str, case: TrainerCase, out_dir: str):
     """``(trainer, batch)`` for ``impl``: the trainer in train mode and one prepared batch."""
     from trl import DPOConfig, DPOTrainer
@@ -107,7 +119,7 @@ def build(impl: str, case: TrainerCase, out_dir: str):
         output_dir=out_dir, max_steps=1, per_device_train_batch_size=case.pairs, report_to=[],
         use_cpu=True, save_strategy="no", disable_tqdm=True, bf16=False, seed=0)
     cls = FastDPOTrainer if fast else DPOTrainer
-    tr = cls(model=model, ref_model=copy.deepcopy(model), args=args,
+    tr = cls(model=model, ref_model=_reference(model), args=args,
              train_dataset=_dataset(case), processing_class=_tokenizer())
     if impl.startswith("FastDPOTrainer[log-prob pass"):
         tr._fused_loss = lambda: False  # the other route of the same trainer

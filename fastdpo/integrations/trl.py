@@ -11,7 +11,7 @@ logged metrics. What changes inside ``_compute_loss`` / ``compute_ref_log_probs`
   :func:`fastdpo.linear_dpo_loss` call: the gradients of the hidden states and the head are
   formed in its forward, 3 head matmuls instead of the 4 of a log-prob pass and its backward,
   and no logits are kept. The reference's log-probs come from :func:`fastdpo.linear_pair_logps`
-  (the same kernels and sums, so equal models give rewards of exactly 0, as in TRL);
+  (the same kernels and sums, so on CPU equal models give rewards of exactly 0, as in TRL);
 * a frozen head (LoRA), or ``sft`` beside ``ipo`` / ``sigmoid_norm`` (TRL divides those by two
   different completion counts), keeps the fused log-prob pass
   (:func:`fastdpo.linear.linear_token_logps`, 2 matmuls with a frozen head) on the completion
@@ -72,6 +72,13 @@ class _Decoded:
     softcap: float | None
     logit_scale: float
     aux_loss: torch.Tensor | None        # MoE router loss of the forward, when it computed one
+
+
+def _scatter(mask, x, dtype=None):
+    """``x`` (one value per ``True`` of ``mask``) back into ``mask``'s shape, 0 elsewhere;
+    masked_scatter keeps an all-prompt batch connected to the graph (a zero gradient)."""
+    z = torch.zeros(mask.shape, dtype=dtype or x.dtype, device=x.device)
+    return z.masked_scatter(mask.to(x.device), x)
 
 
 class FastDPOTrainer(StoredReference, DPOTrainer):
@@ -191,10 +198,8 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
         lp, ent = out if want_entropy else (out, None)
 
         def scatter(x, dtype=None):
-            z = torch.zeros(mask.shape, dtype=dtype or x.dtype, device=x.device)
-            return z.masked_scatter(mask.to(x.device), x)
+            return _scatter(mask, x, dtype)
 
-        # masked_scatter keeps an all-prompt batch connected to the graph (a zero gradient)
         per_token = scatter(lp)
         mean_logits = is_top1 = None
         if stats and getattr(self.args, "token_metrics", True):
@@ -203,7 +208,7 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
                                    logit_scale, backend=self._fd_backend)
             mean_logits, is_top1 = scatter(m), scatter(t1, torch.bool)
         return HeadPass(per_token, None if ent is None else scatter(ent.detach()), mean_logits,
-                         is_top1, d.aux_loss)
+                        is_top1, d.aux_loss)
 
     def _sequence_logps(self, per_token, shift_completion_mask):
         """Sum over the completion, or TRL's LD-DPO weighting of the tokens past the shorter
@@ -220,6 +225,9 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
 
     def _reference_logps(self, model, inputs, model_kwargs, labels):
         shift_completion_mask = inputs["completion_mask"][..., 1:]
+        # the policy's route, asked here: under use_adapter a trained head copy
+        # (modules_to_save) reads as the frozen original, and the sums would differ
+        fused = self._fused_loss()
         with torch.no_grad(), disable_gradient_checkpointing(
                 self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is None and is_peft_model(self.model):
@@ -228,15 +236,15 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
                 adapter = "ref" if "ref" in unwrapped.peft_config else None
                 with use_adapter(unwrapped, adapter_name=adapter):
                     return self._ref_pass(self.model if model is None else model, model_kwargs,
-                                          labels, shift_completion_mask)
+                                          labels, shift_completion_mask, fused)
             return self._ref_pass(model if model is not None else self.ref_model, model_kwargs,
-                                  labels, shift_completion_mask)
+                                  labels, shift_completion_mask, fused)
 
-    def _ref_pass(self, model, model_kwargs, labels, shift_completion_mask):
-        """``(chosen, rejected)`` reference log-probs, summed as the policy's are (with the
-        fused loss, :func:`linear_pair_logps`: equal models give equal bits, so the rewards
-        start at exactly 0, as in TRL)."""
-        if not self._fused_loss():
+    def _ref_pass(self, model, model_kwargs, labels, shift_completion_mask, fused):
+        """``(chosen, rejected)`` reference log-probs, summed as the policy's are on its route
+        ``fused`` (then :func:`linear_pair_logps`: on CPU equal models give equal bits, so the
+        rewards start at exactly 0, as in TRL)."""
+        if not fused:
             ref = self._head_pass(model, model_kwargs, labels, policy=False, stats=False)
             return self._sequence_logps(ref.logps, shift_completion_mask).chunk(2, dim=0)
         with self.accelerator.autocast():
@@ -329,8 +337,8 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        log_dpo_metrics(self, mode, inputs, pol, shift_completion_mask, chosen_logps, rejected_logps,
-                          ref_chosen_logps, ref_rejected_logps, target_probs)
+        log_dpo_metrics(self, mode, inputs, pol, shift_completion_mask, chosen_logps,
+                        rejected_logps, ref_chosen_logps, ref_rejected_logps, target_probs)
         return loss
 
     def _reference_pair(self, inputs, ref_kwargs, labels):
@@ -387,14 +395,9 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
                 mean, top1, e = token_stats(rows, dec.weight.detach(), lab[:, 1:][mask], b,
                                             dec.softcap, dec.logit_scale, entropy=want_ent,
                                             backend=self._fd_backend)
-
-                def scatter(x, dtype=None):
-                    z = torch.zeros(mask.shape, dtype=dtype or x.dtype, device=x.device)
-                    return z.masked_scatter(mask, x)
-
-                ent = scatter(e) if want_ent else None
+                ent = _scatter(mask, e) if want_ent else None
                 if want_tok:
-                    mean_logits, is_top1 = scatter(mean), scatter(top1, torch.bool)
+                    mean_logits, is_top1 = _scatter(mask, mean), _scatter(mask, top1, torch.bool)
         pol = HeadPass(None, ent, mean_logits, is_top1, dec.aux_loss)
         return pol, loss, m["logps/chosen"], m["logps/rejected"]
 

@@ -103,7 +103,7 @@ def mean_logits(rows, weight, bias, softcap, logit_scale):
     if softcap:
         zeros = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
         return logit_stats(rows, weight, zeros, bias, softcap, logit_scale)[0]
-    mean = rows.float() @ weight.float().mean(0)
+    mean = rows.float() @ weight.mean(0, dtype=torch.float32)  # no fp32 copy of the head
     if bias is not None:
         mean += bias.float().mean()
     return mean * float(logit_scale)

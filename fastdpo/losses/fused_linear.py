@@ -40,9 +40,10 @@ def linear_pair_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, s
                       batch_invariant=False):
     """``(chosen, rejected)`` ``(B,)`` sequence log-probs of a ``[chosen; rejected]`` batch, no
     graph: the values :func:`linear_dpo_loss` forms for the policy on the same batch and
-    options, bit for bit (its ``logps/*`` metrics). Use it for reference log-probs that must
-    cancel the policy's exactly when the two models are equal (TRL's rewards are then exactly
-    0 at the first step). Arguments as :func:`linear_dpo_loss`."""
+    options, bit for bit on CPU (its ``logps/*`` metrics; on CUDA the sequence sums'
+    ``index_add_`` is not deterministic). Use it for reference log-probs that must cancel the
+    policy's exactly when the two models are equal (TRL's rewards are then exactly 0 at the
+    first step). Arguments as :func:`linear_dpo_loss`."""
     fb = prepare("linear_pair_logps", hidden, weight, labels, bias, parts=2,
                  ignore_index=ignore_index, shift=shift, temperature=temperature,
                  logit_scale=logit_scale, softcap=softcap, reduction="mean",
@@ -262,22 +263,14 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
 
 
 def _pair_lengths(label_counts, B, chosen_lengths, rejected_lengths, acc):
-    """``(nc, nr)``: the given completion lengths, or the batch's label counts."""
+    """``(nc, nr)``: the given completion lengths (checked as :func:`fastdpo.dpo_loss` checks
+    them), or the batch's label counts."""
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
     if chosen_lengths is None:
         return label_counts[:B], label_counts[B:]
-    out = []
-    for n, t in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
-        if not torch.is_tensor(t) or t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"{n} must be an integer or floating tensor, got "
-                            f"{type(t).__name__ if not torch.is_tensor(t) else t.dtype}")
-        if tuple(t.shape) != (B,):
-            raise ValueError(f"{n} must have shape ({B},) (one value per pair), got "
-                             f"{tuple(t.shape)}")
-        _validate.check_same_device(**{"hidden": label_counts, n: t})
-        out.append(t.detach().to(acc))
-    return out[0], out[1]
+    loss_args.check_lengths(chosen_lengths, rejected_lengths, label_counts[:B])
+    return chosen_lengths.detach().to(acc), rejected_lengths.detach().to(acc)
 
 
 __all__ = ["linear_dpo_loss", "linear_pair_logps"]

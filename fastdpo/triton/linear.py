@@ -349,8 +349,9 @@ def grad_specs(N, H, V, dtype, bias=True, softcap=False, with_entropy=False,
     specialisation)."""
     mk = _launch.meta_tensor
     size = torch.empty((), dtype=dtype).element_size()
-    kw = dict(tile_bytes=size, hidden_acc=dtype != torch.float32, device="cuda")
-    p, q = chunk_loop.plan(N, V, H, size, **kw), chunk_loop.invariant_plan(V, H, size, **kw)
+    kw = dict(tile_bytes=size, hidden_acc=dtype != torch.float32)
+    p = chunk_loop.plan(N, V, H, size, device="cuda", **kw)
+    q = chunk_loop.invariant_plan(V, H, size, **kw)
     rows_ = {(p, min(p.tile_rows, N)), (p, N % p.tile_rows or min(p.tile_rows, N)),
              (q, q.tile_rows)}  # the invariant plan pads every token tile to full
     shapes = sorted({(n, v) for plan_, n in rows_

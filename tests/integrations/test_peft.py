@@ -153,3 +153,34 @@ def test_frozen_head_fast_path_under_lora(tokenizer, backend):
     with MatmulFlops(V) as step:  # the whole loss: policy 2 + reference 1
         tr.compute_loss(tr.model, batch).backward()
     assert step.macs == 3 * n_rows * H * V, step.macs / (n_rows * H * V)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_trained_head_copy_reference_takes_the_policy_route(tokenizer, monkeypatch, bf16):
+    """LoRA with a trained copy of the LM head (modules_to_save): the policy takes the fused
+    loss, and so must the reference. Asked under use_adapter (adapter disabled), the head read
+    as the frozen original, the reference took the log-prob route, and in bf16 its sums differed
+    from the policy's in the last bit: first-step rewards/accuracies 1.0 where TRL logs 0.0."""
+    import fastdpo.integrations.trl as trl_mod
+
+    calls = []  # the reference through linear_pair_logps: the fused loss's own sums
+    real = trl_mod.linear_pair_logps
+    monkeypatch.setattr(trl_mod, "linear_pair_logps",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = FastDPOConfig(output_dir="/tmp/fastdpo-test-peft", max_steps=1,
+                         per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                         save_strategy="no", disable_tqdm=True, seed=0, bf16=bf16)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+                      modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    tr = FastDPOTrainer(model=tiny_llama(tokenizer, seed=0), ref_model=None, args=args,
+                        train_dataset=dataset("none"), processing_class=tokenizer,
+                        peft_config=lora)
+    assert tr._fused_loss()
+    tr.model.train()
+    batch = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+    tr.compute_loss(tr.model, batch)
+    assert calls == [1]
+    m = {k: v[-1] for k, v in tr._metrics["train"].items()}
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert m[k] == 0.0, (k, m[k])
