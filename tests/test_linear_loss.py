@@ -209,10 +209,14 @@ def test_per_pair_metrics():
 
 @pytest.mark.parametrize("backend_name", ["torch", "native"])
 @pytest.mark.parametrize("opts", [{}, dict(softcap=3.0, temperature=0.7, chunk_rows=9),
-                                  dict(batch_invariant=True, average=True)])
-def test_pair_logps_are_the_losss_bits(backend_name, opts):
+                                  dict(batch_invariant=True, average=True),
+                                  dict(chunk_rows=5), dict(chunk_rows=7, softcap=3.0)])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_pair_logps_are_the_losss_bits(backend_name, opts, trainable):
     """linear_pair_logps gives linear_dpo_loss's own policy log-probs bit for bit (so a
-    reference equal to the policy cancels exactly), and they match the float64 oracle."""
+    reference equal to the policy cancels exactly), and they match the float64 oracle; with a
+    frozen or a trainable head, pairs kept whole or streamed (chunk_rows under a pair: on the
+    native backend the first pair's forward runs in slabs, and so does the reference's)."""
     from fastdpo import linear_pair_logps
     h, w, b, labels, rc, rr, _ = batch(seed=5, bias=True)
     g = torch.Generator().manual_seed(1)
@@ -221,6 +225,7 @@ def test_pair_logps_are_the_losss_bits(backend_name, opts):
     pc, pr = linear_pair_logps(h, w, labels, **kw)
     assert not pc.requires_grad and pc.shape == (h.shape[0] // 2,)
     hh = h.clone().requires_grad_()
+    w = w.clone().requires_grad_(trainable)
     _, m = linear_dpo_loss(hh, w, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
                            per_pair_metrics=True, **kw)
     assert torch.equal(m["logps/chosen"], pc) and torch.equal(m["logps/rejected"], pr)
@@ -237,6 +242,24 @@ def test_pair_logps_are_the_losss_bits(backend_name, opts):
                            token_weights=tw, average=opts.get("average", False),
                            dtype=torch.float32)
     assert_rule(torch.cat([pc, pr]), s64, s32, torch.float32, what="pair logps")
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7, 5])
+def test_streamed_pairs_reference_equal_to_policy_cancels_exactly(chunk_rows):
+    """A trainable head's pairs streamed on the native backend: the reference pass (here the
+    policy's own weights) groups its forward calls as the policy's kept slabs do, so every
+    reward is exactly 0 (a 7-row matmul's bits can differ from the same rows inside a larger
+    one: rewards/rejected was 1.5e-6 before the reference followed the slabs)."""
+    torch.manual_seed(0)
+    B, T, H, V = 3, 20, 16, 300
+    h = torch.randn(2 * B, T, H, requires_grad=True)
+    w = torch.randn(V, H, requires_grad=True)
+    labels = torch.randint(0, V, (2 * B, T))
+    labels[:, :4] = -100
+    loss, m = linear_dpo_loss(h, w, labels, ref_hidden=h.detach(), ref_weight=w.detach(),
+                              chunk_rows=chunk_rows, backend="native", per_pair_metrics=True)
+    assert (m["rewards/chosen"] == 0).all() and (m["rewards/rejected"] == 0).all()
+    assert loss.item() == pytest.approx(0.6931471805599453, abs=1e-7)
 
 
 def test_given_lengths_and_pair_logps_errors_name_the_argument():
@@ -834,21 +857,81 @@ def test_kept_ops_refuse_bad_buffers():
             torch.zeros(40))
 
 
-@pytest.mark.parametrize("case", ["streamed", "batch_type", "streamed_average"])
+@pytest.mark.parametrize("case", ["batch_type", "batch_type_streamed"])
 def test_second_pass_after_a_native_first_pass_recomputes_in_cpp(case, monkeypatch):
-    """A pair over the chunk budget (or a loss needing the whole batch first) on the native
-    backend: the first pass is the native forward (its row statistics kept), the second the
-    native backward recomputing each tile's logits in cache: no Python loop, no kept chunk;
-    values and every gradient against the float64 oracle."""
+    """A loss needing the whole batch first on the native backend: the first pass is the native
+    forward (its row statistics kept), the second the native backward recomputing each tile's
+    logits in cache: no Python loop, no kept chunk; values and every gradient against the
+    float64 oracle."""
     data = batch(B=3, T=14, H=16, V=200, seed=37, bias=True)
     kept = _spy_kept(monkeypatch)
     recomputed = _record(monkeypatch, "recompute_pass")
-    kw = {"streamed": dict(kind="sigmoid", chunk_rows=6, softcap=3.0, temperature=0.7),
-          "batch_type": dict(kind=["sigmoid", "aot", "sft"],
-                             loss_weights=[0.5, 0.3, 0.2]),
-          "streamed_average": dict(kind="ipo", chunk_rows=9, average=True,
-                                   reduction="sum")}[case]
+    kw = dict(kind=["sigmoid", "aot", "sft"], loss_weights=[0.5, 0.3, 0.2])
+    if case == "batch_type_streamed":
+        kw.update(chunk_rows=6, softcap=3.0, temperature=0.7)
     loss, grads, metrics = ours(*data, backend="native", **kw)
     assert len(recomputed) == 1 and kept == {"forward": 0, "backward": 0}
     monkeypatch.undo()
     assert_oracle(loss, grads, metrics, data, **kw)
+
+
+def _kept_rows(monkeypatch):
+    """The rows of each kept-chunk C++ call, per method, in call order."""
+    from fastdpo.autograd.linear_native import KeptChunks
+
+    rows = {"forward": [], "backward": [], "stats": [], "recompute": []}
+    for name in rows:
+        real = getattr(KeptChunks, name)
+
+        def spy(self, h, *a, _real=real, _name=name, **k):
+            rows[_name].append(h.shape[0])
+            return _real(self, h, *a, **k)
+
+        monkeypatch.setattr(KeptChunks, name, spy)
+    return rows
+
+
+@pytest.mark.parametrize("case", ["sigmoid", "ipo_average", "sft", "soft_distill"])
+def test_streamed_pairs_stay_in_the_chunk_loop(case, monkeypatch):
+    """Pairs over the chunk budget on the native backend are streamed pair by pair in the chunk
+    loop, with no first pass over the batch. The first pair is one sweep of kept slabs of at
+    most chunk_rows (3 matmuls: d_weight formed at a unit scale, then scaled), plus a recompute
+    of its rejected rows when g_rejected != -g_chosen (sft; ipo, which divides by the two
+    lengths); each later pair the native forward and the native backward recomputing its
+    logits (4). Values and every gradient against the float64 oracle."""
+    data = batch(B=3, T=14, H=16, V=200, seed=37, bias=True)
+    rows = _kept_rows(monkeypatch)
+    recomputed = _record(monkeypatch, "recompute_pass")
+    kw = {"sigmoid": dict(kind="sigmoid", softcap=3.0, temperature=0.7),
+          "ipo_average": dict(kind="ipo", average=True, reduction="sum"),
+          "sft": dict(kind=["sigmoid", "sft"], loss_weights=[0.7, 0.3]),
+          "soft_distill": dict(kind=["soft", "distill"])}[case]
+    loss, grads, metrics = ours(*data, backend="native", chunk_rows=6, **kw)
+    monkeypatch.undo()
+    assert not recomputed and max(rows["forward"] + rows["backward"]) <= 6
+    n = (data[3][:, 1:] != -100).sum(1).tolist()
+    first, later = n[0] + n[3], n[1] + n[2] + n[4] + n[5]
+    residual = [n[3]] if case in ("sft", "ipo_average") else []
+    assert sum(rows["forward"]) == sum(rows["backward"]) == first
+    assert rows["stats"] == [n[1] + n[4], n[2] + n[5]]
+    assert rows["recompute"] == residual + rows["stats"]
+    assert sum(rows["stats"]) == later
+    assert_oracle(loss, grads, metrics, data, **kw)
+
+
+@pytest.mark.parametrize("kind,beta", [("sigmoid", 50.0), ("hinge", 50.0), ("sigmoid", 1e-4),
+                                       (["sigmoid", "sft"], 20.0)])
+def test_streamed_first_pair_at_extreme_inputs(kind, beta):
+    """The scaled sweep where the pair gradient saturates (exactly 0 for a satisfied hinge, or
+    a tiny sigmoid) or is tiny, on a sharp softmax beside a large logit offset."""
+    data = list(batch(seed=13, bias=True))
+    data[0] = data[0] * 30
+    data[2] = data[2] + 1e4
+    check_all(tuple(data), kind=kind, backend="native", chunk_rows=5, beta=beta,
+              **({"loss_weights": [1.0, 0.5]} if isinstance(kind, list) else {}))
+
+
+@pytest.mark.parametrize("kind", [t for t in LOSS_TYPES if t not in ("aot", "aot_unpaired")])
+def test_every_loss_type_streamed_on_native(kind):
+    """Every pair streamed (chunk_rows under a pair), the first one through the scaled sweep."""
+    check_all(batch(seed=LOSS_TYPES.index(kind) + 40), kind=kind, backend="native", chunk_rows=4)

@@ -777,13 +777,16 @@ int64_t linear_keep_numel(int64_t N, int64_t V, int64_t H, bool batch_invariant)
 
 namespace {
 
-// The head of a kept-chunk call, with the caller's buffer checked and attached.
+// The head of a kept-chunk call, with the caller's buffer checked and attached. An empty keep
+// passed to the backward (recompute) attaches none: it recomputes each tile's logits in cache.
 Head kept_head(const at::Tensor& hidden, const at::Tensor& weight,
                const std::optional<at::Tensor>& bias, const at::Tensor& labels,
                int64_t ignore_index, double temperature, double logit_scale, double softcap,
-               bool batch_invariant, const at::Tensor& keep, const char* op) {
+               bool batch_invariant, const at::Tensor& keep, const char* op,
+               bool recompute = false) {
   Head hd = make_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
                       softcap, 0, weight.size(0), batch_invariant, op);
+  if (recompute && keep.numel() == 0) return hd;
   TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.dim() == 1 && keep.is_contiguous() &&
                   keep.device().is_cpu(),
               op, ": keep must be a contiguous 1-D fp32 CPU tensor, got ", keep.scalar_type(),
@@ -825,7 +828,7 @@ at::Tensor linear_keep_bwd_cpu(at::Tensor& keep, const at::Tensor& grad_logp,
                                at::Tensor& d_weight, at::Tensor& d_bias) {
   const char* op = "native_linear_keep_bwd";
   const Head hd = kept_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
-                            softcap, batch_invariant, keep, op);
+                            softcap, batch_invariant, keep, op, /*recompute=*/true);
   const int64_t N = hd.N;
   RowGrads g;
   g.grad_logp = rows_f32(grad_logp, op, "grad_logp", N);

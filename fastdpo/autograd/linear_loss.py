@@ -39,9 +39,9 @@ from .. import ops, rows
 from ..torch_backend.linear import labelled_rows, pad_rows
 from ..torch_backend.matmul import logits_tile, mm_acc, operand_dtype
 from .linear_native import (KeptChunks, has_native_op, native_applies, native_head, native_pass,
-                            recompute_pass)
+                            recompute_pass, stream_unit, streamed_first)
 from .linear_stream import (PassResult, chunk_selection, loop_setup, sequence_sums, streamed,
-                            token_grads)
+                            token_grads, unit_rows)
 from .options import refuse_double_backward
 from .workspace import FRESH, Workspace
 
@@ -52,7 +52,8 @@ CHUNK_FRACTION = float(os.environ.get("FASTDPO_LINEAR_MEMORY_FRACTION", "0.05"))
 MIN_CHUNK_BYTES = 16 << 20
 MIN_CHUNK_ROWS = 128
 # Chunks hold whole pairs (3 matmuls); a pair whose fp32 logits exceed this is streamed in slabs
-# of the chunk budget instead (a first log-prob pass: 1 matmul more on its rows). An explicit
+# of the chunk budget instead (a first log-prob pass: 1 matmul more on its rows, but for the
+# first streamed pair of a native pass, linear_native.stream_unit). An explicit
 # chunk_rows is a hard bound.
 PAIR_LIMIT_BYTES = int(os.environ.get("FASTDPO_LINEAR_PAIR_LIMIT_MB", "1024")) << 20
 # Rows of every matmul and row-kernel call under batch invariance (a fixed shape, whatever N).
@@ -111,11 +112,6 @@ def build_rows(h2, labels, weights, pairs: int, seq_len: int, acc, *, parts: int
     return PairRows(h2, labels, weights.to(acc), order, seq, offsets, pairs, parts, extra)
 
 
-def unit_rows(pr: PairRows, j0: int, j1: int) -> int:
-    B, off = pr.pairs, pr.offsets
-    return sum(off[k * B + j1] - off[k * B + j0] for k in range(pr.parts))
-
-
 def chunk_pairs(pr: PairRows, cap_rows: int):
     """Consecutive unit (pair) ranges ``(j0, j1)`` of at most ``cap_rows`` rows (at least one
     unit each)."""
@@ -165,16 +161,21 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     ``slab > 0`` with a forward-only pass or ``known_grads`` (``pair_grads`` does not read this
     pass's sums: they came from a first pass) streams each chunk in slabs of ``slab`` rows, so
     one pair larger than the budget never holds its whole logits
-    (:func:`fastdpo.autograd.linear_stream.streamed`).
+    (:func:`fastdpo.autograd.linear_stream.streamed`). On the native head (no batch
+    invariance, no second term) the chunk loop streams such a unit itself, each pair's
+    gradients from its own sums, so no first pass is needed
+    (:func:`fastdpo.autograd.linear_native.streams_locally`, ``stream_unit``).
 
     ``first``: the result of that first log-prob pass over the same rows; from the native
     backend (it has the row statistics) a ``known_grads`` pass is the native backward, which
     recomputes the logits tile by tile in cache and holds none
     (:func:`fastdpo.autograd.linear_native.recompute_pass`)."""
     grads = pair_grads is not None and (need_h or need_w or need_b)
+    # native passes stream a unit over the budget in their own loop (not a second term's rows)
+    local = slab if (slab and not tile and pr.extra is None) else 0
     if native_applies(head, pr, weight, bias, grads, need_w, need_b):
         return native_pass(head, pr, weight, bias, chunks, pair_grads, grads, need_h,
-                           hidden_shape, tile > 0, extra_grad)
+                           hidden_shape, tile > 0, extra_grad, local)
     if (grads and known_grads and first is not None and first.rows is not None
             and native_head(head, pr, weight, bias)):
         return recompute_pass(head, pr, weight, bias, chunks, pair_grads, first, need_h, need_w,
@@ -185,11 +186,11 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     ws = head.workspace or FRESH
     with ws:  # one call at a time on a workspace's buffers
         return _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_w,
-                           need_b, hidden_shape, tile, extra_grad, ws)
+                           need_b, hidden_shape, tile, extra_grad, ws, local)
 
 
 def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_w, need_b,
-                hidden_shape, tile, extra_grad, ws) -> PassResult:
+                hidden_shape, tile, extra_grad, ws, slab=0) -> PassResult:
     """:func:`run_pairs`'s loop over chunks of pairs, its buffers taken from ``ws``."""
     h2, dev, V, acc, opd, w, b, row_fwd, row_bwd, T, ii, softcap = loop_setup(head, pr, weight,
                                                                              bias)
@@ -201,9 +202,10 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
     if grads and need_h:
         d_h = torch.zeros(h2.shape, dtype=h2.dtype, device=dev)
     kept = None  # the native GEMMs and row kernels of each chunk (linear_native.KeptChunks)
-    if KeptChunks.applies(head, pr, weight, bias, grads):
-        kept = KeptChunks(head, weight, bias, max([unit_rows(pr, *c) for c in chunks] + [0]),
-                          tile > 0, ws)
+    if KeptChunks.applies(head, pr, weight, bias, grads):  # a unit over slab: stream_unit
+        kept = KeptChunks(head, weight, bias, max([min(unit_rows(pr, *c), slab or 1 << 62)
+                                                   for c in chunks] + [0]), tile > 0, ws)
+        chunks = streamed_first(pr, chunks, slab)
     if grads and need_w:  # the first matmul writes it (kept: every chunk adds into it)
         d_w = (torch.zeros if kept else torch.empty)(weight.shape, dtype=acc, device=dev)
     w_written = kept is not None
@@ -224,6 +226,17 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
         Rp = padded(R)
         slabs = [(s0, min(Rp, s0 + (tile or Rp))) for s0 in range(0, Rp, tile or max(Rp, 1))]
         sums = torch.zeros(K * P, dtype=acc, device=dev)
+        if R and kept and slab and R > slab and pair_grads is not None:
+            slabbed = (j0, j1) == chunks[0]  # its forward in slabs (forward_groups)
+            sums, dh = stream_unit(kept, pr, sel, seq, pr.scale.index_select(0, sel),
+                                   slab if slabbed else 0,
+                                   lambda *s, a=j0, e=j1: pair_grads(a, e, *s), need_h, d_w,
+                                   d_b, defer=slabbed and h2.dtype == acc)
+            for k in range(K):
+                out[k * B + j0:k * B + j1] = sums[k * P:(k + 1) * P]
+            if dh is not None:
+                d_h.index_copy_(0, sel, dh)
+            continue
         if R and kept:
             h, lab = pr.h2.index_select(0, sel), pr.labels.index_select(0, sel)
             scale = pr.scale.index_select(0, sel)

@@ -11,7 +11,9 @@ A trainable head keeps the chunk loop (a chunk's pair gradients need its log-pro
 each chunk is two C++ calls (:class:`KeptChunks`): ``linear_keep_fwd`` writes the chunk's logits
 into a buffer reused by every chunk and returns the row statistics; ``linear_keep_bwd`` turns them
 into ``d logits`` in place and forms ``d_hidden`` and ``d_weight`` from them. Each call is one
-parallel region over the same tiles (3 GEMMs, no recompute).
+parallel region over the same tiles (3 GEMMs, no recompute). A pair over the chunk budget is
+streamed inside that loop (:func:`stream_unit`): the first in kept slabs at 3 GEMMs, the others
+through the native forward and the native backward that recomputes the logits in cache (4).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .linear_stream import PassResult, active_labels, sequence_sums, token_grads
+from .linear_stream import (PassResult, active_labels, chunk_selection, sequence_sums,
+                            token_grads, unit_rows)
 
 
 def native_head(head, pr, weight, bias) -> bool:
@@ -81,23 +84,46 @@ class KeptChunks:
             self.keep, g_row, h, self.weight, self.bias, lab, row_max, log_sum, *self.args,
             self.inv, need_h, d_w, d_b)
 
+    def stats(self, h, lab):
+        """``(logp, row_max, log_sum)`` of rows ``h`` through the native forward: tiles in
+        cache, nothing kept (for :meth:`recompute`)."""
+        return ops.get_op("native", "linear_logps_fwd")(h, self.weight, self.bias, lab,
+                                                        *self.args, 0, self.weight.shape[0],
+                                                        False, self.inv)[:3]
+
+    def recompute(self, h, lab, g_row, row_max, log_sum, need_h: bool, d_w, d_b):
+        """:meth:`backward` without the kept logits: each tile's are recomputed in cache."""
+        return ops.get_op("native", "linear_keep_bwd")(
+            self.keep.new_empty(0), g_row, h, self.weight, self.bias, lab, row_max, log_sum,
+            *self.args, self.inv, need_h, d_w, d_b)
+
 
 def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h: bool,
-                hidden_shape, batch_invariant: bool, extra_grad=0.0) -> PassResult:
+                hidden_shape, batch_invariant: bool, extra_grad=0.0, slab: int = 0) -> PassResult:
     """The pass of ``run_pairs`` (same results and ``pair_grads`` calls) through the native ops;
     ``grads`` means a frozen head (``d_hidden`` only)."""
     h2, B, K = pr.h2, pr.pairs, pr.parts
     acc = pr.scale.dtype
     ii = head.ignore_index
-    args = (h2, weight, bias, active_labels(pr, ii), ii, float(head.temperature),
-            float(head.logit_scale), float(head.softcap))
-    if grads:
-        lp, row_max, log_sum, unit, _ = ops.get_op("native", "linear_frozen_fwd")(
-            *args, batch_invariant, False)
-    else:
-        lp, row_max, log_sum, _ = ops.get_op("native", "linear_logps_fwd")(
-            *args, 0, weight.shape[0], False, batch_invariant)
-        unit = None
+    opts = (ii, float(head.temperature), float(head.logit_scale), float(head.softcap))
+
+    def call(h, lab):
+        if grads:
+            return ops.get_op("native", "linear_frozen_fwd")(h, weight, bias, lab, *opts,
+                                                             batch_invariant, False)[:4]
+        return ops.get_op("native", "linear_logps_fwd")(
+            h, weight, bias, lab, *opts, 0, weight.shape[0], False, batch_invariant)[:3] + (None,)
+
+    if not slab or batch_invariant:
+        lp, row_max, log_sum, unit = call(h2, active_labels(pr, ii))
+    else:  # the row groups of the policy's kept chunks, so equal models give equal bits
+        lp, row_max, log_sum = (torch.zeros(h2.shape[0]) for _ in range(3))
+        unit = torch.zeros(h2.shape[0], h2.shape[1]) if grads else None
+        for rows in forward_groups(pr, chunks, slab):
+            out = call(h2.index_select(0, rows), pr.labels.index_select(0, rows))
+            for t, o in zip((lp, row_max, log_sum, unit), out):
+                if t is not None:
+                    t.index_copy_(0, rows, o)
     lp = lp.to(acc).index_select(0, pr.order)
     scale = pr.scale.index_select(0, pr.order)
     extra = None if pr.extra is None else pr.extra.index_select(0, pr.order)
@@ -154,3 +180,96 @@ def recompute_pass(head, pr, weight, bias, chunks, pair_grads, first: PassResult
         d_h = d_h.view(hidden_shape)
     return PassResult(first.logps, first.extra, d_h if need_h else None,
                       d_w if need_w else None, d_b if need_b else None)
+
+
+def streams_locally(head, pr, weight, bias, tile: int, need_w: bool, need_b: bool) -> bool:
+    """Whether :func:`fastdpo.autograd.linear_loss.run_pairs` streams a pair over the chunk
+    budget inside its own chunk loop, each pair's gradients from its own log-probs, so the
+    caller needs no first log-prob pass over the batch: a native pass without ``d_weight``
+    (it holds no logits), or the kept chunks (:func:`stream_unit`) outside batch invariance."""
+    if not native_head(head, pr, weight, bias) or pr.extra is not None:
+        return False
+    if not (need_w or (need_b and bias is not None)):
+        return has_native_op("native_linear_frozen_fwd")
+    return tile == 0 and has_native_op("native_linear_keep_bwd")
+
+
+def streamed_first(pr, chunks, slab: int) -> list:
+    """``chunks`` with the first unit of more than ``slab`` rows moved to the front (it forms
+    ``d_weight`` while that is still zero, :func:`stream_unit`); as given when ``slab`` is 0."""
+    big = [c for c in chunks if slab and c[1] - c[0] == 1 and unit_rows(pr, *c) > slab][:1]
+    return big + [c for c in chunks if c not in big]
+
+
+def forward_groups(pr, chunks, slab: int):
+    """The row groups (indices into ``pr.h2``) of the native forward calls of a pass with
+    streamed units: the first such unit in slabs of ``slab`` rows, every other chunk whole. The
+    kept chunks and the forward-only passes both call per group, so a row's log-prob does not
+    depend on which pass computed it (a matmul's bits can depend on its row count)."""
+    for n, (j0, j1) in enumerate(streamed_first(pr, chunks, slab)):
+        sel = chunk_selection(pr, j0, j1)[0]
+        if n == 0 and j1 - j0 == 1 and sel.numel() > slab:
+            yield from sel.split(slab)
+        elif sel.numel():
+            yield sel
+
+
+def stream_unit(kept: KeptChunks, pr, sel, seq, scale, slab: int, grads_of, need_h: bool,
+                d_w, d_b, defer: bool):
+    """One unit (pair) whose rows ``sel`` (part by part; ``seq``: each one's part) exceed the
+    chunk budget; ``grads_of(*sums)`` gives its ``dL/d logp`` per part. Returns ``(sums,
+    d_hidden rows or None)``. ``slab > 0``: its forward runs in slabs of that many rows (the
+    first streamed unit, :func:`forward_groups`), else whole.
+
+    ``defer`` (``d_w`` / ``d_b`` still all zero; ``slab > 0``): one sweep of kept slabs with
+    the unit row gradient ``sigma * scale`` (``sigma`` +1 on part 0, -1 on the others), which
+    gives each row's ``d_hidden`` up to its part's factor and ``d_w = sum_k sigma_k A_k``
+    (``A_k``: part ``k``'s ``J^T h``). With ``g`` known, ``d_w * g_0 + sum_{k>0} (g_k + g_0)
+    A_k`` is the exact gradient; the second term is recomputed only for a part where
+    ``g_k + g_0 != 0`` (DPO-type losses have ``g_1 = -g_0``): 3 matmuls on the unit, not 4.
+    Otherwise the native forward, then the native backward recomputing the logits in cache,
+    adding into ``d_w`` / ``d_b`` (4 matmuls; no logits held)."""
+    K, n = pr.parts, sel.numel()
+    empty = torch.empty(0, dtype=torch.float32)
+    dw_ = d_w if d_w is not None else empty
+    db_ = d_b if d_b is not None else empty
+    h, lab = pr.h2.index_select(0, sel), pr.labels.index_select(0, sel)
+    spans = [(s0, min(n, s0 + slab)) for s0 in range(0, n, slab)] if slab else [(0, n)]
+    lp, m, ls = (torch.empty(n) for _ in range(3))
+
+    def sums_of(lp):
+        return sequence_sums(seq, lp.to(scale.dtype), scale, None, K)[0]
+
+    def part_grads(sums):
+        return torch.cat(list(grads_of(*sums.split(1)))).to(scale.dtype)
+
+    if not defer:
+        for s0, s1 in spans:
+            lp[s0:s1], m[s0:s1], ls[s0:s1] = kept.stats(h[s0:s1], lab[s0:s1])
+        sums = sums_of(lp)
+        g_row = token_grads(part_grads(sums), seq, scale).float()
+        dh = kept.recompute(h, lab, g_row, m, ls, need_h, dw_, db_)
+        return sums, (dh if need_h else None)
+    sigma = torch.where(torch.arange(K) == 0, 1.0, -1.0).to(scale.dtype)
+    unit = (sigma.index_select(0, seq) * scale).float()
+    dh = [] if need_h else None
+    for s0, s1 in spans:  # one slab's logits held at a time
+        lp[s0:s1], m[s0:s1], ls[s0:s1] = kept.forward(h[s0:s1], lab[s0:s1])
+        d = kept.backward(h[s0:s1], lab[s0:s1], unit[s0:s1], m[s0:s1], ls[s0:s1], need_h, dw_,
+                          db_)
+        if need_h:
+            dh.append(d)
+    sums = sums_of(lp)
+    g = part_grads(sums)
+    if need_h:  # each part's factor: g_k / sigma_k
+        dh = torch.cat(dh).mul_((g * sigma).index_select(0, seq).unsqueeze(1).to(h.dtype))
+    for t in (d_w, d_b):
+        if t is not None:
+            t.mul_(g[0].to(t.dtype))
+    resid = (g[1:] + g[0]).tolist()
+    for k in range(1, K):
+        if resid[k - 1] != 0:
+            p = seq == k
+            kept.recompute(h[p], lab[p], (resid[k - 1] * scale[p]).float(), m[p], ls[p], False,
+                           dw_, db_)
+    return sums, dh

@@ -62,6 +62,12 @@ def active_labels(pr, ignore_index):
     return lab
 
 
+def unit_rows(pr, j0: int, j1: int) -> int:
+    """Active rows of units ``[j0, j1)``, every part."""
+    B, off = pr.pairs, pr.offsets
+    return sum(off[k * B + j1] - off[k * B + j0] for k in range(pr.parts))
+
+
 def chunk_selection(pr, j0, j1):
     """``(sel, seq)`` of units ``[j0, j1)``: their rows (indices into ``pr.h2``) part by part, and
     each row's sequence within the chunk (part ``k`` of unit ``j`` is ``k * (j1 - j0) + j - j0``)."""

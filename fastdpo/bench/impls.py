@@ -175,7 +175,7 @@ def _linear_dpo_variant(backend: str, tag: str, note: str, per_case) -> Impl:
 
 def _lean_options(case) -> dict:
     """At most one planned chunk of logits (``chunk_rows`` = the memory goal's chunk): a pair
-    larger than that is streamed, one matmul more."""
+    larger than that is streamed (one matmul more, but on the first pair of a native call)."""
     from fastdpo.autograd.linear_loss import plan_rows
 
     return {"chunk_rows": plan_rows(case.tokens, case.vocab, case.torch_dtype.itemsize, False)}
@@ -191,7 +191,7 @@ def _workspace_options(case) -> dict:
 
 def _fastdpo_lean(backend: str) -> Impl:
     return _linear_dpo_variant(backend, "lean", "chunk_rows = one planned chunk: pairs over it "
-                               "streamed (4 policy matmuls)", _lean_options)
+                               "streamed (4 policy matmuls; 3 on the first pair natively)", _lean_options)
 
 
 def _fastdpo_workspace(backend: str) -> Impl:

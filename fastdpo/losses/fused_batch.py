@@ -136,7 +136,8 @@ def prepare(name, hidden, weight, labels, bias, *, parts, ignore_index, shift, t
     tile = INVARIANT_TILE_ROWS if batch_invariant else 0
     chunks = chunk_pairs(rows, cap)
     # a chunk holds whole pairs: one pair over the budget is streamed instead (a first log-prob
-    # pass, then slabs of rows with the known pair gradients: 1 matmul more on those rows)
+    # pass, then slabs of rows with the known pair gradients: 1 matmul more on those rows; the
+    # native head streams pair by pair, the first pair at no matmul more: linear_native)
     limit = pair_limit_rows(cap, V, bool(softcap), chunk_rows)
     big = any(unit_rows(rows, j0, j1) > limit for j0, j1 in chunks if j1 - j0 == 1)
     return FusedBatch(hidden, head, rows, chunks, tile, lab, w_rows, lengths, extra_lengths, V,

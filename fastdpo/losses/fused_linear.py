@@ -13,6 +13,8 @@ Cost, counted in ``(rows, H) x (H, V)`` matmuls over the labelled rows only:
   gradients; a reference given as hidden states adds 1 (no graph, nothing kept).
 * ``aot`` / ``aot_unpaired`` (they sort the whole batch) and a ``bco_delta`` callable (a batch
   statistic) need every pair's log-probs before any gradient: a first log-prob pass adds 1.
+* a pair streamed past the chunk budget: 1 more on its rows, but on the native CPU head the first
+  streamed pair of a call costs 3 (:func:`fastdpo.autograd.linear_native.stream_unit`).
 * memory: one chunk's fp32 logits (``FASTDPO_LINEAR_MEMORY_FRACTION`` of the full logits, at least
   16 MiB, 128 rows or one pair), plus the gradients themselves, kept from forward to backward.
 """
@@ -25,6 +27,7 @@ import torch
 
 from .. import _validate, ops
 from ..autograd.linear_loss import LinearPairLoss, run_pairs
+from ..autograd.linear_native import streams_locally
 from . import args as loss_args
 from .dpo import dpo_loss, loss_config, preference_metrics
 from .functional import PairInputs, combined
@@ -102,8 +105,10 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         validate: check label values and loss targets (default on for CPU tensors).
         chunk_rows: rows per chunk (default from the memory budget); a chunk holds whole pairs.
             Given, it bounds the logits held: a pair with more rows is streamed (a first
-            log-prob pass, one matmul more; on the native CPU head no chunk's logits are held
-            at all). Without it, only a pair over ``FASTDPO_LINEAR_PAIR_LIMIT_MB`` is streamed.
+            log-prob pass, one matmul more; on the native CPU head pair by pair, the first
+            streamed pair at 3 matmuls in slabs of ``chunk_rows``, the others through the
+            backward that recomputes the logits in cache). Without it, only a pair over
+            ``FASTDPO_LINEAR_PAIR_LIMIT_MB`` is streamed.
         batch_invariant: run every matmul and row kernel on slabs of a fixed number of rows
             (``INVARIANT_TILE_ROWS``, the last one padded), so each pair's log-probs, loss and
             hidden-state gradient rows are bitwise the same whatever other pairs the batch holds
@@ -189,11 +194,14 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         return None if t is None else t.detach().to(acc)
 
     rc_, rr_, s_, m_ = cast(rc), cast(rr), cast(target_probs), cast(reward_margins)
-    batch_mode = (delta_fn is not None or any(t in BATCH_TYPES for t in cfg.loss_types)
-                  or fb.slab > 0)
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad
             for t in (hidden, weight, bias, target_probs, reward_margins)]
     need_h, need_w, need_b, need_s, need_m = need
+    # a pair over the budget needs a first log-prob pass unless the chunk loop streams it
+    streams = fb.slab > 0 and not streams_locally(head, pr_rows, weight, bias, tile, need_w,
+                                                  need_b)
+    batch_mode = (delta_fn is not None or any(t in BATCH_TYPES for t in cfg.loss_types)
+                  or streams)
 
     def compute():
         ds = torch.zeros(B, dtype=acc, device=dev) if need_s else None

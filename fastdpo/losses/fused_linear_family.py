@@ -25,6 +25,7 @@ import torch
 
 from .. import _validate, ops
 from ..autograd.linear_loss import LinearPairLoss, run_pairs
+from ..autograd.linear_native import streams_locally
 from . import args
 from .autograd import compute_dtype
 from .formulas import (CPO_AVERAGED_TYPES, CPO_LOSS_TYPES, CPOConfig, cpo_terms, kto_terms,
@@ -38,7 +39,8 @@ _HEAD_DOC = """ignore_index, shift, temperature, logit_scale, softcap, token_wei
             (no ``average``: the losses take sums, and divide by the label counts where they
             average). ``token_weights`` weight each token in its sequence's sum; the lengths
             stay the label counts, as :class:`fastdpo.CPOLoss` etc. count them. A pair over
-            ``chunk_rows`` is streamed as there (one matmul more), except ORPO's with
+            ``chunk_rows`` is streamed as there (one matmul more, but the first one on the native
+            CPU head), except ORPO's with
             ``nll_labels`` (its NLL rows are a second term of the pass: held whole)."""
 
 
@@ -54,7 +56,8 @@ def _fused(name, fb, weight, bias, unit_grads, value, extra_grad=0.0):
         w_, b_ = weight.detach(), None if bias is None else bias.detach()
         with torch.no_grad():
             grads_of, first = unit_grads, None
-            if fb.slab and (need_h or need_w or need_b) and fb.rows.extra is None:
+            if (fb.slab and (need_h or need_w or need_b) and fb.rows.extra is None
+                    and not streams_locally(fb.head, fb.rows, w_, b_, fb.tile, need_w, need_b)):
                 # a pair over the budget (chunk_rows): a first log-prob pass, then slabs with
                 # the known per-pair gradients, as linear_dpo_loss streams
                 first = run_pairs(fb.head, fb.rows, w_, b_, fb.chunks, None, False, False, False,

@@ -49,19 +49,20 @@ def test_frozen_head_step_differentiates_the_hidden_states_only():
 
 
 def test_lean_row_streams_the_pairs_and_agrees(monkeypatch):
-    """fastdpo[native,lean] holds one planned chunk: its pairs (over that) take the streamed
-    path (a native first pass, then the native backward), with fastdpo[native]'s gradients."""
+    """fastdpo[native,lean] holds one planned chunk: its pair (over that) is streamed through
+    the kept chunks in slabs of at most that many rows, with fastdpo[native]'s gradients."""
     from fastdpo.autograd import linear_loss as AL
 
     case = Case("linear_dpo_step", 32000, 512, batch=2, hidden=16)  # pairs: 256 rows > 131
     calls = []
-    real = AL.recompute_pass
-    monkeypatch.setattr(AL, "recompute_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = AL.stream_unit
+    monkeypatch.setattr(AL, "stream_unit",
+                        lambda *a, **k: calls.append(a[5]) or real(*a, **k))
     grads = {}
     for name in ("fastdpo[native]", "fastdpo[native,lean]"):
         step = workloads.build_step(case, impls.by_name([name])[0], "cpu")
         grads[name] = step.run(step.setup())
-    assert calls == [1]  # the lean row only
+    assert calls == [131]  # the lean row only, in slabs of its planned chunk
     for a, b in zip(*grads.values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
