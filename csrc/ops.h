@@ -68,10 +68,10 @@ FrozenResult linear_frozen_fwd_cpu(
 // writes them to `keep` (linear_keep_numel floats), the backward forms d logits there in place
 // and adds d_weight / d_bias into fp32 accumulators; 3 GEMMs, no recompute. An empty keep given
 // to the backward: it recomputes each tile's logits in cache (a pair streamed in slabs).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_keep_fwd_cpu(
+FwdResult linear_keep_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t ignore_index, double temperature, double logit_scale,
-    double softcap, bool batch_invariant, at::Tensor& keep);
+    double softcap, bool batch_invariant, at::Tensor& keep, bool with_entropy);
 at::Tensor linear_keep_bwd_cpu(at::Tensor& keep, const at::Tensor& grad_logp,
                                const at::Tensor& hidden, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor& labels,

@@ -220,7 +220,7 @@ torch.library.register_fake(f"{LIB_NAME}::native_linear_frozen_fwd", _fake_linea
 _LINEAR_KEEP_FWD = (
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
     "float temperature, float logit_scale, float softcap, bool batch_invariant, "
-    "Tensor(a!) keep) -> (Tensor, Tensor, Tensor)"
+    "Tensor(a!) keep, bool with_entropy=False) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _LINEAR_KEEP_BWD = (
     "(Tensor(a!) keep, Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, "
@@ -231,11 +231,12 @@ _LINEAR_KEEP_BWD = (
 
 
 def _fake_linear_keep_fwd(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
-                          softcap, batch_invariant, keep):
+                          softcap, batch_invariant, keep, with_entropy=False):
     torch._check(hidden.dtype in DTYPES["native"],
                  lambda: f"the native backend does not take {hidden.dtype} inputs")
     n = hidden.shape[0]
-    return tuple(hidden.new_empty((n,), dtype=torch.float32) for _ in range(3))
+    return tuple(hidden.new_empty((k,), dtype=torch.float32)
+                 for k in (n, n, n, n if with_entropy else 0))
 
 
 def _fake_linear_keep_bwd(keep, grad_logp, hidden, weight, bias, labels, row_max, log_sum,

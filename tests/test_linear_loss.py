@@ -262,6 +262,53 @@ def test_streamed_pairs_reference_equal_to_policy_cancels_exactly(chunk_rows):
     assert loss.item() == pytest.approx(0.6931471805599453, abs=1e-7)
 
 
+@pytest.mark.parametrize("opts", [{}, dict(chunk_rows=5), dict(chunk_rows=5, kind="aot"),
+                                  dict(softcap=3.0, temperature=0.7),
+                                  dict(batch_invariant=True), dict(frozen=True)])
+def test_token_stats_are_the_passs_rows(backend, opts):
+    """token_stats=True: each scored position's label log-prob, log-sum and entropy from the
+    policy pass itself, against float64 under the rule (kept chunks, streamed pairs, a first
+    pass, frozen head); the label is the row's max exactly when logp == -log_sum; 0 elsewhere;
+    the loss and gradients are those without it."""
+    opts = dict(opts)
+    kind, frozen = opts.pop("kind", "sigmoid"), opts.pop("frozen", False)
+    h, w, b, labels, rc, rr, extra = batch(seed=9, bias=True)
+    T, softcap = opts.get("temperature", 1.0), opts.get("softcap")
+    top = R.head_logits(h.double(), w.double(), b.double(), softcap=softcap).argmax(-1)
+    pick = (labels[:, 1:] != -100) & (torch.arange(labels.shape[1] - 1) % 2 == 0)
+    labels[:, 1:][pick] = top[:, :-1][pick]  # half the scored labels are their row's max
+    kw = dict(bias=b, ref_chosen_logps=rc, ref_rejected_logps=rr, backend=backend,
+              **loss_kwargs(kind), **opts)
+    runs = []
+    for stats in (False, True):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_(not frozen)
+        out = linear_dpo_loss(hh, ww, labels, token_stats=stats, **kw)
+        out[0].backward()
+        runs.append((out, hh.grad, ww.grad))
+    (loss, _), gh, gw = runs[0]
+    (loss_t, _, st), gh_t, gw_t = runs[1]
+    assert torch.equal(loss, loss_t) and torch.equal(gh, gh_t)
+    assert (gw is None and gw_t is None) or torch.equal(gw, gw_t)
+    y, scored = labels[:, 1:], labels[:, 1:] != -100
+
+    def rows(dtype):
+        z = R.head_logits(h.to(dtype), w.to(dtype), b.to(dtype), softcap=softcap)[:, :-1] / T
+        lp = torch.log_softmax(z, -1)
+        return (lp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1),
+                -(lp.exp() * lp).sum(-1), z)
+
+    lp64, ent64, z64 = rows(torch.float64)
+    lp32, ent32, _ = rows(torch.float32)
+    assert st.logp.shape == labels.shape and st.logp.dtype == torch.float32
+    for got, r64, r32 in ((st.logp, lp64, lp32), (st.entropy, ent64, ent32)):
+        assert_rule(got[:, :-1][scored], r64[scored], r32[scored], torch.float32)
+        assert (got[:, :-1][~scored] == 0).all() and (got[:, -1] == 0).all()
+    top = z64.topk(2, -1).values
+    clear = scored & (top[..., 0] - top[..., 1] > 1e-4)  # no near tie
+    is_top = (st.logp + st.log_sum == 0)[:, :-1]
+    assert torch.equal(is_top[clear], (z64.argmax(-1) == y)[clear]) and is_top[clear].any()
+
+
 def test_given_lengths_and_pair_logps_errors_name_the_argument():
     from fastdpo import linear_pair_logps
     h, w, _, labels, rc, rr, _ = batch()
@@ -848,7 +895,7 @@ def test_kept_ops_refuse_bad_buffers():
     with pytest.raises(ValueError, match="keep holds"):
         fwd(h, w, None, lab, *args, torch.empty(_C.linear_keep_numel(10, 40, 8) - 1))
     keep = torch.empty(_C.linear_keep_numel(10, 40, 8))
-    lp, m, s = fwd(h, w, None, lab, *args, keep)
+    lp, m, s, _ = fwd(h, w, None, lab, *args, keep)
     with pytest.raises(RuntimeError, match="d_weight must be"):
         bwd(keep, torch.ones(10), h, w, None, lab, m, s, *args, True, torch.zeros(40, 7),
             torch.empty(0))

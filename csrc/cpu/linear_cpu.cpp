@@ -809,14 +809,14 @@ bool accumulator(const at::Tensor& t, at::IntArrayRef shape, const char* op, con
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_keep_fwd_cpu(
+FwdResult linear_keep_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t ignore_index, double temperature, double logit_scale,
-    double softcap, bool batch_invariant, at::Tensor& keep) {
+    double softcap, bool batch_invariant, at::Tensor& keep, bool with_entropy) {
   const Head hd = kept_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
                             softcap, batch_invariant, keep, "native_linear_keep_fwd");
-  auto out = forward_rows(hd, false);
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+  auto out = forward_rows(hd, with_entropy);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
 }
 
 at::Tensor linear_keep_bwd_cpu(at::Tensor& keep, const at::Tensor& grad_logp,

@@ -40,8 +40,8 @@ from ..torch_backend.linear import labelled_rows, pad_rows
 from ..torch_backend.matmul import logits_tile, mm_acc, operand_dtype
 from .linear_native import (KeptChunks, has_native_op, native_applies, native_head, native_pass,
                             recompute_pass, stream_unit, streamed_first)
-from .linear_stream import (PassResult, chunk_selection, loop_setup, sequence_sums, streamed,
-                            token_grads, unit_rows)
+from .linear_stream import (PassResult, TokenStats, chunk_selection, loop_setup, sequence_sums,
+                            streamed, token_grads, unit_rows)
 from .options import refuse_double_backward
 from .workspace import FRESH, Workspace
 
@@ -69,6 +69,7 @@ class Head:
     logit_scale: float
     softcap: float  # 0 = off
     workspace: Optional[Workspace] = None  # None: fresh buffers every call
+    token_stats: bool = False  # the policy pass also returns each row's stats (PassResult.token)
 
 
 @dataclass
@@ -202,6 +203,7 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
     if grads and need_h:
         d_h = torch.zeros(h2.shape, dtype=h2.dtype, device=dev)
     kept = None  # the native GEMMs and row kernels of each chunk (linear_native.KeptChunks)
+    tok = TokenStats(head.token_stats, h2.shape[0], dev)
     if KeptChunks.applies(head, pr, weight, bias, grads):  # a unit over slab: stream_unit
         kept = KeptChunks(head, weight, bias, max([min(unit_rows(pr, *c), slab or 1 << 62)
                                                    for c in chunks] + [0]), tile > 0, ws)
@@ -231,7 +233,7 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
             sums, dh = stream_unit(kept, pr, sel, seq, pr.scale.index_select(0, sel),
                                    slab if slabbed else 0,
                                    lambda *s, a=j0, e=j1: pair_grads(a, e, *s), need_h, d_w,
-                                   d_b, defer=slabbed and h2.dtype == acc)
+                                   d_b, defer=slabbed and h2.dtype == acc, tok=tok)
             for k in range(K):
                 out[k * B + j0:k * B + j1] = sums[k * P:(k + 1) * P]
             if dh is not None:
@@ -240,7 +242,8 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
         if R and kept:
             h, lab = pr.h2.index_select(0, sel), pr.labels.index_select(0, sel)
             scale = pr.scale.index_select(0, sel)
-            lp, rmax, lsum = kept.forward(h, lab)
+            lp, rmax, lsum, ent = kept.forward(h, lab, head.token_stats)
+            tok.put(sel, lp, lsum, ent)
         elif R:
             h = pad_rows(pr.h2.index_select(0, sel).to(opd), Rp, 0)
             lab = pad_rows(pr.labels.index_select(0, sel), Rp, ii).view(1, Rp)
@@ -252,9 +255,10 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
                 logits_tile(h[s0:s1], w, b, head.logit_scale, softcap, x[s0:s1],
                             None if t is None else t[s0:s1])
                 stats.append(row_fwd(x[s0:s1].view(1, s1 - s0, V), lab[:, s0:s1], ii, T, 0, V,
-                                     False)[:3])
-            lp, rmax, lsum = (torch.cat(c, 1) if len(c) > 1 else c[0] for c in zip(*stats))
+                                     head.token_stats)[:4])
+            lp, rmax, lsum, ent = (torch.cat(c, 1) if len(c) > 1 else c[0] for c in zip(*stats))
             lp = lp.view(Rp)[:R]
+            tok.put(sel, lp, lsum, ent)
         if R:
             extra = None if ext is None else pr.extra.index_select(0, sel)
             sums, esums = sequence_sums(seq, lp.to(acc), scale, extra, K * P)
@@ -301,7 +305,7 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
         d_b = d_b.to(bias.dtype)
     logps = tuple(out[k * B:(k + 1) * B].clone() if K > 1 else out for k in range(K))
     extras = None if ext is None else tuple(ext[k * B:(k + 1) * B] for k in range(K))
-    return PassResult(logps, extras, d_h, d_w, d_b)
+    return PassResult(logps, extras, d_h, d_w, d_b, token=tok.t)
 
 
 # ------------------------------------------------ frozen head of the per-token log-probs

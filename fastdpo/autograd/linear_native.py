@@ -72,10 +72,11 @@ class KeptChunks:
         self.args = (head.ignore_index, float(head.temperature), float(head.logit_scale),
                      float(head.softcap))
 
-    def forward(self, h, lab):
-        """``(logp, row_max, log_sum)`` of rows ``h`` with labels ``lab`` (all ``(R,)`` fp32)."""
+    def forward(self, h, lab, entropy: bool = False):
+        """``(logp, row_max, log_sum, entropy)`` of rows ``h`` with labels ``lab`` (all
+        ``(R,)`` fp32; the entropy empty unless asked)."""
         return ops.get_op("native", "linear_keep_fwd")(h, self.weight, self.bias, lab,
-                                                       *self.args, self.inv, self.keep)
+                                                       *self.args, self.inv, self.keep, entropy)
 
     def backward(self, h, lab, g_row, row_max, log_sum, need_h: bool, d_w, d_b):
         """``d_hidden`` of the rows (empty unless ``need_h``); ``d_w`` / ``d_b`` (fp32, or empty
@@ -84,12 +85,12 @@ class KeptChunks:
             self.keep, g_row, h, self.weight, self.bias, lab, row_max, log_sum, *self.args,
             self.inv, need_h, d_w, d_b)
 
-    def stats(self, h, lab):
-        """``(logp, row_max, log_sum)`` of rows ``h`` through the native forward: tiles in
-        cache, nothing kept (for :meth:`recompute`)."""
+    def stats(self, h, lab, entropy: bool = False):
+        """:meth:`forward` through the native forward: tiles in cache, nothing kept (for
+        :meth:`recompute`)."""
         return ops.get_op("native", "linear_logps_fwd")(h, self.weight, self.bias, lab,
                                                         *self.args, 0, self.weight.shape[0],
-                                                        False, self.inv)[:3]
+                                                        entropy, self.inv)
 
     def recompute(self, h, lab, g_row, row_max, log_sum, need_h: bool, d_w, d_b):
         """:meth:`backward` without the kept logits: each tile's are recomputed in cache."""
@@ -107,23 +108,29 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
     ii = head.ignore_index
     opts = (ii, float(head.temperature), float(head.logit_scale), float(head.softcap))
 
+    ent = head.token_stats
+
     def call(h, lab):
+        """``(logp, row_max, log_sum, unit or None, entropy)``."""
         if grads:
             return ops.get_op("native", "linear_frozen_fwd")(h, weight, bias, lab, *opts,
-                                                             batch_invariant, False)[:4]
-        return ops.get_op("native", "linear_logps_fwd")(
-            h, weight, bias, lab, *opts, 0, weight.shape[0], False, batch_invariant)[:3] + (None,)
+                                                             batch_invariant, ent)
+        lp, m, ls, e = ops.get_op("native", "linear_logps_fwd")(
+            h, weight, bias, lab, *opts, 0, weight.shape[0], ent, batch_invariant)
+        return lp, m, ls, None, e
 
     if not slab or batch_invariant:
-        lp, row_max, log_sum, unit = call(h2, active_labels(pr, ii))
+        lp, row_max, log_sum, unit, e = call(h2, active_labels(pr, ii))
     else:  # the row groups of the policy's kept chunks, so equal models give equal bits
         lp, row_max, log_sum = (torch.zeros(h2.shape[0]) for _ in range(3))
         unit = torch.zeros(h2.shape[0], h2.shape[1]) if grads else None
+        e = torch.zeros(h2.shape[0] if ent else 0)
         for rows in forward_groups(pr, chunks, slab):
             out = call(h2.index_select(0, rows), pr.labels.index_select(0, rows))
-            for t, o in zip((lp, row_max, log_sum, unit), out):
+            for t, o in zip((lp, row_max, log_sum, unit, e if ent else None), out):
                 if t is not None:
                     t.index_copy_(0, rows, o)
+    token = (lp, log_sum, e) if ent else None
     lp = lp.to(acc).index_select(0, pr.order)
     scale = pr.scale.index_select(0, pr.order)
     extra = None if pr.extra is None else pr.extra.index_select(0, pr.order)
@@ -139,7 +146,7 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
                 d_h = d_h.view(hidden_shape)
     logps = tuple(out[k * B:(k + 1) * B].clone() if K > 1 else out for k in range(K))
     extras = None if ext is None else tuple(ext[k * B:(k + 1) * B] for k in range(K))
-    return PassResult(logps, extras, d_h, None, None, rows=(row_max, log_sum))
+    return PassResult(logps, extras, d_h, None, None, rows=(row_max, log_sum), token=token)
 
 
 def row_grads(pr, chunks, pair_grads, sums, scale, extra=None, extra_grad=0.0):
@@ -179,7 +186,7 @@ def recompute_pass(head, pr, weight, bias, chunks, pair_grads, first: PassResult
     if need_h and hidden_shape is not None:
         d_h = d_h.view(hidden_shape)
     return PassResult(first.logps, first.extra, d_h if need_h else None,
-                      d_w if need_w else None, d_b if need_b else None)
+                      d_w if need_w else None, d_b if need_b else None, token=first.token)
 
 
 def streams_locally(head, pr, weight, bias, tile: int, need_w: bool, need_b: bool) -> bool:
@@ -215,11 +222,12 @@ def forward_groups(pr, chunks, slab: int):
 
 
 def stream_unit(kept: KeptChunks, pr, sel, seq, scale, slab: int, grads_of, need_h: bool,
-                d_w, d_b, defer: bool):
+                d_w, d_b, defer: bool, tok=None):
     """One unit (pair) whose rows ``sel`` (part by part; ``seq``: each one's part) exceed the
     chunk budget; ``grads_of(*sums)`` gives its ``dL/d logp`` per part. Returns ``(sums,
     d_hidden rows or None)``. ``slab > 0``: its forward runs in slabs of that many rows (the
-    first streamed unit, :func:`forward_groups`), else whole.
+    first streamed unit, :func:`forward_groups`), else whole. ``tok``: a
+    :class:`~fastdpo.autograd.linear_stream.TokenStats` to put the rows' statistics in.
 
     ``defer`` (``d_w`` / ``d_b`` still all zero; ``slab > 0``): one sweep of kept slabs with
     the unit row gradient ``sigma * scale`` (``sigma`` +1 on part 0, -1 on the others), which
@@ -236,6 +244,8 @@ def stream_unit(kept: KeptChunks, pr, sel, seq, scale, slab: int, grads_of, need
     h, lab = pr.h2.index_select(0, sel), pr.labels.index_select(0, sel)
     spans = [(s0, min(n, s0 + slab)) for s0 in range(0, n, slab)] if slab else [(0, n)]
     lp, m, ls = (torch.empty(n) for _ in range(3))
+    on = tok is not None and tok.t is not None
+    ent = torch.empty(n if on else 0)
 
     def sums_of(lp):
         return sequence_sums(seq, lp.to(scale.dtype), scale, None, K)[0]
@@ -245,7 +255,10 @@ def stream_unit(kept: KeptChunks, pr, sel, seq, scale, slab: int, grads_of, need
 
     if not defer:
         for s0, s1 in spans:
-            lp[s0:s1], m[s0:s1], ls[s0:s1] = kept.stats(h[s0:s1], lab[s0:s1])
+            lp[s0:s1], m[s0:s1], ls[s0:s1], e = kept.stats(h[s0:s1], lab[s0:s1], on)
+            ent[s0:s1] = e
+        if on:
+            tok.put(sel, lp, ls, ent)
         sums = sums_of(lp)
         g_row = token_grads(part_grads(sums), seq, scale).float()
         dh = kept.recompute(h, lab, g_row, m, ls, need_h, dw_, db_)
@@ -254,11 +267,14 @@ def stream_unit(kept: KeptChunks, pr, sel, seq, scale, slab: int, grads_of, need
     unit = (sigma.index_select(0, seq) * scale).float()
     dh = [] if need_h else None
     for s0, s1 in spans:  # one slab's logits held at a time
-        lp[s0:s1], m[s0:s1], ls[s0:s1] = kept.forward(h[s0:s1], lab[s0:s1])
+        lp[s0:s1], m[s0:s1], ls[s0:s1], e = kept.forward(h[s0:s1], lab[s0:s1], on)
+        ent[s0:s1] = e
         d = kept.backward(h[s0:s1], lab[s0:s1], unit[s0:s1], m[s0:s1], ls[s0:s1], need_h, dw_,
                           db_)
         if need_h:
             dh.append(d)
+    if on:
+        tok.put(sel, lp, ls, ent)
     sums = sums_of(lp)
     g = part_grads(sums)
     if need_h:  # each part's factor: g_k / sigma_k

@@ -20,6 +20,23 @@ class PassResult(NamedTuple):
     d_weight: Optional[torch.Tensor]
     d_bias: Optional[torch.Tensor]
     rows: Optional[tuple] = None  # (row_max, log_sum) of all N rows, from a native forward pass
+    token: Optional[tuple] = None  # (logp, log_sum, entropy) of all N rows (Head.token_stats)
+
+
+class TokenStats:
+    """Each visited row's ``(logp, log_sum, entropy)`` as the pass's row op gave them, in
+    ``h2``'s row space (0 on rows not visited), for metrics without a pass of their own; inert
+    unless ``on``."""
+
+    def __init__(self, on: bool, n: int, device):
+        self.t = tuple(torch.zeros(n, device=device) for _ in range(3)) if on else None
+
+    def put(self, rows, logp, log_sum, entropy):
+        if self.t is None:
+            return
+        n = rows.numel()
+        for t, x in zip(self.t, (logp, log_sum, entropy)):
+            t.index_copy_(0, rows, x.reshape(-1)[:n].to(t.dtype))
 
 
 def loop_setup(head, pr, weight, bias):
@@ -94,6 +111,7 @@ def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
     d_b = torch.zeros(V, dtype=acc, device=dev) if grads and need_b else None
     buf = torch.empty(S * V, dtype=acc, device=dev)
     tbuf = torch.empty(S * V if (grads and softcap) else 0, dtype=acc, device=dev)
+    tok = TokenStats(head.token_stats, h2.shape[0], dev)
     for j0, j1 in chunks:
         P = j1 - j0
         sel, seq = chunk_selection(pr, j0, j1)
@@ -111,7 +129,9 @@ def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
             x = buf[:n_pad * V].view(n_pad, V)
             t = tbuf[:n_pad * V].view(n_pad, V) if (grads and softcap) else None
             logits_tile(h, w, b, head.logit_scale, softcap, x, t)
-            lp, rmax, lsum = row_fwd(x.view(1, n_pad, V), lab, ii, T, 0, V, False)[:3]
+            lp, rmax, lsum, ent = row_fwd(x.view(1, n_pad, V), lab, ii, T, 0, V,
+                                          head.token_stats)[:4]
+            tok.put(rs, lp, lsum, ent)
             sums.index_add_(0, sq, lp.view(n_pad)[:n] * scale)
             if not grads:
                 continue
@@ -135,4 +155,4 @@ def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
     if d_b is not None and d_b.dtype != bias.dtype:
         d_b = d_b.to(bias.dtype)
     logps = tuple(out[k * B:(k + 1) * B].clone() if K > 1 else out for k in range(K))
-    return PassResult(logps, None, d_h, d_w, d_b)
+    return PassResult(logps, None, d_h, d_w, d_b, token=tok.t)

@@ -58,7 +58,7 @@ from ..losses.functional import LABEL_SMOOTHING_TYPES, NORM_TYPES  # noqa: E402
 from ..losses.fused_linear import linear_dpo_loss, linear_pair_logps  # noqa: E402
 from .hf import head_of, head_params, lm_head_inputs  # noqa: E402
 from .reference import StoredReference  # noqa: E402
-from .trl_metrics import HeadPass, log_dpo_metrics, token_stats  # noqa: E402
+from .trl_metrics import HeadPass, log_dpo_metrics, pass_token_stats, token_stats  # noqa: E402
 
 __all__ = ["FastDPOTrainer", "FastDPOConfig", "RewardColumnsCollator", "check_trl_version"]
 
@@ -369,7 +369,8 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
                            reward_margins):
         """``(head pass, loss, chosen_logps, rejected_logps)`` of the policy from one
         :func:`linear_dpo_loss` call: the gradients are formed in its forward. The logged
-        token metrics come from one no-grad pass over the completion rows."""
+        token metrics come from the same pass's row statistics (with a soft-capped head, from
+        one no-grad pass over the completion rows)."""
         types = list(self.loss_types)
         weights = list(self.loss_weights or (1.0,) * len(types))
         lab = labels.to(dec.weight.device)
@@ -377,24 +378,32 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
         tw, lengths = self._ld_weights(lab), None
         if set(types) & set(NORM_TYPES):  # TRL's count: the unshifted completion mask
             lengths = completion_mask.to(lab.device).sum(dim=1).chunk(2, dim=0)
+        want_ent = getattr(self.args, "entropy_metrics", True)
+        want_tok = getattr(self.args, "token_metrics", True)
+        # the token metrics from the loss pass's own row statistics, unless soft-capped
+        in_pass = (want_ent or want_tok) and not dec.softcap
         with self.accelerator.autocast():
-            loss, m = linear_dpo_loss(
+            out = linear_dpo_loss(
                 dec.hidden.to(dec.weight.device), dec.weight, lab, bias=dec.bias,
                 ref_chosen_logps=refs[0], ref_rejected_logps=refs[1], loss_type=types,
                 loss_weights=weights, target_probs=target_probs, reward_margins=reward_margins,
                 softcap=dec.softcap, logit_scale=dec.logit_scale, token_weights=tw,
                 chosen_lengths=None if lengths is None else lengths[0],
                 rejected_lengths=None if lengths is None else lengths[1],
-                backend=self._fd_backend, per_pair_metrics=True, **self._loss_args(types))
+                backend=self._fd_backend, per_pair_metrics=True, token_stats=in_pass,
+                **self._loss_args(types))
+            loss, m = out[:2]
             ent = mean_logits = is_top1 = None
-            want_ent = getattr(self.args, "entropy_metrics", True)
-            want_tok = getattr(self.args, "token_metrics", True)
             if want_ent or want_tok:
                 rows = dec.hidden[:, :-1].detach().to(dec.weight.device)[mask]
                 b = None if dec.bias is None else dec.bias.detach()
-                mean, top1, e = token_stats(rows, dec.weight.detach(), lab[:, 1:][mask], b,
-                                            dec.softcap, dec.logit_scale, entropy=want_ent,
-                                            backend=self._fd_backend)
+                if in_pass:
+                    mean, top1, e = pass_token_stats(out[2], rows, dec.weight.detach(), b,
+                                                     dec.logit_scale, mask)
+                else:
+                    mean, top1, e = token_stats(rows, dec.weight.detach(), lab[:, 1:][mask], b,
+                                                dec.softcap, dec.logit_scale, entropy=want_ent,
+                                                backend=self._fd_backend)
                 ent = _scatter(mask, e) if want_ent else None
                 if want_tok:
                     mean_logits, is_top1 = _scatter(mask, mean), _scatter(mask, top1, torch.bool)

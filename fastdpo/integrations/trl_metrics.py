@@ -119,13 +119,29 @@ def token_stats(rows, weight, labels, bias, softcap, logit_scale, *, entropy=Fal
     ``log_sum`` below the max counts as a tie). Soft-capped heads take :func:`logit_stats`."""
     if softcap:
         return logit_stats(rows, weight, labels, bias, softcap, logit_scale, entropy=entropy)
-    dev = rows.device
-    if torch.is_autocast_enabled(dev.type):  # the head's matmul in the autocast dtype
-        rows = rows.to(torch.get_autocast_dtype(dev.type))
-    be = backends.resolve(backend, dev, rows.dtype)
+    rows = _autocast_rows(rows)
+    be = backends.resolve(backend, rows.device, rows.dtype)
     logp, _, log_sum, ent = ops.get_op(be, "linear_logps_fwd")(
         rows, weight, bias, labels, -100, 1.0, float(logit_scale), 0.0, 0, weight.shape[0],
         bool(entropy), False)
     top1 = (logp + log_sum) == 0
     return mean_logits(rows, weight, bias, 0.0, logit_scale), top1, (ent if entropy else None)
+
+
+def pass_token_stats(stats, rows, weight, bias, logit_scale, mask):
+    """``(mean logit, is_top1, entropy)`` of the ``mask`` positions as :func:`token_stats`,
+    but from the loss pass's own row statistics (``stats``: a
+    :class:`fastdpo.losses.fused_linear.TokenRowStats`, its positions ``[:, :-1]`` scoring
+    ``mask``'s labels) instead of a head pass of their own: only :func:`mean_logits` is left,
+    a matrix-vector product. Not for soft-capped heads (their mean logit needs the tiles)."""
+    logp, log_sum, ent = (t[:, :-1][mask] for t in stats)
+    mean = mean_logits(_autocast_rows(rows), weight, bias, 0.0, logit_scale)
+    return mean, (logp + log_sum) == 0, ent
+
+
+def _autocast_rows(rows):
+    """``rows`` in the autocast dtype when autocast is on (the head's matmul runs in it)."""
+    if torch.is_autocast_enabled(rows.device.type):
+        return rows.to(torch.get_autocast_dtype(rows.device.type))
+    return rows
 

@@ -22,6 +22,7 @@ Cost, counted in ``(rows, H) x (H, V)`` matmuls over the labelled rows only:
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -35,6 +36,17 @@ from .fused_batch import logps_of, check_fixed_reference, prepare, reference_log
 
 # Loss types whose pair gradient depends on other pairs' log-probs (a first pass is needed).
 BATCH_TYPES = ("aot", "aot_unpaired")
+
+
+class TokenRowStats(NamedTuple):
+    """The policy pass's statistics of each position, ``(2B, T)`` fp32 (0 where no label is
+    scored): ``logp`` the label's log-prob, ``log_sum`` ``log sum exp(x - max)`` of the row
+    (so the label is the row's max exactly when ``logp == -log_sum``), ``entropy`` of the
+    row's distribution; all under the head's ``temperature``. With ``shift``, position ``t``
+    scores ``labels[:, t + 1]``."""
+    logp: torch.Tensor
+    log_sum: torch.Tensor
+    entropy: torch.Tensor
 
 
 def linear_pair_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, shift=True,
@@ -65,7 +77,7 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                     temperature=1.0, logit_scale=1.0, softcap=None, token_weights=None,
                     average=False, backend="auto", validate=None, chunk_rows=None,
                     batch_invariant=False, workspace=None, chosen_lengths=None,
-                    rejected_lengths=None, per_pair_metrics=False):
+                    rejected_lengths=None, per_pair_metrics=False, token_stats=False):
     """DPO-family loss of a ``[chosen; rejected]`` batch from the policy's hidden states.
 
     Equals ``dpo_loss(pc, pr, rc, rr, ...)`` with ``(pc; pr) = linear_sequence_logps(hidden,
@@ -121,6 +133,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
 
         per_pair_metrics: the metrics as ``(B,)`` tensors, not batch means (for callers that
             gather across ranks before averaging).
+        token_stats: also return the policy pass's own row statistics (:class:`TokenRowStats`),
+            so token metrics need no head pass of their own.
 
     fp16 inputs: the gradients are formed at unit scale in forward and kept in fp16; a loss
     scale (GradScaler) multiplies them in fp32 in backward, so it cannot overflow them, but
@@ -128,7 +142,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
     gradients (small ``beta``), prefer bf16, or ``linear_sequence_logps`` + ``dpo_loss``.
 
     Returns:
-        ``(loss, metrics)`` as :func:`fastdpo.dpo_loss` (TRL's reward and log-prob metrics).
+        ``(loss, metrics)`` as :func:`fastdpo.dpo_loss` (TRL's reward and log-prob metrics);
+        with ``token_stats``, ``(loss, metrics, TokenRowStats)``.
     """
     fb = prepare("linear_dpo_loss", hidden, weight, labels, bias, parts=2,
                  ignore_index=ignore_index, shift=shift, temperature=temperature,
@@ -203,6 +218,9 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
     batch_mode = (delta_fn is not None or any(t in BATCH_TYPES for t in cfg.loss_types)
                   or streams)
 
+    policy_head = dataclasses.replace(head, token_stats=bool(token_stats))
+    tok = {}
+
     def compute():
         ds = torch.zeros(B, dtype=acc, device=dev) if need_s else None
         dm = torch.zeros(B, dtype=acc, device=dev) if need_m else None
@@ -242,7 +260,7 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                 def pair_grads(j0, j1, pc_c, pr_c):
                     return grads_of(j0, j1, pc_c, pr_c, delta0)
             else:  # first pass: every pair's log-probs, then the whole batch's pair gradients
-                first = run_pairs(head, pr_rows, w_, b_, chunks, None, False, False, False,
+                first = run_pairs(policy_head, pr_rows, w_, b_, chunks, None, False, False, False,
                                   tile=tile, slab=fb.slab)
                 pc0, pr0 = first.logps
                 delta = delta0
@@ -255,11 +273,11 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
                 def pair_grads(j0, j1, pc_c, pr_c):
                     return gc_all[j0:j1], gr_all[j0:j1]
 
-            (pc, pr), _, d_h, d_w, d_b, _ = run_pairs(head, pr_rows, w_, b_, chunks, pair_grads,
-                                                   need_h, need_w, need_b,
-                                                   hidden_shape=hidden.shape, tile=tile,
-                                                   slab=fb.slab, known_grads=batch_mode,
-                                                   first=first)
+            res = run_pairs(policy_head, pr_rows, w_, b_, chunks, pair_grads, need_h, need_w,
+                            need_b, hidden_shape=hidden.shape, tile=tile, slab=fb.slab,
+                            known_grads=batch_mode, first=first)
+            (pc, pr), d_h, d_w, d_b = res.logps, res.d_hidden, res.d_weight, res.d_bias
+            tok["stats"] = res.token
             loss = acc_loss["pairs"] * r + acc_loss["sft"]
         grads = (d_h, d_w, d_b, None if ds is None else ds.to(target_probs.dtype),
                  None if dm is None else dm.to(reward_margins.dtype))
@@ -267,7 +285,10 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
 
     loss, pc, pr = LinearPairLoss.apply(hidden, weight, bias, target_probs, reward_margins,
                                         compute, "linear_dpo_loss")
-    return loss, preference_metrics(pc, pr, rc, rr, beta, reduce=not per_pair_metrics)
+    metrics = preference_metrics(pc, pr, rc, rr, beta, reduce=not per_pair_metrics)
+    if not token_stats:
+        return loss, metrics
+    return loss, metrics, TokenRowStats(*(t.view(hidden.shape[:-1]) for t in tok["stats"]))
 
 
 def _pair_lengths(label_counts, B, chosen_lengths, rejected_lengths, acc):
@@ -281,4 +302,4 @@ def _pair_lengths(label_counts, B, chosen_lengths, rejected_lengths, acc):
     return chosen_lengths.detach().to(acc), rejected_lengths.detach().to(acc)
 
 
-__all__ = ["linear_dpo_loss", "linear_pair_logps"]
+__all__ = ["TokenRowStats", "linear_dpo_loss", "linear_pair_logps"]

@@ -17,7 +17,7 @@ def keep_for(C, h, w, invariant=False):
 
 def kept(C, h, w, b, y, g, args, invariant=False, need_h=True, acc_w=True, acc_b=True):
     keep = keep_for(C, h, w, invariant)
-    lp, m, s = ops.get_op("native", "linear_keep_fwd")(h, w, b, y, *args, invariant, keep)
+    lp, m, s, _ = ops.get_op("native", "linear_keep_fwd")(h, w, b, y, *args, invariant, keep)
     d_w = torch.zeros(w.shape) if acc_w else torch.empty(0)
     d_b = torch.zeros(w.shape[0]) if (acc_b and b is not None) else torch.empty(0)
     d_h = ops.get_op("native", "linear_keep_bwd")(keep, g, h, w, b, y, m, s, *args, invariant,
@@ -70,11 +70,34 @@ def test_accumulators_add_across_chunks(C):
     fwd, bwd = ops.get_op("native", "linear_keep_fwd"), ops.get_op("native", "linear_keep_bwd")
     for sl in (slice(0, 40), slice(40, 90)):
         keep = keep_for(C, h[sl], w)
-        lp, m, s = fwd(h[sl], w, b, y[sl], *args, False, keep)
+        lp, m, s, _ = fwd(h[sl], w, b, y[sl], *args, False, keep)
         bwd(keep, g[sl], h[sl], w, b, y[sl], m, s, *args, False, False, d_w, d_b)
     want = recomputed(h, w, b, y, g, args)
     torch.testing.assert_close(d_w, want[4], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d_b, want[5], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+def test_entropy_and_the_recomputing_backward(C, softcap):
+    """with_entropy: the kept forward's entropy (and log-probs) are the native forward's bits;
+    an empty keep makes the backward recompute the logits, adding into the accumulators what
+    the recomputing native backward returns."""
+    h, w, b, y = make((90,), 16, 257, torch.float32, seed=75, bias=True)
+    g = torch.randn(90, generator=torch.Generator().manual_seed(6))
+    args = (-100, 0.8, 1.1, softcap)
+    fwd, bwd = ops.get_op("native", "linear_keep_fwd"), ops.get_op("native", "linear_keep_bwd")
+    keep = keep_for(C, h, w)
+    got = fwd(h, w, b, y, *args, False, keep, True)
+    want = ops.get_op("native", "linear_logps_fwd")(h, w, b, y, *args, 0, 257, True, False)
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+    assert fwd(h, w, b, y, *args, False, keep)[3].numel() == 0
+    d_w, d_b = torch.ones(w.shape), torch.ones(257)  # accumulators already holding a sum
+    d_h = bwd(torch.empty(0), g, h, w, b, y, got[1], got[2], *args, False, True, d_w, d_b)
+    ref = recomputed(h, w, b, y, g, args)
+    torch.testing.assert_close(d_h, ref[3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_w - 1, ref[4], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_b - 1, ref[5], rtol=1e-5, atol=1e-6)
 
 
 def test_batch_invariant_across_threads(C):
@@ -103,8 +126,11 @@ def test_opcheck(C):
     keep = keep_for(C, h, w)
     fwd, bwd = ops.get_op("native", "linear_keep_fwd"), ops.get_op("native", "linear_keep_bwd")
     torch.library.opcheck(fwd, (h, w, b, y, *args, keep))
-    lp, m, s = fwd(h, w, b, y, *args, keep)
+    torch.library.opcheck(fwd, (h, w, b, y, *args, keep, True))
+    lp, m, s, _ = fwd(h, w, b, y, *args, keep)
     torch.library.opcheck(bwd, (keep.clone(), g, h, w, b, y, m, s, *args, True,
+                                torch.zeros(w.shape), torch.zeros(300)))
+    torch.library.opcheck(bwd, (torch.empty(0), g, h, w, b, y, m, s, *args, True,
                                 torch.zeros(w.shape), torch.zeros(300)))
     hb, wb = h.bfloat16(), w.bfloat16()
     torch.library.opcheck(fwd, (hb, wb, None, y, -100, 1.0, 0.5, 0.0, True,
