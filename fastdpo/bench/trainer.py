@@ -4,7 +4,10 @@ One ``compute_loss`` + ``backward`` of a DPO batch on a small random Llama whose
 large (the LM head dominates, as in real DPO on 128k-256k vocabularies), for:
 
 * ``FastDPOTrainer``: a trainable head's route, the policy's head pass and the loss in one
-  ``linear_dpo_loss`` call (3 head matmuls) and the reference from ``linear_pair_logps``;
+  ``linear_dpo_loss`` call (3 head matmuls) and the reference from ``linear_pair_logps``; TRL's
+  token metrics from that pass's own row statistics (``token_stats=True``);
+* ``FastDPOTrainer[metrics pass]``: the same, the token metrics from a fused no-grad head pass
+  of their own (one matmul more: the trainer before `token_stats`);
 * ``FastDPOTrainer[log-prob pass]``: the same trainer made to take its other route (the fused
   log-prob pass, recomputing the logits in backward: 4 head matmuls, then ``dpo_loss``), which
   is what it ran before the fused loss and still runs for a frozen head;
@@ -51,7 +54,7 @@ class TrainerCase:
 
 CASES = (TrainerCase(2, 64, 192, 256, 32000), TrainerCase(2, 64, 192, 256, 128256))
 TINY = (TrainerCase(1, 6, 10, 16, 300, layers=1),)  # the tests' size
-IMPLS = ("FastDPOTrainer", "FastDPOTrainer[log-prob pass]",
+IMPLS = ("FastDPOTrainer", "FastDPOTrainer[metrics pass]", "FastDPOTrainer[log-prob pass]",
          "FastDPOTrainer[log-prob pass, tiled metrics]", "trl.DPOTrainer")
 TILED = "FastDPOTrainer[log-prob pass, tiled metrics]"
 CHARS = "abcdefghijklmnopqrstuvwxyz .,?!:"
@@ -123,6 +126,8 @@ def build(impl: str, case: TrainerCase, out_dir: str):
              train_dataset=_dataset(case), processing_class=_tokenizer())
     if impl.startswith("FastDPOTrainer[log-prob pass"):
         tr._fused_loss = lambda: False  # the other route of the same trainer
+    if impl == "FastDPOTrainer[metrics pass]":
+        tr._metrics_in_pass = lambda dec: False  # the token metrics from a head pass of their own
     tr.model.train()
     batch = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
     return tr, batch

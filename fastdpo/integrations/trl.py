@@ -365,6 +365,11 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
             return False
         return bool(head_of(self.accelerator.unwrap_model(self.model)).weight.requires_grad)
 
+    def _metrics_in_pass(self, dec) -> bool:
+        """Whether the token metrics come from the loss pass's own row statistics: all but a
+        soft-capped head's (its mean logit needs the logits' tiles)."""
+        return not dec.softcap
+
     def _fused_policy_loss(self, dec, labels, completion_mask, refs, target_probs,
                            reward_margins):
         """``(head pass, loss, chosen_logps, rejected_logps)`` of the policy from one
@@ -380,8 +385,7 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
             lengths = completion_mask.to(lab.device).sum(dim=1).chunk(2, dim=0)
         want_ent = getattr(self.args, "entropy_metrics", True)
         want_tok = getattr(self.args, "token_metrics", True)
-        # the token metrics from the loss pass's own row statistics, unless soft-capped
-        in_pass = (want_ent or want_tok) and not dec.softcap
+        in_pass = (want_ent or want_tok) and self._metrics_in_pass(dec)
         with self.accelerator.autocast():
             out = linear_dpo_loss(
                 dec.hidden.to(dec.weight.device), dec.weight, lab, bias=dec.bias,

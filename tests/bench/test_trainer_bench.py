@@ -31,8 +31,9 @@ def test_routes_and_equal_losses(tmp_path, monkeypatch):
                         lambda *a, **k: tiled_calls.append(1) or real(*a, **k))
     case = trainer.TINY[0]
     built = {name: trainer.build(name, case, str(tmp_path)) for name in trainer.IMPLS}
-    fused, logp_pass, tiled, trl = (built[n][0] for n in trainer.IMPLS)
-    assert fused._fused_loss() and not logp_pass._fused_loss() and not tiled._fused_loss()
+    fused, metrics_pass, logp_pass, tiled, trl = (built[n][0] for n in trainer.IMPLS)
+    assert fused._fused_loss() and metrics_pass._fused_loss()
+    assert not logp_pass._fused_loss() and not tiled._fused_loss()
     assert type(trl).__name__ == "DPOTrainer"
     losses, macs, metrics = {}, {}, {}
     for name, (tr, batch) in built.items():
@@ -44,19 +45,22 @@ def test_routes_and_equal_losses(tmp_path, monkeypatch):
         metrics[name] = {k: v[-1] for k, v in tr._metrics["train"].items()}
     first = losses[trainer.IMPLS[0]]
     assert all(abs(v - first) < 1e-5 for v in losses.values()), losses
-    # the fused loss saves one of the log-prob pass's head matmuls (metrics pass in both)
+    # the fused loss saves one of the log-prob pass's head matmuls, and the metrics from its
+    # own row statistics the metrics pass's one
     _, batch = built[trainer.IMPLS[0]]
     rows = int(batch["completion_mask"][:, 1:].sum())
     one = rows * case.hidden * case.vocab
-    assert macs["FastDPOTrainer[log-prob pass]"] - macs["FastDPOTrainer"] == one, macs
+    assert macs["FastDPOTrainer[metrics pass]"] - macs["FastDPOTrainer"] == one, macs
+    assert macs["FastDPOTrainer[log-prob pass]"] - macs["FastDPOTrainer"] == 2 * one, macs
     assert macs[trainer.TILED] == macs["FastDPOTrainer[log-prob pass]"], macs
     # the tiled metrics really ran (the patch is undone after the step) and agree
     from fastdpo.integrations import trl as trl_mod
     from fastdpo.integrations.trl_metrics import token_stats
     assert trl_mod.token_stats is token_stats
     for k in ("logits/chosen", "mean_token_accuracy", "entropy"):
-        a, b = metrics[trainer.TILED][k], metrics["FastDPOTrainer"][k]
-        assert abs(a - b) <= 1e-4 * abs(b) + 1e-6, (k, a, b)
+        for other in (trainer.TILED, "FastDPOTrainer[metrics pass]", "trl.DPOTrainer"):
+            a, b = metrics[other][k], metrics["FastDPOTrainer"][k]
+            assert abs(a - b) <= 1e-4 * abs(b) + 1e-6, (k, other, a, b)
 
 
 def test_job_writes_rows_and_files(tmp_path):
