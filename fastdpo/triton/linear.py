@@ -211,6 +211,7 @@ def fwd_launch(hidden, weight, bias, labels, stats, ignore_index, temperature, l
     """``(kernel, grid, args, meta)`` of the forward over ``stats`` = ``(4, splits, N)``."""
     N, H = hidden.shape
     BN, BV, BK, warps, stages = _config(hidden.dtype, hidden.device, interpreted)
+    bias = None if bias is None else bias.contiguous()  # the kernels index it at unit stride
     args = (hidden, weight, bias if bias is not None else hidden, labels, *stats.unbind(0),
             N, weight.shape[0], H, per,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -228,6 +229,10 @@ def grad_launch(h, w, b, labels, row_max, log_sum, ent, grad_logp, grad_entropy,
     n, v = h.shape[0], w.shape[0]
     BN, BV, BK, warps, stages = _config(h.dtype, h.device, interpreted)
     has_ge = grad_entropy is not None
+    # the kernel indexes the bias and the per-row vectors at unit stride (labels take a stride)
+    b, row_max, log_sum, ent, grad_logp, grad_entropy = (
+        None if t is None else t.contiguous()
+        for t in (b, row_max, log_sum, ent, grad_logp, grad_entropy))
     args = (h, w, b if b is not None else h, labels, row_max, log_sum,
             ent if has_ge else log_sum, grad_logp, grad_entropy if has_ge else grad_logp, dz,
             n, v, h.shape[1],

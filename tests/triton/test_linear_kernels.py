@@ -374,3 +374,30 @@ print("n", len(specs), len(seen))
     # logits: 2 ops x 2 entropy flags x 3 dtypes; fused head: 2 kernels x 8 flag sets x 3 dtypes,
     # and the forward with an fp32 weight for bf16/fp16 hidden states (2 x 8)
     assert kinds == 12 + 48 + 16 and n >= kinds
+
+
+def test_strided_row_and_column_inputs(TL, device):
+    """The tl.dot kernels index the per-row statistics, the gradients and the bias at unit
+    stride: strided views of them (a column of a (N, 2) tensor, every other element) give the
+    contiguous inputs' results, not neighbouring values (they did before the launchers made
+    them contiguous)."""
+    N, H, V = 13, 16, 40
+    h, w, b, y = make(N, H, V, torch.float32, seed=31, device=device)
+    args = (-100, 0.9, 1.2, 0.0, 0, V)
+
+    def strided(t):
+        return torch.stack([t, torch.full_like(t, 7.0)], 1)[:, 0] if t.dtype.is_floating_point \
+            else torch.stack([t, torch.zeros_like(t)], 1)[:, 0]
+
+    want = TL.linear_logps_fwd(h, w, b, y, *args, True)
+    got = TL.linear_logps_fwd(h, w, strided(b), strided(y), *args, True)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
+    lp, rm, ls, ent = want
+    g = torch.randn(N, generator=torch.Generator().manual_seed(3)).to(device)
+    ge = torch.randn(N, generator=torch.Generator().manual_seed(4)).to(device)
+    full = TL.linear_logps_bwd(g, ge, h, w, b, y, rm, ls, ent, *args, True, True, True)
+    got = TL.linear_logps_bwd(strided(g), strided(ge), h, w, strided(b), strided(y), strided(rm),
+                              strided(ls), strided(ent), *args, True, True, True)
+    for a, e in zip(got, full):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
