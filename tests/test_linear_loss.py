@@ -213,10 +213,12 @@ def test_per_pair_metrics():
                                   dict(chunk_rows=5), dict(chunk_rows=7, softcap=3.0)])
 @pytest.mark.parametrize("trainable", [False, True])
 def test_pair_logps_are_the_losss_bits(backend_name, opts, trainable):
-    """linear_pair_logps gives linear_dpo_loss's own policy log-probs bit for bit (so a
-    reference equal to the policy cancels exactly), and they match the float64 oracle; with a
-    frozen or a trainable head, pairs kept whole or streamed (chunk_rows under a pair: on the
-    native backend the first pair's forward runs in slabs, and so does the reference's)."""
+    """linear_pair_logps gives linear_dpo_loss's own policy log-probs bit for bit with a
+    trainable head (so a reference equal to the policy cancels exactly), pairs kept whole or
+    streamed (chunk_rows under a pair: on the native backend the first pair's forward runs in
+    slabs, and so does the reference's); they match the float64 oracle. A frozen head's policy
+    pass on the native backend is the frozen-head kernel (another order of the same sums):
+    equal there to about an ulp only, a limit the README states."""
     from fastdpo import linear_pair_logps
     h, w, b, labels, rc, rr, _ = batch(seed=5, bias=True)
     g = torch.Generator().manual_seed(1)
@@ -228,6 +230,10 @@ def test_pair_logps_are_the_losss_bits(backend_name, opts, trainable):
     w = w.clone().requires_grad_(trainable)
     _, m = linear_dpo_loss(hh, w, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
                            per_pair_metrics=True, **kw)
+    if not trainable and backend_name == "native":
+        for a, e in ((m["logps/chosen"], pc), (m["logps/rejected"], pr)):
+            torch.testing.assert_close(a, e, rtol=2e-6, atol=0)
+        return
     assert torch.equal(m["logps/chosen"], pc) and torch.equal(m["logps/rejected"], pr)
     _, m = linear_dpo_loss(hh, w, labels, ref_chosen_logps=pc, ref_rejected_logps=pr,
                            per_pair_metrics=True, **kw)
@@ -938,31 +944,41 @@ def _kept_rows(monkeypatch):
     return rows
 
 
-@pytest.mark.parametrize("case", ["sigmoid", "ipo_average", "sft", "soft_distill"])
+@pytest.mark.parametrize("case", ["sigmoid", "ipo_average", "sft", "soft_distill",
+                                  "ipo_told_margin"])
 def test_streamed_pairs_stay_in_the_chunk_loop(case, monkeypatch):
     """Pairs over the chunk budget on the native backend are streamed pair by pair in the chunk
-    loop, with no first pass over the batch. The first pair is one sweep of kept slabs of at
-    most chunk_rows (3 matmuls: d_weight formed at a unit scale, then scaled), plus a recompute
-    of its rejected rows when g_rejected != -g_chosen (sft; ipo, which divides by the two
-    lengths); each later pair the native forward and the native backward recomputing its
-    logits (4). Values and every gradient against the float64 oracle."""
+    loop, with no first pass over the batch. For a loss of the margin alone the first pair is
+    one sweep of kept slabs of at most chunk_rows (3 matmuls: d_weight formed at a unit scale,
+    then scaled); otherwise (sft; ipo, which divides by the two lengths) it streams as the
+    later pairs do: the native forward (in slabs, as the reference's) and the native backward
+    recomputing its logits (4). Told margin-only wrongly, the sweep's d_weight is formed afresh
+    by the recomputing backward. Values and every gradient against the float64 oracle."""
     data = batch(B=3, T=14, H=16, V=200, seed=37, bias=True)
     rows = _kept_rows(monkeypatch)
     recomputed = _record(monkeypatch, "recompute_pass")
     kw = {"sigmoid": dict(kind="sigmoid", softcap=3.0, temperature=0.7),
           "ipo_average": dict(kind="ipo", average=True, reduction="sum"),
           "sft": dict(kind=["sigmoid", "sft"], loss_weights=[0.7, 0.3]),
+          "ipo_told_margin": dict(kind="ipo", average=True, reduction="sum"),
           "soft_distill": dict(kind=["soft", "distill"])}[case]
+    if case == "ipo_told_margin":
+        from fastdpo.losses import fused_linear
+        monkeypatch.setattr(fused_linear, "margin_only", lambda cfg: True)
     loss, grads, metrics = ours(*data, backend="native", chunk_rows=6, **kw)
     monkeypatch.undo()
-    assert not recomputed and max(rows["forward"] + rows["backward"]) <= 6
+    assert not recomputed and max(rows["forward"] + rows["backward"] + [0]) <= 6
     n = (data[3][:, 1:] != -100).sum(1).tolist()
-    first, later = n[0] + n[3], n[1] + n[2] + n[4] + n[5]
-    residual = [n[3]] if case in ("sft", "ipo_average") else []
-    assert sum(rows["forward"]) == sum(rows["backward"]) == first
-    assert rows["stats"] == [n[1] + n[4], n[2] + n[5]]
-    assert rows["recompute"] == residual + rows["stats"]
-    assert sum(rows["stats"]) == later
+    first, later = n[0] + n[3], [n[1] + n[4], n[2] + n[5]]
+    if case in ("sft", "ipo_average"):
+        assert rows["forward"] == rows["backward"] == []
+        assert max(rows["stats"][:-2]) <= 6 and sum(rows["stats"][:-2]) == first
+        assert rows["stats"][-2:] == later and rows["recompute"] == [first] + later
+    else:
+        assert sum(rows["forward"]) == sum(rows["backward"]) == first
+        assert rows["stats"] == later
+        again = [first] if case == "ipo_told_margin" else []
+        assert rows["recompute"] == again + later
     assert_oracle(loss, grads, metrics, data, **kw)
 
 
@@ -976,6 +992,31 @@ def test_streamed_first_pair_at_extreme_inputs(kind, beta):
     data[2] = data[2] + 1e4
     check_all(tuple(data), kind=kind, backend="native", chunk_rows=5, beta=beta,
               **({"loss_weights": [1.0, 0.5]} if isinstance(kind, list) else {}))
+
+
+@pytest.mark.parametrize("kind,kw", [("sft", {}),
+                                     (["sigmoid", "sft"], dict(loss_weights=[1e-3, 1.0])),
+                                     ("ipo", {}), ("sigmoid", {}), ("ipo", {"told": True})])
+def test_streamed_first_pair_keeps_d_weight_precision(kind, kw, monkeypatch):
+    """A long coherent rejected part beside 2 chosen rows, where g_rejected is ~0 and not
+    -g_chosen (sft): forming d_weight as g_c * (A_c - A_r) + (g_c + g_r) * A_r would cancel
+    A_r's magnitude away (8.7e-4 relative error against float64, over the rule); the first
+    streamed pair is scaled in place only when g_r == -g_c exactly (also when the loss layer
+    wrongly says so: "told"). The 400-token sums are accumulated in float64: ipo's loss was
+    over the rule on every backend with running fp32 sums."""
+    if kw.pop("told", False):
+        from fastdpo.losses import fused_linear
+        monkeypatch.setattr(fused_linear, "margin_only", lambda cfg: True)
+    torch.manual_seed(0)
+    nc, nr, H, V = 2, 400, 8, 16
+    h = torch.randn(2, nr + 2, H)
+    h[1] = h[1, :1] * 5.0
+    labels = torch.full((2, nr + 2), -100)
+    labels[0, 1:1 + nc] = torch.randint(0, V, (nc,))
+    labels[1, 1:1 + nr] = 3
+    data = (h, torch.randn(V, H) * 0.3, None, labels, torch.tensor([-5.0]),
+            torch.tensor([-5.0]), {})
+    check_all(data, kind=kind, backend="native", chunk_rows=50, reduction="sum", **kw)
 
 
 @pytest.mark.parametrize("kind", [t for t in LOSS_TYPES if t not in ("aot", "aot_unpaired")])

@@ -150,7 +150,7 @@ PairGrads = Callable[..., tuple]
 def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Optional[PairGrads],
               need_h: bool, need_w: bool, need_b: bool, hidden_shape=None, tile: int = 0,
               extra_grad=0.0, slab: int = 0, known_grads: bool = False,
-              first: Optional[PassResult] = None) -> PassResult:
+              first: Optional[PassResult] = None, margin_only: bool = False) -> PassResult:
     """The chunk loop (module docstring): the sequence log-probs and the gradients (None where
     not needed or no ``pair_grads``). ``pair_grads`` gets each chunk's units ``[j0, j1)`` and
     their sequence log-probs, one tensor per part, and returns ``dL/d logp`` per part.
@@ -165,7 +165,9 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     (:func:`fastdpo.autograd.linear_stream.streamed`). On the native head (no batch
     invariance, no second term) the chunk loop streams such a unit itself, each pair's
     gradients from its own sums, so no first pass is needed
-    (:func:`fastdpo.autograd.linear_native.streams_locally`, ``stream_unit``).
+    (:func:`fastdpo.autograd.linear_native.streams_locally`, ``stream_unit``);
+    ``margin_only`` (the loss depends on each pair's log-probs through their difference only,
+    so ``g_rejected = -g_chosen``) lets the first such unit take 3 matmuls.
 
     ``first``: the result of that first log-prob pass over the same rows; from the native
     backend (it has the row statistics) a ``known_grads`` pass is the native backward, which
@@ -187,11 +189,11 @@ def run_pairs(head: Head, pr: PairRows, weight, bias, chunks, pair_grads: Option
     ws = head.workspace or FRESH
     with ws:  # one call at a time on a workspace's buffers
         return _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_w,
-                           need_b, hidden_shape, tile, extra_grad, ws, local)
+                           need_b, hidden_shape, tile, extra_grad, ws, local, margin_only)
 
 
 def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_w, need_b,
-                hidden_shape, tile, extra_grad, ws, slab=0) -> PassResult:
+                hidden_shape, tile, extra_grad, ws, slab=0, margin_only=False) -> PassResult:
     """:func:`run_pairs`'s loop over chunks of pairs, its buffers taken from ``ws``."""
     h2, dev, V, acc, opd, w, b, row_fwd, row_bwd, T, ii, softcap = loop_setup(head, pr, weight,
                                                                              bias)
@@ -233,7 +235,8 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
             sums, dh = stream_unit(kept, pr, sel, seq, pr.scale.index_select(0, sel),
                                    slab if slabbed else 0,
                                    lambda *s, a=j0, e=j1: pair_grads(a, e, *s), need_h, d_w,
-                                   d_b, defer=slabbed and h2.dtype == acc, tok=tok)
+                                   d_b, defer=slabbed and margin_only and h2.dtype == acc,
+                                   tok=tok)
             for k in range(K):
                 out[k * B + j0:k * B + j1] = sums[k * P:(k + 1) * P]
             if dh is not None:

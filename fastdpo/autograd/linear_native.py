@@ -229,12 +229,13 @@ def stream_unit(kept: KeptChunks, pr, sel, seq, scale, slab: int, grads_of, need
     first streamed unit, :func:`forward_groups`), else whole. ``tok``: a
     :class:`~fastdpo.autograd.linear_stream.TokenStats` to put the rows' statistics in.
 
-    ``defer`` (``d_w`` / ``d_b`` still all zero; ``slab > 0``): one sweep of kept slabs with
-    the unit row gradient ``sigma * scale`` (``sigma`` +1 on part 0, -1 on the others), which
-    gives each row's ``d_hidden`` up to its part's factor and ``d_w = sum_k sigma_k A_k``
-    (``A_k``: part ``k``'s ``J^T h``). With ``g`` known, ``d_w * g_0 + sum_{k>0} (g_k + g_0)
-    A_k`` is the exact gradient; the second term is recomputed only for a part where
-    ``g_k + g_0 != 0`` (DPO-type losses have ``g_1 = -g_0``): 3 matmuls on the unit, not 4.
+    ``defer`` (``d_w`` / ``d_b`` still all zero; ``slab > 0``; for losses of the margin alone,
+    whose pair gradient has ``g_k = -g_0``): one sweep of kept slabs with the unit row gradient
+    ``sigma * scale`` (``sigma`` +1 on part 0, -1 on the others), which gives each row's
+    ``d_hidden`` up to its part's factor and ``d_w = sum_k sigma_k A_k`` (``A_k``: part ``k``'s
+    ``J^T h``), so ``g_0 * d_w`` is the gradient: 3 matmuls on the unit, not 4. Should ``g``
+    not have that form after all, ``d_w`` is formed afresh by the recomputing backward at the
+    true row gradients (2 matmuls more; correcting the sum instead would cancel digits).
     Otherwise the native forward, then the native backward recomputing the logits in cache,
     adding into ``d_w`` / ``d_b`` (4 matmuls; no logits held)."""
     K, n = pr.parts, sel.numel()
@@ -279,13 +280,13 @@ def stream_unit(kept: KeptChunks, pr, sel, seq, scale, slab: int, grads_of, need
     g = part_grads(sums)
     if need_h:  # each part's factor: g_k / sigma_k
         dh = torch.cat(dh).mul_((g * sigma).index_select(0, seq).unsqueeze(1).to(h.dtype))
-    for t in (d_w, d_b):
-        if t is not None:
-            t.mul_(g[0].to(t.dtype))
-    resid = (g[1:] + g[0]).tolist()
-    for k in range(1, K):
-        if resid[k - 1] != 0:
-            p = seq == k
-            kept.recompute(h[p], lab[p], (resid[k - 1] * scale[p]).float(), m[p], ls[p], False,
-                           dw_, db_)
+    if bool((g[1:] == -g[0]).all()):  # d_w = g_0 * sum_k sigma_k A_k exactly
+        for t in (d_w, d_b):
+            if t is not None:
+                t.mul_(g[0].to(t.dtype))
+    else:  # adding (g_k + g_0) A_k back would cancel A_k's magnitude: form it afresh
+        for t in (d_w, d_b):
+            if t is not None:
+                t.zero_()
+        kept.recompute(h, lab, token_grads(g, seq, scale).float(), m, ls, False, dw_, db_)
     return sums, dh

@@ -56,13 +56,18 @@ def loop_setup(head, pr, weight, bias):
 def sequence_sums(seq, lp, scale, extra, n):
     """``(sums, extra_sums)`` of token log-probs ``lp`` into ``n`` sequences (``seq``: each
     token's), weighted by ``scale`` and, when given, by ``extra`` (else ``extra_sums`` is None).
-    With ``extra`` a row of one term only adds exactly 0 to the other's sums, even a NaN."""
-    sums = torch.zeros(n, dtype=lp.dtype, device=lp.device)
+    With ``extra`` a row of one term only adds exactly 0 to the other's sums, even a NaN.
+    Accumulated in float64 (then rounded once): a running fp32 sum of a long sequence's
+    log-probs drifts by up to ``n`` ulps, over eager's pairwise sum."""
+    wide = torch.float64 if lp.dtype != torch.float64 else lp.dtype
+    lp64 = lp.to(wide)
+    sums = torch.zeros(n, dtype=wide, device=lp.device)
     if extra is None:
-        return sums.index_add_(0, seq, lp * scale), None
-    sums.index_add_(0, seq, torch.where(scale != 0, lp * scale, 0.0))
-    esums = torch.zeros_like(sums).index_add_(0, seq, torch.where(extra != 0, lp * extra, 0.0))
-    return sums, esums
+        return sums.index_add_(0, seq, lp64 * scale.to(wide)).to(lp.dtype), None
+    sums.index_add_(0, seq, torch.where(scale != 0, lp64 * scale.to(wide), 0.0))
+    esums = torch.zeros_like(sums).index_add_(
+        0, seq, torch.where(extra != 0, lp64 * extra.to(wide), 0.0))
+    return sums.to(lp.dtype), esums.to(lp.dtype)
 
 
 def token_grads(g_seq, seq, scale, extra=None, extra_grad=0.0):
@@ -115,7 +120,7 @@ def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
     for j0, j1 in chunks:
         P = j1 - j0
         sel, seq = chunk_selection(pr, j0, j1)
-        sums = torch.zeros(K * P, dtype=acc, device=dev)
+        sums = torch.zeros(K * P, dtype=torch.float64, device=dev)  # as sequence_sums
         g_seq = None
         if grads:  # known: independent of this pass's sums
             g_seq = torch.cat(list(pair_grads(j0, j1, *sums.split(P)))).to(acc)
@@ -132,7 +137,7 @@ def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
             lp, rmax, lsum, ent = row_fwd(x.view(1, n_pad, V), lab, ii, T, 0, V,
                                           head.token_stats)[:4]
             tok.put(rs, lp, lsum, ent)
-            sums.index_add_(0, sq, lp.view(n_pad)[:n] * scale)
+            sums.index_add_(0, sq, lp.view(n_pad)[:n].double() * scale.double())
             if not grads:
                 continue
             g_row = pad_rows(token_grads(g_seq, sq, scale), n_pad, 0).view(1, n_pad)

@@ -366,9 +366,10 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
         return bool(head_of(self.accelerator.unwrap_model(self.model)).weight.requires_grad)
 
     def _metrics_in_pass(self, dec) -> bool:
-        """Whether the token metrics come from the loss pass's own row statistics: all but a
-        soft-capped head's (its mean logit needs the logits' tiles)."""
-        return not dec.softcap
+        """Whether the token metrics come from the loss pass's own row statistics: not for a
+        soft-capped head (its mean logit needs the logits' tiles), nor with ``ld_alpha = 0``
+        (the pass skips the rows of weight 0, which TRL's token metrics count)."""
+        return not dec.softcap and self.ld_alpha != 0
 
     def _fused_policy_loss(self, dec, labels, completion_mask, refs, target_probs,
                            reward_margins):

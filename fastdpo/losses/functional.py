@@ -42,6 +42,13 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 LABEL_SMOOTHING_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
+def margin_only(cfg: LossConfig) -> bool:
+    """Whether every term's pair gradient is ``g_rejected = -g_chosen``: each a loss of the
+    difference of the raw log-ratios (no f-divergence score, no length normalisation)."""
+    return cfg.f_divergence_type == "reverse_kl" and all(
+        t in DELTA_TYPES and t not in NORM_TYPES for t in cfg.loss_types)
+
+
 @dataclass(frozen=True)
 class LossConfig:
     beta: float

@@ -31,7 +31,7 @@ from ..autograd.linear_loss import LinearPairLoss, run_pairs
 from ..autograd.linear_native import streams_locally
 from . import args as loss_args
 from .dpo import dpo_loss, loss_config, preference_metrics
-from .functional import PairInputs, combined
+from .functional import PairInputs, combined, margin_only
 from .fused_batch import logps_of, check_fixed_reference, prepare, reference_logps
 
 # Loss types whose pair gradient depends on other pairs' log-probs (a first pass is needed).
@@ -40,7 +40,8 @@ BATCH_TYPES = ("aot", "aot_unpaired")
 
 class TokenRowStats(NamedTuple):
     """The policy pass's statistics of each position, ``(2B, T)`` fp32 (0 where no label is
-    scored): ``logp`` the label's log-prob, ``log_sum`` ``log sum exp(x - max)`` of the row
+    scored, and where its token weight is 0: the pass skips those rows): ``logp`` the label's
+    log-prob, ``log_sum`` ``log sum exp(x - max)`` of the row
     (so the label is the row's max exactly when ``logp == -log_sum``), ``entropy`` of the
     row's distribution; all under the head's ``temperature``. With ``shift``, position ``t``
     scores ``labels[:, t + 1]``."""
@@ -55,10 +56,11 @@ def linear_pair_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, s
                       batch_invariant=False):
     """``(chosen, rejected)`` ``(B,)`` sequence log-probs of a ``[chosen; rejected]`` batch, no
     graph: the values :func:`linear_dpo_loss` forms for the policy on the same batch and
-    options, bit for bit on CPU (its ``logps/*`` metrics; on CUDA the sequence sums'
-    ``index_add_`` is not deterministic). Use it for reference log-probs that must cancel the
-    policy's exactly when the two models are equal (TRL's rewards are then exactly 0 at the
-    first step). Arguments as :func:`linear_dpo_loss`."""
+    options, bit for bit on CPU with a trainable head (its ``logps/*`` metrics; on CUDA the
+    sequence sums' ``index_add_`` is not deterministic; a frozen head's pass on the native
+    backend is another kernel, equal to about an ulp). Use it for reference log-probs that must
+    cancel the policy's exactly when the two models are equal (TRL's rewards are then exactly
+    0 at the first step). Arguments as :func:`linear_dpo_loss`."""
     fb = prepare("linear_pair_logps", hidden, weight, labels, bias, parts=2,
                  ignore_index=ignore_index, shift=shift, temperature=temperature,
                  logit_scale=logit_scale, softcap=softcap, reduction="mean",
@@ -134,7 +136,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         per_pair_metrics: the metrics as ``(B,)`` tensors, not batch means (for callers that
             gather across ranks before averaging).
         token_stats: also return the policy pass's own row statistics (:class:`TokenRowStats`),
-            so token metrics need no head pass of their own.
+            so token metrics need no head pass of their own (rows of token weight 0 are
+            skipped: their statistics read 0).
 
     fp16 inputs: the gradients are formed at unit scale in forward and kept in fp16; a loss
     scale (GradScaler) multiplies them in fp32 in backward, so it cannot overflow them, but
@@ -275,7 +278,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
 
             res = run_pairs(policy_head, pr_rows, w_, b_, chunks, pair_grads, need_h, need_w,
                             need_b, hidden_shape=hidden.shape, tile=tile, slab=fb.slab,
-                            known_grads=batch_mode, first=first)
+                            known_grads=batch_mode, first=first,
+                            margin_only=margin_only(cfg) and not sft_w)
             (pc, pr), d_h, d_w, d_b = res.logps, res.d_hidden, res.d_weight, res.d_bias
             tok["stats"] = res.token
             loss = acc_loss["pairs"] * r + acc_loss["sft"]

@@ -230,6 +230,22 @@ def test_rewards_start_at_exactly_zero(tokenizer, cfg):
         assert m[k] == 0.0, (k, m[k])
 
 
+def test_token_metrics_with_zero_token_weights(tokenizer):
+    """ld_alpha = 0 weighs the tokens past the shorter completion 0: the fused pass skips those
+    rows, so its statistics there are 0, and TRL's entropy / top-1 (which count them) must come
+    from a pass of their own. Before, entropy read 2.496 against TRL's 3.578 and
+    mean_token_accuracy 0.0625 against 0.0 (a skipped row's logp + log_sum is 0: "top-1")."""
+    data = dataset("none")
+    logs = []
+    for cls in (FastDPOTrainer, DPOTrainer):
+        tr = make_trainer(cls, tokenizer, data, steps=1, batch=4, ld_alpha=0.0)
+        tr.compute_loss(tr.model, _one_batch(tr))
+        logs.append({k: v[-1] for k, v in tr._metrics["train"].items()})
+    ours, theirs = logs
+    for k in ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected"):
+        assert ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-6), k
+
+
 def test_frozen_head_and_sft_with_norm_keep_the_log_prob_pass(tokenizer):
     """The routes: a frozen head's log-prob pass is already 2 matmuls and gives the entropy, and
     sft beside ipo / sigmoid_norm needs two completion counts: both keep the log-prob pass."""
