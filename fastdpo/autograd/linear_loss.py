@@ -39,7 +39,7 @@ from .. import ops, rows
 from ..torch_backend.linear import labelled_rows, pad_rows
 from ..torch_backend.matmul import logits_tile, mm_acc, operand_dtype
 from .linear_native import (KeptChunks, has_native_op, native_applies, native_head, native_pass,
-                            recompute_pass, stream_unit, streamed_first)
+                            recompute_pass, slabbed_unit, stream_unit, streamed_first)
 from .linear_stream import (PassResult, TokenStats, chunk_selection, loop_setup, sequence_sums,
                             streamed, token_grads, unit_rows)
 from .options import refuse_double_backward
@@ -210,6 +210,7 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
         kept = KeptChunks(head, weight, bias, max([min(unit_rows(pr, *c), slab or 1 << 62)
                                                    for c in chunks] + [0]), tile > 0, ws)
         chunks = streamed_first(pr, chunks, slab)
+    first_unit = slabbed_unit(pr, chunks, slab) if kept else None
     if grads and need_w:  # the first matmul writes it (kept: every chunk adds into it)
         d_w = (torch.zeros if kept else torch.empty)(weight.shape, dtype=acc, device=dev)
     w_written = kept is not None
@@ -231,7 +232,7 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
         slabs = [(s0, min(Rp, s0 + (tile or Rp))) for s0 in range(0, Rp, tile or max(Rp, 1))]
         sums = torch.zeros(K * P, dtype=acc, device=dev)
         if R and kept and slab and R > slab and pair_grads is not None:
-            slabbed = (j0, j1) == chunks[0]  # its forward in slabs (forward_groups)
+            slabbed = (j0, j1) == first_unit  # its forward in slabs (forward_groups)
             sums, dh = stream_unit(kept, pr, sel, seq, pr.scale.index_select(0, sel),
                                    slab if slabbed else 0,
                                    lambda *s, a=j0, e=j1: pair_grads(a, e, *s), need_h, d_w,

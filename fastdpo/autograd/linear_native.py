@@ -201,21 +201,32 @@ def streams_locally(head, pr, weight, bias, tile: int, need_w: bool, need_b: boo
     return tile == 0 and has_native_op("native_linear_keep_bwd")
 
 
+def slabbed_unit(pr, chunks, slab: int):
+    """The chunk ``(j0, j1)`` of the first unit of more than ``slab`` rows, or None (``slab`` 0,
+    or no such unit): a pass runs its forward in slabs of ``slab`` rows and takes it first (it
+    forms ``d_weight`` while that is still zero, :func:`stream_unit`)."""
+    if slab:
+        for c in chunks:
+            if c[1] - c[0] == 1 and unit_rows(pr, *c) > slab:
+                return c
+    return None
+
+
 def streamed_first(pr, chunks, slab: int) -> list:
-    """``chunks`` with the first unit of more than ``slab`` rows moved to the front (it forms
-    ``d_weight`` while that is still zero, :func:`stream_unit`); as given when ``slab`` is 0."""
-    big = [c for c in chunks if slab and c[1] - c[0] == 1 and unit_rows(pr, *c) > slab][:1]
-    return big + [c for c in chunks if c not in big]
+    """``chunks`` with :func:`slabbed_unit`'s chunk moved to the front."""
+    first = slabbed_unit(pr, chunks, slab)
+    return chunks if first is None else [first] + [c for c in chunks if c != first]
 
 
 def forward_groups(pr, chunks, slab: int):
     """The row groups (indices into ``pr.h2``) of the native forward calls of a pass with
-    streamed units: the first such unit in slabs of ``slab`` rows, every other chunk whole. The
+    streamed units: :func:`slabbed_unit` in slabs of ``slab`` rows, every other chunk whole. The
     kept chunks and the forward-only passes both call per group, so a row's log-prob does not
     depend on which pass computed it (a matmul's bits can depend on its row count)."""
-    for n, (j0, j1) in enumerate(streamed_first(pr, chunks, slab)):
-        sel = chunk_selection(pr, j0, j1)[0]
-        if n == 0 and j1 - j0 == 1 and sel.numel() > slab:
+    first = slabbed_unit(pr, chunks, slab)
+    for c in streamed_first(pr, chunks, slab):
+        sel = chunk_selection(pr, *c)[0]
+        if c == first:
             yield from sel.split(slab)
         elif sel.numel():
             yield sel

@@ -191,7 +191,8 @@ def _workspace_options(case) -> dict:
 
 def _fastdpo_lean(backend: str) -> Impl:
     return _linear_dpo_variant(backend, "lean", "chunk_rows = one planned chunk: pairs over it "
-                               "streamed (4 policy matmuls; 3 on the first pair natively)", _lean_options)
+                               "streamed (4 policy matmuls; 3 on the first pair natively)",
+                               _lean_options)
 
 
 def _fastdpo_workspace(backend: str) -> Impl:

@@ -124,8 +124,8 @@ def token_stats(rows, weight, labels, bias, softcap, logit_scale, *, entropy=Fal
     logp, _, log_sum, ent = ops.get_op(be, "linear_logps_fwd")(
         rows, weight, bias, labels, -100, 1.0, float(logit_scale), 0.0, 0, weight.shape[0],
         bool(entropy), False)
-    top1 = (logp + log_sum) == 0
-    return mean_logits(rows, weight, bias, 0.0, logit_scale), top1, (ent if entropy else None)
+    return _from_row_stats(rows, weight, bias, logit_scale, logp, log_sum,
+                           ent if entropy else None)
 
 
 def pass_token_stats(stats, rows, weight, bias, logit_scale, mask):
@@ -135,8 +135,13 @@ def pass_token_stats(stats, rows, weight, bias, logit_scale, mask):
     ``mask``'s labels) instead of a head pass of their own: only :func:`mean_logits` is left,
     a matrix-vector product. Not for soft-capped heads (their mean logit needs the tiles)."""
     logp, log_sum, ent = (t[:, :-1][mask] for t in stats)
-    mean = mean_logits(_autocast_rows(rows), weight, bias, 0.0, logit_scale)
-    return mean, (logp + log_sum) == 0, ent
+    return _from_row_stats(_autocast_rows(rows), weight, bias, logit_scale, logp, log_sum, ent)
+
+
+def _from_row_stats(rows, weight, bias, logit_scale, logp, log_sum, ent):
+    """``(mean logit, is_top1, ent)`` from a row op's statistics (the top-1 rule of
+    :func:`token_stats`)."""
+    return mean_logits(rows, weight, bias, 0.0, logit_scale), (logp + log_sum) == 0, ent
 
 
 def _autocast_rows(rows):
@@ -144,4 +149,3 @@ def _autocast_rows(rows):
     if torch.is_autocast_enabled(rows.device.type):
         return rows.to(torch.get_autocast_dtype(rows.device.type))
     return rows
-
