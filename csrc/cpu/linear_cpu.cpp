@@ -12,7 +12,7 @@
 // Forward: items are (vocabulary chunk, token tile) pairs, token tiles fastest (threads on the
 // same chunk share its weight rows in L3). Each tile's row statistics go to a (chunks x N) table,
 // merged per row at the end in chunk order (combine.h): the result depends on the tile shapes
-// only, not on which thread ran what.
+// only (tile_rows_for: the thread count only splits a small batch), not on which thread ran what.
 // Backward: items are groups of consecutive vocabulary chunks. The thread holding a group owns
 // its d_weight / d_bias rows (written once, no conflict) and accumulates the group's share of
 // d_hidden in fp32 in the group's own (rows x H) buffer; the groups' buffers are summed in group
@@ -26,10 +26,11 @@
 // fixed, so no GEMM shape or reduction order depends on the batch or the thread count.
 //
 // Frozen head (native_linear_frozen_fwd, the weight needs no gradient): items are token tiles,
-// each one sweep over the vocabulary chunks with an online softmax that also accumulates the
-// softmax-weighted weight rows, so each token's d logp / d hidden comes out with its log-prob:
-// two GEMMs per tile and chunk, no second pass, no merge (see frozen_rows). A bf16/fp16 weight
-// is converted chunk by chunk in the thread's buffer, never whole (that was 2x the head).
+// each one sweep over the vocabulary chunks that forms the forward's per-chunk statistics (the
+// same tiles and the same bits, so a frozen policy and its reference cancel exactly) and
+// accumulates the softmax-weighted weight rows, so each token's d logp / d hidden comes out with
+// its log-prob: two GEMMs per tile and chunk, no second pass (see frozen_rows). A bf16/fp16
+// weight is converted chunk by chunk in the thread's buffer, never whole (that was 2x the head).
 //
 // Kept chunk (native_linear_keep_fwd / _bwd, a trainable head under linear_dpo_loss, whose pair
 // gradients need the chunk's log-probs before any gradient): the forward above writes each
@@ -75,9 +76,9 @@ struct Head {
 // Buffers of one thread, allocated (and first touched) by that thread.
 struct Scratch {
   at::Tensor x, tanh, h, w, dw, tmp, acc;
-  std::vector<float> fm, fs, ft, fx, fg;  // frozen head: running max, sum, label logit, label a'
-  std::vector<float> fw;                  // frozen head: a bf16/fp16 label row in fp32
-  std::vector<LabelInfo> labs;
+  std::vector<float> fm, fs, fg;  // frozen head: running max and sum, the label's a'
+  std::vector<float> fp;          // frozen head: the tile's per-block statistics (BlockParts)
+  std::vector<float> fw;          // frozen head: a bf16/fp16 label row in fp32
   int64_t w_chunk = -1;  // chunk whose fp32 weight rows `w` holds
 };
 
@@ -176,18 +177,30 @@ std::optional<at::Tensor> labelled_rows(const Head& hd) {
 }
 
 int64_t chunks_of(const Head& hd) { return (hd.V + hd.tile.cols - 1) / hd.tile.cols; }
-// Rows of a token tile for N tokens (padded to the full tile under batch invariance).
+// Rows of a token tile for N tokens. Under batch invariance the plan's, every tile padded to it.
+// Else at most the plan's, as many tiles as the threads need for a small N (64 rows a tile at
+// least), balanced so that they are at most one row short of full. Every op of a call takes this
+// rule, so their tiles (and the bits of each tile's GEMM) agree.
 int64_t tile_rows_for(const cpu::TileShape& t, int64_t N, bool invariant) {
-  return invariant ? t.rows : std::max<int64_t>(1, std::min(t.rows, N));
+  if (invariant) return t.rows;
+  if (N <= 1) return 1;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t cap =
+      std::min(t.rows, std::max<int64_t>(std::min<int64_t>(64, N), (N + threads - 1) / threads));
+  const int64_t tiles = (N + cap - 1) / cap;
+  return (N + tiles - 1) / tiles;
 }
 int64_t tile_rows_of(const Head& hd) { return tile_rows_for(hd.tile, hd.N, hd.invariant); }
 
-// Floats of the kept-logits buffer: one slot of (tile rows x tile.cols) per chunk and token tile
-// (keep_slot's layout).
+// Floats of the kept-logits buffer for up to N tokens: one slot of (tile rows x tile.cols) per
+// chunk and token tile (keep_slot's layout). Without batch invariance the tiles of n <= N tokens
+// span fewer than n + ceil(n / 64) rows (tile_rows_for), a bound that grows with N: a buffer
+// sized for a batch's largest chunk serves each of its chunks.
 int64_t keep_numel(const cpu::TileShape& t, int64_t N, int64_t V, bool invariant) {
   if (N <= 0 || V <= 0) return 0;
-  const int64_t Nc = tile_rows_for(t, N, invariant);
-  return ((V + t.cols - 1) / t.cols) * ((N + Nc - 1) / Nc) * Nc * t.cols;
+  const int64_t chunks = (V + t.cols - 1) / t.cols;
+  const int64_t rows = invariant ? (N + t.rows - 1) / t.rows * t.rows : N + (N + 63) / 64;
+  return chunks * rows * t.cols;
 }
 
 LabelsView labels_at(const Head& hd, int64_t n0) {
@@ -253,6 +266,51 @@ at::Tensor logits_tile(const Head& hd, Scratch& s, const at::Tensor& h, const at
   return x;
 }
 
+// ------------------------------------------------------------------ per-block row statistics
+// Every pass forms a row's statistics over one tile's block of the vocabulary with block_stats
+// and merges the blocks with finish_row, so the forward (reference, kept chunk) and the frozen
+// head's pass give the same bits for the same rows and tiles.
+
+struct BlockParts {  // per-block statistics: block k of row slot r at k * stride + r
+  float *logp, *row_max, *log_sum, *entropy;  // entropy null unless wanted
+  int64_t stride;
+};
+
+float block_max(const Head& hd, const float* x, int64_t n) {
+  return hd.avx2 ? cpu::block_max_avx2(x, n) : cpu::block_max_generic(x, n);
+}
+
+// One row's statistics over its block of vc logits x, whose max is m (block_max), into slot `at`
+// of `o`, as the row kernels' contract (lab classified over the block's columns); returns the
+// block's sum of exp((x - ref(m)) c). With `out` (may be x), each term times out_scale is
+// written there: the frozen head's softmax weights.
+float block_stats(const Head& hd, const float* x, int64_t vc, float m, const LabelInfo& lab,
+                  const BlockParts& o, int64_t at, float* out = nullptr, float out_scale = 1.0f) {
+  const float x_label = lab.kind == LabelKind::kLocal ? x[lab.local] : 0.0f;  // before `out`
+  float t = 0.0f;
+  float* tp = o.entropy ? &t : nullptr;
+  const float ref = ref_point(m);
+  const float sum = hd.avx2 ? cpu::block_exp_avx2(x, out, vc, ref, hd.c, tp, out_scale)
+                            : cpu::block_exp_generic(x, out, vc, ref, hd.c, tp, out_scale);
+  const RowStats<float> r = finalize(SoftmaxState<float>{m, sum, t});
+  o.row_max[at] = r.row_max;
+  o.log_sum[at] = r.log_sum;
+  if (o.entropy) o.entropy[at] = r.entropy;
+  o.logp[at] = label_logp(lab.kind, x_label, r, hd.c);
+  return sum;
+}
+
+// A row's statistics from its K blocks (slot r of `p`): the block's own when K = 1, else
+// combine_parts in block order. lab: the row's label over the whole vocabulary.
+Combined<float> finish_row(const Head& hd, const BlockParts& p, int64_t r, int64_t K,
+                           const LabelInfo& lab) {
+  if (K == 1) return {p.logp[r], p.row_max[r], p.log_sum[r], p.entropy ? p.entropy[r] : 0.0f};
+  const int64_t holder = lab.kind == LabelKind::kLocal ? lab.local / hd.tile.cols : -1;
+  return combine_parts(p.logp + r, p.row_max + r, p.log_sum + r,
+                       p.entropy ? p.entropy + r : nullptr, p.stride, K, holder,
+                       lab.kind == LabelKind::kInvalid, hd.c);
+}
+
 using Outs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Outs forward_rows(const Head& hd, bool with_entropy) {
@@ -277,24 +335,20 @@ Outs forward_rows(const Head& hd, bool with_entropy) {
         hd.keep.defined() ? keep_slot(hd, v, n0 / Nc, h.size(0), vc) : at::Tensor();
     const at::Tensor x =
         logits_tile(hd, s, h, weight_chunk(hd, s, v, v0, vc), v0, vc, false, dest);
-    LogpsFwdParams p;
-    p.dtype = DType::kFloat32;
-    p.logits = x.data_ptr<float>();
-    p.rows.B = 1;
-    p.rows.T = n;
-    p.rows.V = vc;
-    p.rows.stride_b = n * vc;
-    p.rows.stride_t = vc;
-    p.labels = labels_at(hd, n0);
-    p.rule = LabelRule{hd.ignore_index, hd.vocab_start + v0, hd.vocab_total};
-    p.inv_temp = hd.c;
-    const int64_t off = v * N + n0;
-    p.logp = t_logp + off;
-    p.row_max = t_max + off;
-    p.log_sum = t_sum + off;
-    p.entropy = t_ent ? t_ent + off : nullptr;
-    if (hd.avx2) cpu::logps_fwd_rows_avx2(p, 0, n);
-    else cpu::logps_fwd_rows_generic(p, 0, n);
+    const BlockParts o{t_logp, t_max, t_sum, t_ent, N};
+    const LabelRule rule{hd.ignore_index, hd.vocab_start + v0, hd.vocab_total};
+    const float* xp = x.data_ptr<float>();
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t at = v * N + n0 + r;
+      const LabelInfo lab = classify_label(labels_at(hd, n0 + r).at(0, 0), rule, vc);
+      if (lab.kind == LabelKind::kIgnored) {
+        t_logp[at] = t_max[at] = t_sum[at] = 0.0f;
+        if (t_ent) t_ent[at] = 0.0f;
+        continue;
+      }
+      const float* xr = xp + r * vc;
+      block_stats(hd, xr, vc, block_max(hd, xr, vc), lab, o, at);
+    }
   });
   if (K > 1) {
     float* o_logp = logp.data_ptr<float>();
@@ -302,6 +356,7 @@ Outs forward_rows(const Head& hd, bool with_entropy) {
     float* o_sum = log_sum.data_ptr<float>();
     float* o_ent = with_entropy ? ent.data_ptr<float>() : nullptr;
     const LabelRule rule{hd.ignore_index, hd.vocab_start, hd.vocab_total};
+    const BlockParts parts{t_logp, t_max, t_sum, t_ent, N};
     at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const LabelInfo lab = classify_label(labels_at(hd, r).at(0, 0), rule, V);
@@ -310,10 +365,7 @@ Outs forward_rows(const Head& hd, bool with_entropy) {
           if (o_ent) o_ent[r] = 0.0f;
           continue;
         }
-        const int64_t holder = lab.kind == LabelKind::kLocal ? lab.local / Vc : -1;
-        const Combined<float> out =
-            combine_parts(t_logp + r, t_max + r, t_sum + r, t_ent ? t_ent + r : nullptr, N, K,
-                          holder, lab.kind == LabelKind::kInvalid, hd.c);
+        const Combined<float> out = finish_row(hd, parts, r, K, lab);
         o_logp[r] = out.logp;
         o_max[r] = out.row_max;
         o_sum[r] = out.log_sum;
@@ -548,24 +600,20 @@ const float* label_row(const Head& hd, Scratch& s, int64_t row, bool w_f32) {
   return s.fw.data();
 }
 
-// Per token tile, one sweep over the vocabulary blocks with an online softmax: per row the
-// running max m and sum s, and an fp32 accumulator acc (rows x H) of
-// sum_j exp((x_j - m) c) a'_j w_j, rescaled by exp((m_old - m_new) c) when the max grows
-// (a'_j = 1 - tanh^2 with softcap, else 1). Each block costs the logits GEMM and the
-// (weights x block) GEMM, both on the thread's L2-sized tile. At the end
-//     u = d logp / d hidden = (a'_label w_label - acc / s) * logit_scale * c,
-// the chain rule of logp = (x_label - m) c - log s. Token tiles are independent: threads take
-// whole tiles from the counter and no merge is needed.
-// With entropy, also t = sum exp((x_j - m) c) (x_j - m) c per row (online_softmax.h's state).
+// Per token tile, one sweep over the vocabulary blocks: each row's statistics per block as the
+// forward's (block_stats, merged by finish_row: the same bits as forward_rows on the same rows),
+// and an fp32 accumulator acc (rows x H) of sum_j exp((x_j - M) c) a'_j w_j relative to the
+// running max M, rescaled by exp((M_old - M_new) c) when M grows; a block whose own max is below
+// M has its terms written times exp((max - M) c) (a'_j = 1 - tanh^2 with softcap, else 1). Each
+// block costs the logits GEMM and the (weights x block) GEMM, both on the thread's L2-sized tile.
+// At the end, with S the running sum of the same terms,
+//     u = d logp / d hidden = (a'_label w_label - acc / S) * logit_scale * c,
+// the chain rule of logp = (x_label - M) c - log S. Token tiles are independent: threads take
+// whole tiles from the counter; only the per-block statistics are merged, per row.
 Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& entropy) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const int64_t N = hd.N, H = hd.H, V = hd.V, K = chunks_of(hd), Vc = hd.tile.cols;
-  int64_t Nc = tile_rows_of(hd);
-  if (!hd.invariant) {  // small batches: a tile for every thread
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    Nc = std::min(Nc, std::max<int64_t>({1, std::min<int64_t>(64, N), (N + threads - 1) / threads}));
-  }
-  const int64_t tiles = (N + Nc - 1) / Nc;
+  const int64_t Nc = tile_rows_of(hd), tiles = (N + Nc - 1) / Nc;
   at::Tensor logp = at::empty({N}, f32), row_max = at::empty({N}, f32);
   at::Tensor log_sum = at::empty({N}, f32);
   float* o_logp = logp.data_ptr<float>();
@@ -587,34 +635,30 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
     float* a = acc.data_ptr<float>();
     s.fm.assign(n, -INFINITY);
     s.fs.assign(n, 0.0f);
-    s.ft.assign(n, 0.0f);
-    s.fx.assign(n, 0.0f);
     s.fg.assign(n, 1.0f);
-    s.labs.resize(n);
-    for (int64_t r = 0; r < n; ++r) s.labs[r] = classify_label(labels_at(hd, n0 + r).at(0, 0), rule, V);
+    s.fp.resize((with_entropy ? 4 : 3) * K * n);
+    float* fp = s.fp.data();
+    const BlockParts parts{fp, fp + K * n, fp + 2 * K * n, with_entropy ? fp + 3 * K * n : nullptr,
+                           n};
     for (int64_t v = 0; v < K; ++v) {
       const int64_t v0 = v * Vc, vc = std::min(Vc, V - v0);
       const at::Tensor w = weight_chunk(hd, s, v, v0, vc);
       at::Tensor x = logits_tile(hd, s, h, w, v0, vc, softcap);
       float* xp = x.data_ptr<float>();
       const float* tp = softcap ? s.tanh.data_ptr<float>() : nullptr;
+      const LabelRule block_rule{hd.ignore_index, v0, V};
       for (int64_t r = 0; r < n; ++r) {
         float* xr = xp + r * vc;
-        const LabelInfo& lab = s.labs[r];
-        if (lab.kind == LabelKind::kLocal && lab.local >= v0 && lab.local < v0 + vc) {
-          s.fx[r] = xr[lab.local - v0];
-          if (tp) {
-            const float t = tp[r * vc + lab.local - v0];
-            s.fg[r] = 1.0f - t * t;
-          }
+        const LabelInfo lab = classify_label(labels_at(hd, n0 + r).at(0, 0), block_rule, vc);
+        if (tp && lab.kind == LabelKind::kLocal) {
+          const float t = tp[r * vc + lab.local];
+          s.fg[r] = 1.0f - t * t;
         }
-        const float mb = hd.avx2 ? cpu::block_max_avx2(xr, vc) : cpu::block_max_generic(xr, vc);
+        const float mb = block_max(hd, xr, vc);
         const float m_old = s.fm[r], m_new = Math<float>::max(mb, m_old);
+        const Shift<float> sh = make_shift(ref_point(m_new), c);
         if (m_new != m_old) {  // (m_old = -inf: scale 0, and nothing was added yet)
-          const float delta = scaled_diff(m_old, make_shift(ref_point(m_new), c), 0.0f);
-          const float alpha = Math<float>::exp(delta);
-          if (o_ent)  // as online_softmax.h's rescale (an empty state stays 0)
-            s.ft[r] = alpha * Math<float>::fma(Math<float>::max(kLowestExpArg, delta), s.fs[r], s.ft[r]);
+          const float alpha = Math<float>::exp(scaled_diff(m_old, sh, 0.0f));
           s.fs[r] *= alpha;
           if (v > 0) {
             float* ar = a + r * H;
@@ -622,12 +666,11 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
           }
           s.fm[r] = m_new;
         }
-        const float ref = ref_point(m_new);
-        float tb = 0.0f;
-        float* tp_ent = o_ent ? &tb : nullptr;
-        s.fs[r] += hd.avx2 ? cpu::block_exp_avx2(xr, vc, ref, c, tp_ent)
-                           : cpu::block_exp_generic(xr, vc, ref, c, tp_ent);
-        s.ft[r] += tb;
+        // the block's terms relative to M (a block of only -inf adds 0s, whatever M)
+        const float k = mb == m_new ? 1.0f
+                        : mb == -INFINITY ? 0.0f
+                                          : Math<float>::exp(scaled_diff(mb, sh, 0.0f));
+        s.fs[r] += k * block_stats(hd, xr, vc, mb, lab, parts, v * n + r, xr, k);
         if (tp) {  // times a'_j = 1 - tanh^2 while the row is in L1 (as rows.transform_grad_)
           const float* tr = tp + r * vc;
           for (int64_t j = 0; j < vc; ++j) xr[j] *= 1.0f - tr[j] * tr[j];
@@ -638,12 +681,12 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
     }
     for (int64_t r = 0; r < n; ++r) {
       const int64_t i = n0 + r;
-      const LabelInfo& lab = s.labs[r];
-      const RowStats<float> st = finalize(SoftmaxState<float>{s.fm[r], s.fs[r], s.ft[r]});
+      const LabelInfo lab = classify_label(labels_at(hd, i).at(0, 0), rule, V);
+      const Combined<float> st = finish_row(hd, parts, r, K, lab);
       if (o_ent) o_ent[i] = st.entropy;
       o_max[i] = st.row_max;
       o_sum[i] = st.log_sum;
-      o_logp[i] = label_logp(lab.kind, s.fx[r], st, c);
+      o_logp[i] = st.logp;
       float* ur = o_u + i * H;
       const float* ar = a + r * H;
       const float sum = s.fs[r];

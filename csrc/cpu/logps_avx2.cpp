@@ -281,9 +281,10 @@ void logps_bwd_rows_avx2(const LogpsBwdParams& p, int64_t r0, int64_t r1) {
   }
 }
 
-// Blocks of a row for the CPU frozen head's streamed softmax (linear_cpu.cpp): the max (NaN
-// skipped, as the running max of the row kernels), and x_j <- exp((x_j - ref) c) in place with
-// their sum (8 lane sums, then across lanes: a fixed order for a given n).
+// Blocks of a row for the CPU fused LM head's per-block statistics (linear_cpu.cpp): the max (NaN
+// skipped, as the running max of the row kernels), and the sum of exp((x_j - ref) c) (8 lane
+// sums, then across lanes: a fixed order for a given n), optionally writing each term times
+// out_scale to out (which may be x).
 float block_max_avx2(const float* x, int64_t n) {
   using avx2_impl::F8;
   F8 m(-INFINITY);
@@ -297,17 +298,18 @@ float block_max_avx2(const float* x, int64_t n) {
   return out;
 }
 
-template <bool kEntropy>
-static float block_exp_impl(float* x, int64_t n, float ref, float c, float* t) {
+template <bool kEntropy, bool kStore>
+static float block_exp_impl(const float* x, float* out, int64_t n, float ref, float c, float* t,
+                            float out_scale) {
   using avx2_impl::F8;
   const Shift<F8> sh = make_shift(F8(ref), F8(c));
-  const F8 zero(0.0f), lowest(kLowestExpArg);
+  const F8 zero(0.0f), lowest(kLowestExpArg), k(out_scale);
   F8 s(0.0f), tt(0.0f);
   const int64_t full = n / 8 * 8;
   for (int64_t i = 0; i < full; i += 8) {
     const F8 d = scaled_diff(avx2_impl::load8(x + i), sh, zero);
     const F8 e = Math<F8>::exp(d);
-    avx2_impl::store8(x + i, e);
+    if constexpr (kStore) avx2_impl::store8(out + i, e * k);
     s = s + e;
     if constexpr (kEntropy) tt = Math<F8>::fma(e, Math<F8>::max(lowest, d), tt);
   }
@@ -317,8 +319,10 @@ static float block_exp_impl(float* x, int64_t n, float ref, float c, float* t) {
     std::memcpy(buf, x + full, static_cast<size_t>(n - full) * sizeof(float));
     const F8 d = scaled_diff(avx2_impl::load8(buf), sh, zero);
     const F8 e = Math<F8>::exp(d);
-    _mm256_store_ps(buf, e.v);
-    std::memcpy(x + full, buf, static_cast<size_t>(n - full) * sizeof(float));
+    if constexpr (kStore) {
+      _mm256_store_ps(buf, (e * k).v);
+      std::memcpy(out + full, buf, static_cast<size_t>(n - full) * sizeof(float));
+    }
     s = s + e;
     if constexpr (kEntropy) tt = Math<F8>::fma(e, Math<F8>::max(lowest, d), tt);  // pads: 0
   }
@@ -333,8 +337,14 @@ static float block_exp_impl(float* x, int64_t n, float ref, float c, float* t) {
          ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
-float block_exp_avx2(float* x, int64_t n, float ref, float c, float* t) {
-  return t ? block_exp_impl<true>(x, n, ref, c, t) : block_exp_impl<false>(x, n, ref, c, t);
+float block_exp_avx2(const float* x, float* out, int64_t n, float ref, float c, float* t,
+                     float out_scale) {
+  if (out) {
+    return t ? block_exp_impl<true, true>(x, out, n, ref, c, t, out_scale)
+             : block_exp_impl<false, true>(x, out, n, ref, c, t, out_scale);
+  }
+  return t ? block_exp_impl<true, false>(x, out, n, ref, c, t, out_scale)
+           : block_exp_impl<false, false>(x, out, n, ref, c, t, out_scale);
 }
 
 void exp_avx2(const float* in, float* out, int64_t n) {
@@ -395,8 +405,9 @@ void exp_avx2(const float* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = std::exp(in[i]);
 }
 float block_max_avx2(const float* x, int64_t n) { return block_max_generic(x, n); }
-float block_exp_avx2(float* x, int64_t n, float ref, float c, float* t) {
-  return block_exp_generic(x, n, ref, c, t);
+float block_exp_avx2(const float* x, float* out, int64_t n, float ref, float c, float* t,
+                     float out_scale) {
+  return block_exp_generic(x, out, n, ref, c, t, out_scale);
 }
 void round_trip_avx2(const float* in, float* out, int64_t n, DType dtype) {
   round_trip_generic(in, out, n, dtype);

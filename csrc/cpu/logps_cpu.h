@@ -18,14 +18,16 @@ void logps_bwd_rows_avx2(const LogpsBwdParams& p, int64_t row_begin, int64_t row
 void logps_fwd_rows_generic(const LogpsFwdParams& p, int64_t row_begin, int64_t row_end);
 void logps_bwd_rows_generic(const LogpsBwdParams& p, int64_t row_begin, int64_t row_end);
 
-// One block of a row of the CPU frozen head's streamed softmax (linear_cpu.cpp): the max of x
-// (NaN skipped), and x_j <- exp((x_j - ref) c) in place, returning their sum.
+// One block of a row for the CPU fused LM head's per-block statistics (linear_cpu.cpp): the max
+// of x (NaN skipped), and the sum of exp(d_j), d_j = (x_j - ref) c; with t, also
+// *t = sum exp(d_j) d_j (d clamped below at kLowestExpArg, as online_softmax.h's accumulate);
+// with out (may be x), out_j <- exp(d_j) * out_scale. The sums do not depend on out.
 float block_max_avx2(const float* x, int64_t n);
-// x_j <- exp(d_j), d_j = (x_j - ref) c; returns sum exp(d_j); with t, also *t = sum exp(d_j) d_j
-// (d clamped below at kLowestExpArg, as online_softmax.h's accumulate).
-float block_exp_avx2(float* x, int64_t n, float ref, float c, float* t);
+float block_exp_avx2(const float* x, float* out, int64_t n, float ref, float c, float* t,
+                     float out_scale);
 float block_max_generic(const float* x, int64_t n);
-float block_exp_generic(float* x, int64_t n, float ref, float c, float* t);
+float block_exp_generic(const float* x, float* out, int64_t n, float ref, float c, float* t,
+                        float out_scale);
 
 // Test hooks, exposed through the pybind module: the AVX2 exp, and the round trip of fp32 values
 // through a storage dtype (AVX2 store/load, and the scalar conversions). Callers check

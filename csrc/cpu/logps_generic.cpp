@@ -73,14 +73,16 @@ float block_max_generic(const float* x, int64_t n) {
   return m;
 }
 
-float block_exp_generic(float* x, int64_t n, float ref, float c, float* t) {
+float block_exp_generic(const float* x, float* out, int64_t n, float ref, float c, float* t,
+                        float out_scale) {
   const Shift<float> sh = make_shift(ref, c);
   float s[4] = {0, 0, 0, 0}, tt[4] = {0, 0, 0, 0};
   for (int64_t i = 0; i < n; ++i) {
     const float d = scaled_diff(x[i], sh, 0.0f);
-    x[i] = Math<float>::exp(d);
-    s[i % 4] += x[i];
-    if (t) tt[i % 4] = Math<float>::fma(x[i], Math<float>::max(kLowestExpArg, d), tt[i % 4]);
+    const float e = Math<float>::exp(d);
+    s[i % 4] += e;
+    if (t) tt[i % 4] = Math<float>::fma(e, Math<float>::max(kLowestExpArg, d), tt[i % 4]);
+    if (out) out[i] = e * out_scale;  // after every read of x[i]: out may be x
   }
   if (t) *t = (tt[0] + tt[1]) + (tt[2] + tt[3]);
   return (s[0] + s[1]) + (s[2] + s[3]);

@@ -226,14 +226,14 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
     tbuf = ws.take("tanh", max_rows * V if (grads and softcap) else 0, acc, dev)
     for j0, j1 in chunks:
         P = j1 - j0
-        sel, seq = chunk_selection(pr, j0, j1)
+        sel, seq, lengths = chunk_selection(pr, j0, j1)
         R = sel.numel()
         Rp = padded(R)
         slabs = [(s0, min(Rp, s0 + (tile or Rp))) for s0 in range(0, Rp, tile or max(Rp, 1))]
         sums = torch.zeros(K * P, dtype=acc, device=dev)
         if R and kept and slab and R > slab and pair_grads is not None:
             slabbed = (j0, j1) == first_unit  # its forward in slabs (forward_groups)
-            sums, dh = stream_unit(kept, pr, sel, seq, pr.scale.index_select(0, sel),
+            sums, dh = stream_unit(kept, pr, sel, seq, lengths, pr.scale.index_select(0, sel),
                                    slab if slabbed else 0,
                                    lambda *s, a=j0, e=j1: pair_grads(a, e, *s), need_h, d_w,
                                    d_b, defer=slabbed and margin_only and h2.dtype == acc,
@@ -265,7 +265,7 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
             tok.put(sel, lp, lsum, ent)
         if R:
             extra = None if ext is None else pr.extra.index_select(0, sel)
-            sums, esums = sequence_sums(seq, lp.to(acc), scale, extra, K * P)
+            sums, esums = sequence_sums(lengths, lp.to(acc), scale, extra)
             for k in range(K if ext is not None else 0):
                 ext[k * B + j0:k * B + j1] = esums[k * P:(k + 1) * P]
         for k in range(K):
@@ -330,9 +330,9 @@ def frozen_head_forward(row_backend, hidden, weight, bias, labels, ignore_index,
     ``MIN_CHUNK_ROWS`` rows, the last one padded with ignored rows.
 
     The native backend on CPU runs it in C++ instead (``native_linear_frozen_fwd``): per token tile,
-    one sweep of L2-sized vocabulary blocks with an online softmax, two GEMMs per block in cache
-    and one parallel region (``chunk_rows`` does not apply; batch invariance holds with its own
-    fixed tiles; the entropy from the same online softmax).
+    one sweep of L2-sized vocabulary blocks, two GEMMs per block in cache and one parallel region
+    (``chunk_rows`` does not apply; batch invariance holds with its own fixed tiles). Its
+    statistics are the native forward's, bit for bit: the same tiles and per-block sums.
     """
     if (row_backend == "native" and hidden.device.type == "cpu"
             and hidden.dtype in ops.DTYPES["native"]

@@ -134,7 +134,7 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
     lp = lp.to(acc).index_select(0, pr.order)
     scale = pr.scale.index_select(0, pr.order)
     extra = None if pr.extra is None else pr.extra.index_select(0, pr.order)
-    out, ext = sequence_sums(pr.seq, lp, scale, extra, K * B)
+    out, ext = sequence_sums(chunk_selection(pr, 0, B)[2], lp, scale, extra)
     d_h = None
     if pair_grads is not None:
         g_row = row_grads(pr, chunks, pair_grads, out, scale, extra, extra_grad)
@@ -232,12 +232,12 @@ def forward_groups(pr, chunks, slab: int):
             yield sel
 
 
-def stream_unit(kept: KeptChunks, pr, sel, seq, scale, slab: int, grads_of, need_h: bool,
-                d_w, d_b, defer: bool, tok=None):
-    """One unit (pair) whose rows ``sel`` (part by part; ``seq``: each one's part) exceed the
-    chunk budget; ``grads_of(*sums)`` gives its ``dL/d logp`` per part. Returns ``(sums,
-    d_hidden rows or None)``. ``slab > 0``: its forward runs in slabs of that many rows (the
-    first streamed unit, :func:`forward_groups`), else whole. ``tok``: a
+def stream_unit(kept: KeptChunks, pr, sel, seq, lengths, scale, slab: int, grads_of,
+                need_h: bool, d_w, d_b, defer: bool, tok=None):
+    """One unit (pair) whose rows ``sel`` (part by part; ``seq``: each one's part; ``lengths``:
+    rows per part) exceed the chunk budget; ``grads_of(*sums)`` gives its ``dL/d logp`` per
+    part. Returns ``(sums, d_hidden rows or None)``. ``slab > 0``: its forward runs in slabs of
+    that many rows (the first streamed unit, :func:`forward_groups`), else whole. ``tok``: a
     :class:`~fastdpo.autograd.linear_stream.TokenStats` to put the rows' statistics in.
 
     ``defer`` (``d_w`` / ``d_b`` still all zero; ``slab > 0``; for losses of the margin alone,
@@ -260,7 +260,7 @@ def stream_unit(kept: KeptChunks, pr, sel, seq, scale, slab: int, grads_of, need
     ent = torch.empty(n if on else 0)
 
     def sums_of(lp):
-        return sequence_sums(seq, lp.to(scale.dtype), scale, None, K)[0]
+        return sequence_sums(lengths, lp.to(scale.dtype), scale, None)[0]
 
     def part_grads(sums):
         return torch.cat(list(grads_of(*sums.split(1)))).to(scale.dtype)

@@ -53,21 +53,40 @@ def loop_setup(head, pr, weight, bias):
             float(head.temperature), head.ignore_index, head.softcap if head.softcap else 0.0)
 
 
-def sequence_sums(seq, lp, scale, extra, n):
-    """``(sums, extra_sums)`` of token log-probs ``lp`` into ``n`` sequences (``seq``: each
-    token's), weighted by ``scale`` and, when given, by ``extra`` (else ``extra_sums`` is None).
-    With ``extra`` a row of one term only adds exactly 0 to the other's sums, even a NaN.
-    Accumulated in float64 (then rounded once): a running fp32 sum of a long sequence's
+def sequence_sums(lengths, lp, scale, extra):
+    """``(sums, extra_sums)`` of token log-probs ``lp`` into sequences: rows grouped by sequence,
+    ``lengths`` (host ints) rows each, weighted by ``scale`` and, when given, by ``extra`` (else
+    ``extra_sums`` is None). With ``extra`` a row of one term only adds exactly 0 to the other's
+    sums, even a NaN. In float64, rounded once: a running fp32 sum of a long sequence's
     log-probs drifts by up to ``n`` ulps, over eager's pairwise sum."""
-    wide = torch.float64 if lp.dtype != torch.float64 else lp.dtype
+    wide = torch.float64
     lp64 = lp.to(wide)
-    sums = torch.zeros(n, dtype=wide, device=lp.device)
     if extra is None:
-        return sums.index_add_(0, seq, lp64 * scale.to(wide)).to(lp.dtype), None
-    sums.index_add_(0, seq, torch.where(scale != 0, lp64 * scale.to(wide), 0.0))
-    esums = torch.zeros_like(sums).index_add_(
-        0, seq, torch.where(extra != 0, lp64 * extra.to(wide), 0.0))
-    return sums.to(lp.dtype), esums.to(lp.dtype)
+        return segment_sums(lp64 * scale.to(wide), lengths).to(lp.dtype), None
+    terms = (torch.where(w != 0, lp64 * w.to(wide), 0.0) for w in (scale, extra))
+    return tuple(segment_sums(t, lengths).to(lp.dtype) for t in terms)
+
+
+def segment_sums(v, lengths):
+    """Sums of consecutive segments of ``v`` (``lengths``: host ints), each a pairwise tree over
+    the segment's own positions (level ``k`` adds positions ``2i`` and ``2i + 1`` of level
+    ``k - 1``), padded with -0.0, which adds nothing exactly. So a segment's bits depend on its
+    values alone: not on the other segments, the device, or the order hardware adds in (a CUDA
+    ``index_add_`` has none: it is not deterministic)."""
+    S, n = len(lengths), v.numel()
+    width = 1 << max(max(lengths, default=1) - 1, 0).bit_length()
+    dense = v.new_full((S * width,), -0.0)
+    if n:
+        dev = v.device
+        start = torch.tensor([0] + lengths[:-1], device=dev).cumsum(0)
+        shift = torch.arange(S, device=dev) * width - start
+        slot = torch.arange(n, device=dev) + torch.repeat_interleave(
+            shift, torch.tensor(lengths, device=dev), output_size=n)
+        dense[slot] = v.reshape(-1)
+    d = dense.view(S, width)
+    while d.shape[1] > 1:
+        d = d[:, 0::2] + d[:, 1::2]
+    return d.view(S) + 0.0  # an empty segment (all -0.0) sums to 0.0
 
 
 def token_grads(g_seq, seq, scale, extra=None, extra_grad=0.0):
@@ -91,13 +110,15 @@ def unit_rows(pr, j0: int, j1: int) -> int:
 
 
 def chunk_selection(pr, j0, j1):
-    """``(sel, seq)`` of units ``[j0, j1)``: their rows (indices into ``pr.h2``) part by part, and
-    each row's sequence within the chunk (part ``k`` of unit ``j`` is ``k * (j1 - j0) + j - j0``)."""
+    """``(sel, seq, lengths)`` of units ``[j0, j1)``: their rows (indices into ``pr.h2``) part by
+    part, each row's sequence within the chunk (part ``k`` of unit ``j`` is
+    ``k * (j1 - j0) + j - j0``), and each sequence's row count (host ints, in that order)."""
     B, off, P = pr.pairs, pr.offsets, j1 - j0
     spans = [(off[k * B + j0], off[k * B + j1]) for k in range(pr.parts)]
     sel = torch.cat([pr.order[a:e] for a, e in spans])
     seq = torch.cat([pr.seq[a:e] - k * B - j0 + k * P for k, (a, e) in enumerate(spans)])
-    return sel, seq
+    lengths = [off[k * B + j + 1] - off[k * B + j] for k in range(pr.parts) for j in range(j0, j1)]
+    return sel, seq, lengths
 
 
 def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b, hidden_shape,
@@ -119,11 +140,12 @@ def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
     tok = TokenStats(head.token_stats, h2.shape[0], dev)
     for j0, j1 in chunks:
         P = j1 - j0
-        sel, seq = chunk_selection(pr, j0, j1)
-        sums = torch.zeros(K * P, dtype=torch.float64, device=dev)  # as sequence_sums
+        sel, seq, lengths = chunk_selection(pr, j0, j1)
+        terms = torch.empty(sel.numel(), dtype=torch.float64, device=dev)  # as sequence_sums
         g_seq = None
         if grads:  # known: independent of this pass's sums
-            g_seq = torch.cat(list(pair_grads(j0, j1, *sums.split(P)))).to(acc)
+            unused = torch.zeros(P, dtype=torch.float64, device=dev)
+            g_seq = torch.cat(list(pair_grads(j0, j1, *[unused] * K))).to(acc)
         for s0 in range(0, sel.numel(), S):
             rs, sq = sel[s0:s0 + S], seq[s0:s0 + S]
             n = rs.numel()
@@ -137,7 +159,7 @@ def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
             lp, rmax, lsum, ent = row_fwd(x.view(1, n_pad, V), lab, ii, T, 0, V,
                                           head.token_stats)[:4]
             tok.put(rs, lp, lsum, ent)
-            sums.index_add_(0, sq, lp.view(n_pad)[:n].double() * scale.double())
+            terms[s0:s0 + n] = lp.view(n_pad)[:n].double() * scale.double()
             if not grads:
                 continue
             g_row = pad_rows(token_grads(g_seq, sq, scale), n_pad, 0).view(1, n_pad)
@@ -151,6 +173,7 @@ def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
                 mm_acc(dz.t(), h, out=d_w, accumulate=True)
             if need_b:
                 d_b += x.sum(0, dtype=acc)
+        sums = segment_sums(terms, lengths)
         for k in range(K):
             out[k * B + j0:k * B + j1] = sums[k * P:(k + 1) * P]
     if d_h is not None and hidden_shape is not None:

@@ -81,6 +81,14 @@ def _scatter(mask, x, dtype=None):
     return z.masked_scatter(mask.to(x.device), x)
 
 
+def _ld_split(mask):
+    """TRL's LD-DPO split of a ``[chosen; rejected]`` completion mask ``(2B, T)``: each
+    position's count of completion tokens so far, and its pair's shorter completion length."""
+    pos = mask.cumsum(dim=1)
+    shared = torch.minimum(*mask.sum(dim=1).long().chunk(2, dim=0)).repeat(2).unsqueeze(1)
+    return pos, shared
+
+
 class FastDPOTrainer(StoredReference, DPOTrainer):
     """``trl.DPOTrainer`` computing log-probs with fastdpo's fused LM head and the loss with
     :func:`fastdpo.dpo_loss`. Same arguments as ``DPOTrainer``; see the module docstring.
@@ -215,10 +223,7 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
         completion of the pair (``ld_alpha``)."""
         if self.ld_alpha is None:
             return per_token.sum(dim=1)
-        pos = shift_completion_mask.cumsum(dim=1)
-        lens = shift_completion_mask.sum(dim=1).long()
-        chosen_lens, rejected_lens = lens.chunk(2, dim=0)
-        shared = torch.minimum(chosen_lens, rejected_lens).repeat(2).unsqueeze(1)
+        pos, shared = _ld_split(shift_completion_mask)
         in_shared = (pos > 0) & (pos <= shared)
         tail = pos > shared
         return (per_token * in_shared).sum(dim=1) + self.ld_alpha * (per_token * tail).sum(dim=1)
@@ -260,9 +265,7 @@ class FastDPOTrainer(StoredReference, DPOTrainer):
         shaped like ``labels``; None without ``ld_alpha``."""
         if self.ld_alpha is None:
             return None
-        mask = labels[:, 1:] != -100
-        pos = mask.cumsum(dim=1)
-        shared = torch.minimum(*mask.sum(dim=1).chunk(2, dim=0)).repeat(2).unsqueeze(1)
+        pos, shared = _ld_split(labels[:, 1:] != -100)
         w = torch.where(pos <= shared, 1.0, float(self.ld_alpha))
         return torch.cat([torch.zeros_like(w[:, :1]), w], dim=1)
 

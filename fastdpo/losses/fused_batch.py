@@ -166,8 +166,8 @@ def reference_logps(fb: FusedBatch, ref_hidden, ref_weight, ref_bias, labels, sh
 
 def logps_of(fb: FusedBatch, hidden, weight, bias, labels, shift):
     """Sequence log-probs of ``hidden`` under ``weight`` on ``fb``'s rows and chunks, no graph:
-    the same kernels and sums as ``fb``'s own pass, so on CPU equal models give equal bits (the
-    sums' ``index_add_`` is not deterministic on CUDA)."""
+    the same kernels and sums as ``fb``'s own pass, so equal models give equal bits (the sums
+    are a fixed pairwise tree on every device; on CUDA by design, not yet run on a GPU)."""
     pr = fb.rows
     acc = pr.scale.dtype
     with torch.no_grad():

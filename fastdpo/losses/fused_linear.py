@@ -56,11 +56,10 @@ def linear_pair_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, s
                       batch_invariant=False):
     """``(chosen, rejected)`` ``(B,)`` sequence log-probs of a ``[chosen; rejected]`` batch, no
     graph: the values :func:`linear_dpo_loss` forms for the policy on the same batch and
-    options, bit for bit on CPU with a trainable head (its ``logps/*`` metrics; on CUDA the
-    sequence sums' ``index_add_`` is not deterministic; a frozen head's pass on the native
-    backend is another kernel, equal to about an ulp). Use it for reference log-probs that must
-    cancel the policy's exactly when the two models are equal (TRL's rewards are then exactly
-    0 at the first step). Arguments as :func:`linear_dpo_loss`."""
+    options, bit for bit, trainable head or frozen (its ``logps/*`` metrics; the sequence sums
+    are a fixed pairwise tree on every device; on CUDA by design, not yet run on a GPU). Use it
+    for reference log-probs that must cancel the policy's exactly when the two models are equal
+    (TRL's rewards are then exactly 0 at the first step). Arguments as :func:`linear_dpo_loss`."""
     fb = prepare("linear_pair_logps", hidden, weight, labels, bias, parts=2,
                  ignore_index=ignore_index, shift=shift, temperature=temperature,
                  logit_scale=logit_scale, softcap=softcap, reduction="mean",

@@ -57,7 +57,7 @@ def test_lean_row_streams_the_pairs_and_agrees(monkeypatch):
     calls = []
     real = AL.stream_unit
     monkeypatch.setattr(AL, "stream_unit",
-                        lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+                        lambda *a, **k: calls.append(a[6]) or real(*a, **k))  # slab
     grads = {}
     for name in ("fastdpo[native]", "fastdpo[native,lean]"):
         step = workloads.build_step(case, impls.by_name([name])[0], "cpu")

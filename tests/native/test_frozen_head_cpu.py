@@ -181,6 +181,36 @@ def test_batch_invariant(C, dtype):
         assert torch.equal(a, e[perm])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", [(1.0, 1.0, 0.0, False), (0.7, 1.3, 4.0, False),
+                                  (1.0, 1.0, 0.0, True)])
+def test_statistics_are_the_forwards_bits(C, dtype, opts):
+    """The frozen pass forms the forward's per-block statistics and merge: a frozen policy's
+    log-probs equal its reference's (the forward op) bit for bit, so they cancel exactly. Many
+    vocabulary blocks, a ragged last one, batches from one row to several tiles (a small batch is
+    split over the threads: both ops take the same tiles), ignored and invalid labels, a block
+    of -inf and a large offset."""
+    V = 3 * cols(C) + 37
+    for N, seed in ((1, 60), (70, 61), (300, 62), (700, 63)):
+        h, w, b, y = make((N,), 16, V, dtype, seed=seed, bias=True, ignore_frac=0.2)
+        b = b.clone()
+        b[cols(C):2 * cols(C)] = -math.inf  # a whole block of -inf logits
+        if N > 2:
+            y[1] = V + 5  # invalid: NaN log-prob
+            h[2] += 300.0  # a large offset
+        for ent in (False, True):
+            got = frozen(h, w, b, y, -100, *opts, with_entropy=ent)
+            want = ops.get_op("native", "linear_logps_fwd")(h, w, b, y, -100, *opts[:3], 0, V,
+                                                           ent, opts[3])
+            names = ("logp", "row_max", "log_sum")
+            pairs = list(zip(got[:3], want[:3], names))
+            if ent:
+                pairs.append((got[4], want[3], "entropy"))
+            for a, e, name in pairs:
+                assert torch.equal(a.nan_to_num(7.0), e.nan_to_num(7.0)), (N, ent, name)
+                assert a.isnan().eq(e.isnan()).all(), (N, ent, name)
+
+
 def test_refusals(C):
     h, w, _, y = make((4,), 16, 50, torch.float32, seed=57)
     with pytest.raises(RuntimeError, match="temperature"):
