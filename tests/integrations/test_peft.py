@@ -33,7 +33,7 @@ def lora_trainer(cls, tok, *, steps=3, **cfg):
     cfg.setdefault("output_dir", "/tmp/fastdpo-test-peft")
     args = config_cls(max_steps=steps, per_device_train_batch_size=2, logging_steps=1,
                       report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                      learning_rate=1e-2, seed=0, bf16=False, **cfg)
+                      learning_rate=1e-2, seed=0, **{"bf16": False, **cfg})
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
                       task_type="CAUSAL_LM")
     torch.manual_seed(0)  # the adapters' A matrices are drawn when the adapter is attached
@@ -182,5 +182,23 @@ def test_trained_head_copy_reference_takes_the_policy_route(tokenizer, monkeypat
     tr.compute_loss(tr.model, batch)
     assert calls == [1]
     m = {k: v[-1] for k, v in tr._metrics["train"].items()}
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert m[k] == 0.0, (k, m[k])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lora_rewards_start_at_exactly_zero(tokenizer, bf16):
+    """Plain LoRA (a frozen head): the policy's native pass is the frozen-head kernel, the
+    reference's (adapter disabled, no gradient) the forward kernel. They form the same per-block
+    statistics on the same tiles, so before the first update every reward is exactly 0, as TRL
+    logs it. (This model's vocabulary is one block; the kernels' agreement over many blocks,
+    where they used to differ by an ulp, is test_pair_logps_are_the_losss_bits's.)"""
+    tr = lora_trainer(FastDPOTrainer, tokenizer, steps=1, bf16=bf16)
+    assert not tr.model.get_output_embeddings().weight.requires_grad
+    tr.model.train()
+    batch = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+    tr.compute_loss(tr.model, batch)
+    m = {k: v[-1] for k, v in tr._metrics["train"].items()}
+    assert m["logps/chosen"] != 0
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert m[k] == 0.0, (k, m[k])
