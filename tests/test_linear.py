@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdpo
 from fastdpo import reference as R
+from fastdpo.autograd import linear_loss as AL
 from fastdpo.torch_backend import linear as L
 from fastdpo.torch_backend import matmul as M
 from fastdpo.linear import linear_sequence_logps, linear_token_logps
@@ -282,6 +283,34 @@ def test_chunk_loop_extra_memory_within_budget(monkeypatch, dtype):
         grad_bytes = sum(t.numel() * t.element_size() for t in grads)
         extra = m.peak - grad_bytes
     assert extra <= 0.05 * logits_bytes + slack, (extra, logits_bytes)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_gradient_tile_holds_what_the_plan_counts(softcap):
+    """A gradient tile's buffers per logits element are what the plan budgets (tile_bytes): on
+    CUDA with bf16 operands that includes the d logits cast for the matmuls (2 bytes beside the
+    fp32 tile and its tanh); the plan counted 4 (8 with softcap) where the tile held 6 (10).
+    Run on CPU with fp32 operands for the logits and bf16 as the matmuls' dtype."""
+    from fastdpo.torch_backend.matmul import dz_bytes
+    st = fastdpo.backends.status("native")
+    assert st.loaded, st.reason
+    assert dz_bytes(torch.bfloat16, torch.device("cuda")) == 2
+    assert dz_bytes(torch.bfloat16, torch.device("cpu")) == dz_bytes(torch.float32,
+                                                                      torch.device("cuda")) == 0
+    n, H, V = 96, 16, 700
+    h, w, _, y = make((n,), H, V, torch.float32, ignore_frac=0.0)
+    lp, m_, s_, _ = L.forward_loop("native", h, w, None, y, -100, 1.0, 1.0, softcap, 0, V, False)
+    tiles = L.RowKernelTiles("native", softcap, dz_bytes(torch.bfloat16, torch.device("cuda")))
+    tiles.reserve(n * V)
+    with LiveBytes() as m:
+        dz = tiles.grad_tile(h, w, None, y, torch.randn(n), None, m_, s_, None, -100, 1.0, 1.0,
+                             softcap, 0, V, torch.bfloat16)
+        peak = m.peak
+    assert dz.dtype == torch.bfloat16 and dz.shape == (n, V)
+    assert peak <= tiles.tile_bytes * n * V + 16 * n, (peak / (n * V), tiles.tile_bytes)
+    cap = AL.plan_rows(10 ** 6, V, 2, bool(softcap), dz=2)  # the fused loss's chunks count it too
+    assert cap * AL.row_bytes(V, bool(softcap), 2) <= AL.CHUNK_FRACTION * 10 ** 6 * V * 2
+    assert AL.row_bytes(V, bool(softcap), 2) == V * (6 if not softcap else 10)
 
 
 @pytest.mark.parametrize("N", [4096, 16384])

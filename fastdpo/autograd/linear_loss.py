@@ -52,9 +52,8 @@ CHUNK_FRACTION = float(os.environ.get("FASTDPO_LINEAR_MEMORY_FRACTION", "0.05"))
 MIN_CHUNK_BYTES = 16 << 20
 MIN_CHUNK_ROWS = 128
 # Chunks hold whole pairs (3 matmuls); a pair whose fp32 logits exceed this is streamed in slabs
-# of the chunk budget instead (a first log-prob pass: 1 matmul more on its rows, but for the
-# first streamed pair of a native pass, linear_native.stream_unit). An explicit
-# chunk_rows is a hard bound.
+# of the chunk budget instead (1 matmul more on its rows, but for the first streamed pair of a
+# native pass, linear_native.stream_unit). An explicit chunk_rows is a hard bound.
 PAIR_LIMIT_BYTES = int(os.environ.get("FASTDPO_LINEAR_PAIR_LIMIT_MB", "1024")) << 20
 # Rows of every matmul and row-kernel call under batch invariance (a fixed shape, whatever N).
 INVARIANT_TILE_ROWS = 128
@@ -128,19 +127,23 @@ def chunk_pairs(pr: PairRows, cap_rows: int):
     return out
 
 
-def plan_rows(n_rows: int, V: int, itemsize: int, softcap: bool, chunk_rows=None) -> int:
+def row_bytes(V: int, softcap: bool, dz: int = 0) -> int:
+    """A chunk's bytes per row: fp32 logits (+ tanh), ``d logits`` in the operand dtype (dz)."""
+    return V * (4 * (2 if softcap else 1) + dz)
+
+
+def plan_rows(n_rows, V: int, itemsize: int, softcap: bool, chunk_rows=None, dz=0) -> int:
     if chunk_rows is not None:
         return max(1, int(chunk_rows))
     budget = max(MIN_CHUNK_BYTES, int(CHUNK_FRACTION * n_rows * V * itemsize))
-    per_row = V * 4 * (2 if softcap else 1)  # fp32 logits (+ the tanh kept for the chain rule)
-    return max(MIN_CHUNK_ROWS, budget // per_row)
+    return max(MIN_CHUNK_ROWS, budget // row_bytes(V, softcap, dz))
 
 
-def pair_limit_rows(cap: int, V: int, softcap: bool, chunk_rows=None) -> int:
+def pair_limit_rows(cap: int, V: int, softcap: bool, chunk_rows=None, dz: int = 0) -> int:
     """Most rows one pair may hold at once before it is streamed (see ``PAIR_LIMIT_BYTES``)."""
     if chunk_rows is not None:
         return cap
-    return max(cap, PAIR_LIMIT_BYTES // (V * 4 * (2 if softcap else 1)))
+    return max(cap, PAIR_LIMIT_BYTES // row_bytes(V, softcap, dz))
 
 
 # pair_grads(j0, j1, *sums) -> one (j1 - j0,) gradient per part: dL/d(sequence log-prob)

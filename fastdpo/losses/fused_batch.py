@@ -14,6 +14,7 @@ from ..autograd.linear import flat_rows
 from ..autograd.linear_loss import (INVARIANT_TILE_ROWS, Head, PairRows, build_rows,
                                    chunk_pairs, pair_limit_rows, plan_rows, run_pairs, unit_rows)
 from ..autograd.workspace import check_workspace
+from ..torch_backend.matmul import dz_bytes
 from ..sequences import average_weights, token_weights_of
 
 
@@ -132,13 +133,14 @@ def prepare(name, hidden, weight, labels, bias, *, parts, ignore_index, shift, t
         lab = torch.where(lab != ignore_index, lab, elab)
     B = hidden.shape[0] // parts
     rows = build_rows(h2, lab, w_rows, B, labels.shape[1], acc, parts=parts, extra=extra)
-    cap = plan_rows(h2.shape[0], V, hidden.element_size(), bool(softcap), chunk_rows)
+    dz = dz_bytes(hidden.dtype, hidden.device)
+    cap = plan_rows(h2.shape[0], V, hidden.element_size(), bool(softcap), chunk_rows, dz)
     tile = INVARIANT_TILE_ROWS if batch_invariant else 0
     chunks = chunk_pairs(rows, cap)
     # a chunk holds whole pairs: one pair over the budget is streamed instead (a first log-prob
     # pass, then slabs of rows with the known pair gradients: 1 matmul more on those rows; the
     # native head streams pair by pair, the first pair at no matmul more: linear_native)
-    limit = pair_limit_rows(cap, V, bool(softcap), chunk_rows)
+    limit = pair_limit_rows(cap, V, bool(softcap), chunk_rows, dz)
     big = any(unit_rows(rows, j0, j1) > limit for j0, j1 in chunks if j1 - j0 == 1)
     return FusedBatch(hidden, head, rows, chunks, tile, lab, w_rows, lengths, extra_lengths, V,
                       slab=cap if big else 0)

@@ -40,7 +40,7 @@ import torch
 
 from .. import backends, ops, rows
 from . import logps as _torch_rows  # noqa: F401  (registers the torch row kernels run here)
-from .matmul import acc_dtype, logits_tile, mm_acc, operand_dtype
+from .matmul import acc_dtype, dz_bytes, logits_tile, mm_acc, operand_dtype
 
 # Extra memory allowed, as a fraction of the (N, V) logits. More (FASTDPO_LINEAR_MEMORY_FRACTION,
 # e.g. 0.1) lets bf16 d_hidden accumulate in one sweep: at H = 4096, V = 128k its fp32
@@ -62,10 +62,11 @@ TILE_COPIES = 5
 FULL_ROWS_MIN = 64
 
 
-def tile_bytes_of(row_backend: str, softcap) -> int:
+def tile_bytes_of(row_backend: str, softcap, dz: int = 0) -> int:
     """Bytes per logits-tile element: the C++ row kernels work in place (the tile, plus the tanh
-    kept for the chain rule under soft-capping); the torch one makes copies."""
-    return 4 * TILE_COPIES if row_backend == "torch" else 4 * (2 if softcap else 1)
+    kept for the chain rule under soft-capping); the torch one makes copies. ``dz``: the
+    backward's ``d logits`` in the operand dtype (:func:`~.matmul.dz_bytes`)."""
+    return dz + (4 * TILE_COPIES if row_backend == "torch" else 4 * (2 if softcap else 1))
 
 
 @dataclass(frozen=True)
@@ -205,9 +206,9 @@ class RowKernelTiles:
 
     whole_rows = True  # takes tiles of whole vocabulary rows (see plan)
 
-    def __init__(self, row_backend: str, softcap=0.0):
+    def __init__(self, row_backend: str, softcap=0.0, dz: int = 0):
         self.row_bwd = ops.get_op(row_backend, "logps_bwd")
-        self.tile_bytes = tile_bytes_of(row_backend, softcap)
+        self.tile_bytes = tile_bytes_of(row_backend, softcap, dz)
         self.buf = self.tbuf = None
 
     def grad_tile(self, h, w, b, labels, grad_logp, grad_entropy, row_max, log_sum, ent,
@@ -390,7 +391,8 @@ def make_impls(row_backend: str):
             rows_in = tuple(t if t is None or t.numel() == 0 else t.index_select(0, sel)
                             for t in rows_in)
         g, ge, h, lab, m, ls, ent = rows_in
-        d_h, d_w, d_b = backward_loop(RowKernelTiles(row_backend, softcap), g, ge, h, weight,
+        tiles = RowKernelTiles(row_backend, softcap, dz_bytes(h.dtype, h.device))
+        d_h, d_w, d_b = backward_loop(tiles, g, ge, h, weight,
                                       bias, lab, m, ls, ent, ignore_index, temperature,
                                       logit_scale, softcap, vocab_start, vocab_total,
                                       need_hidden_grad, need_weight_grad, need_bias_grad,

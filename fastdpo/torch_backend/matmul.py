@@ -18,6 +18,14 @@ def operand_dtype(compute: torch.dtype, device: torch.device) -> torch.dtype:
     return compute if device.type == "cuda" else acc_dtype(compute)
 
 
+def dz_bytes(compute: torch.dtype, device: torch.device) -> int:
+    """Bytes per logits element of a tile's ``d logits`` in the matmuls' operand dtype, when that
+    is not the fp32 tile itself (half-precision operands on CUDA): a copy the epilogue holds
+    beside the tile while ``d_hidden`` / ``d_weight`` are formed."""
+    opd = operand_dtype(compute, device)
+    return 0 if opd == acc_dtype(compute) else torch.empty((), dtype=opd).element_size()
+
+
 @functools.lru_cache(maxsize=None)
 def _mm_out_dtype_ok(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.mm(..., out_dtype=fp32)`` works for ``dtype`` operands here, probed once
