@@ -609,6 +609,26 @@ def test_batch_invariant_pair_results(backend, kind):
         assert torch.equal(r, results[0])
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_native_head_at_a_model_sized_hidden(frozen):
+    """H = 4096 (a real model's): the native backward takes its tokens in blocks, which must start
+    on the kept forward's tiles (those of a chunk of 1000 rows are balanced, not 256-row ones).
+    It returned gradients 1e-2 off. A frozen head's pass, many vocabulary blocks: its log-probs
+    are the reference pass's bit for bit, so the rewards start at exactly 0."""
+    from fastdpo import linear_pair_logps
+    data = batch(B=2, T=260, H=4096, V=1500, seed=31)
+    data[0].mul_(0.05)
+    if not frozen:
+        check_all(data, kind="sigmoid", backend="native")
+        return
+    h, w, _, labels, *_ = data
+    pc, pr = linear_pair_logps(h, w, labels, backend="native")
+    hh = h.clone().requires_grad_()
+    _, m = linear_dpo_loss(hh, w, labels, ref_chosen_logps=pc, ref_rejected_logps=pr,
+                           backend="native", per_pair_metrics=True)
+    assert (m["rewards/chosen"] == 0).all() and (m["rewards/margins"] == 0).all()
+
+
 def test_segment_sums_depend_on_the_segment_alone():
     """The fused passes' sequence sums (segment_sums): a segment's bits are the same alone, among
     other segments, in any order and padded to any width (no index_add_, whose order is not
@@ -622,15 +642,19 @@ def test_segment_sums_depend_on_the_segment_alone():
     segs = [torch.randn(n, generator=g, dtype=torch.float64)
             * 10.0 ** torch.randint(-8, 8, (n,), generator=g) for n in lengths]
     segs[3][1], segs[8][2] = math.nan, math.inf
-    together = segment_sums(torch.cat(segs), lengths)
+    def sums(parts, lens):
+        seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        return segment_sums(torch.cat(parts), seq, lens)
+
+    together = sums(segs, lengths)
     for i, v in enumerate(segs):
-        assert torch.equal(segment_sums(v, [v.numel()]).nan_to_num(7.0),
+        assert torch.equal(sums([v], [v.numel()]).nan_to_num(7.0),
                            together[i:i + 1].nan_to_num(7.0)), i
         longer = [v, torch.randn(4000, generator=g, dtype=torch.float64)]  # a wider tree
-        assert torch.equal(segment_sums(torch.cat(longer), [v.numel(), 4000])[:1].nan_to_num(7.0),
+        assert torch.equal(sums(longer, [v.numel(), 4000])[:1].nan_to_num(7.0),
                            together[i:i + 1].nan_to_num(7.0)), i
     perm = [7, 2, 0, 8, 5, 1, 6, 4, 3]
-    shuffled = segment_sums(torch.cat([segs[i] for i in perm]), [lengths[i] for i in perm])
+    shuffled = sums([segs[i] for i in perm], [lengths[i] for i in perm])
     assert torch.equal(shuffled.nan_to_num(7.0), together[perm].nan_to_num(7.0))
     assert together[3].isnan() and together[8] == math.inf
     assert together[0] == 0 and math.copysign(1.0, together[0]) == 1.0

@@ -178,9 +178,9 @@ std::optional<at::Tensor> labelled_rows(const Head& hd) {
 
 int64_t chunks_of(const Head& hd) { return (hd.V + hd.tile.cols - 1) / hd.tile.cols; }
 // Rows of a token tile for N tokens. Under batch invariance the plan's, every tile padded to it.
-// Else at most the plan's, as many tiles as the threads need for a small N (64 rows a tile at
-// least), balanced so that they are at most one row short of full. Every op of a call takes this
-// rule, so their tiles (and the bits of each tile's GEMM) agree.
+// Else at most the plan's, and a small N split into up to one tile per thread (64 rows a tile
+// at least), the tiles balanced (only the last one short, by fewer rows than there are tiles).
+// Every op of a call takes this rule, so their tiles (and the bits of each tile's GEMM) agree.
 int64_t tile_rows_for(const cpu::TileShape& t, int64_t N, bool invariant) {
   if (invariant) return t.rows;
   if (N <= 1) return 1;
@@ -193,14 +193,16 @@ int64_t tile_rows_for(const cpu::TileShape& t, int64_t N, bool invariant) {
 int64_t tile_rows_of(const Head& hd) { return tile_rows_for(hd.tile, hd.N, hd.invariant); }
 
 // Floats of the kept-logits buffer for up to N tokens: one slot of (tile rows x tile.cols) per
-// chunk and token tile (keep_slot's layout). Without batch invariance the tiles of n <= N tokens
-// span fewer than n + ceil(n / 64) rows (tile_rows_for), a bound that grows with N: a buffer
-// sized for a batch's largest chunk serves each of its chunks.
+// chunk and token tile (keep_slot's layout), then one float, the forward's tile rows, which the
+// backward checks (its tiles must be the forward's: a thread count changed in between would not
+// give them). Without batch invariance the tiles of n <= N tokens span fewer than
+// n + ceil(n / 64) rows (tile_rows_for), a bound that grows with N: a buffer sized for a batch's
+// largest chunk serves each of its chunks.
 int64_t keep_numel(const cpu::TileShape& t, int64_t N, int64_t V, bool invariant) {
   if (N <= 0 || V <= 0) return 0;
   const int64_t chunks = (V + t.cols - 1) / t.cols;
   const int64_t rows = invariant ? (N + t.rows - 1) / t.rows * t.rows : N + (N + 63) / 64;
-  return chunks * rows * t.cols;
+  return chunks * rows * t.cols + 1;
 }
 
 LabelsView labels_at(const Head& hd, int64_t n0) {
@@ -236,10 +238,16 @@ at::Tensor weight_chunk(const Head& hd, Scratch& s, int64_t v, int64_t v0, int64
   return w;
 }
 
+// The kept buffer's last float of this call: the forward's tile rows (keep_numel).
+float& keep_marker(const Head& hd) {
+  return hd.keep.data_ptr<float>()[keep_numel(hd.tile, hd.N, hd.V, hd.invariant) - 1];
+}
+
 // Slot of the kept logits of chunk v and token tile t (tile_rows_of x tile.cols floats each):
 // the forward writes it, the backward turns it into d logits in place.
-at::Tensor keep_slot(const Head& hd, int64_t v, int64_t t, int64_t rows, int64_t vc) {
-  const int64_t Nc = tile_rows_of(hd), tiles = (hd.N + Nc - 1) / Nc;
+// Nc: the call's tile rows (tile_rows_of, taken once by the caller's thread).
+at::Tensor keep_slot(const Head& hd, int64_t Nc, int64_t v, int64_t t, int64_t rows, int64_t vc) {
+  const int64_t tiles = (hd.N + Nc - 1) / Nc;
   return hd.keep.narrow(0, (v * tiles + t) * Nc * hd.tile.cols, rows * vc).view({rows, vc});
 }
 
@@ -332,7 +340,7 @@ Outs forward_rows(const Head& hd, bool with_entropy) {
     const int64_t v0 = v * Vc, vc = std::min(Vc, V - v0), n = std::min(Nc, N - n0);
     const at::Tensor h = hidden_tile(hd, s, n0, n, hd.invariant ? Nc : n);
     const at::Tensor dest =
-        hd.keep.defined() ? keep_slot(hd, v, n0 / Nc, h.size(0), vc) : at::Tensor();
+        hd.keep.defined() ? keep_slot(hd, Nc, v, n0 / Nc, h.size(0), vc) : at::Tensor();
     const at::Tensor x =
         logits_tile(hd, s, h, weight_chunk(hd, s, v, v0, vc), v0, vc, false, dest);
     const BlockParts o{t_logp, t_max, t_sum, t_ent, N};
@@ -401,6 +409,7 @@ void sweep_block(const Head& hd, const RowGrads& g, int64_t s0, int64_t ns, int6
   const int64_t V = hd.V, H = hd.H, K = chunks_of(hd), Vc = hd.tile.cols;
   const bool kept = hd.keep.defined();  // the forward's tiles: blocks start on their bounds
   const int64_t Nc = tile_rows_for(hd.tile, kept ? hd.N : ns, hd.invariant);
+  TORCH_INTERNAL_ASSERT(!kept || s0 % Nc == 0, "a kept block starts inside a tile");
   const bool want_h = d.d_h.defined(), want_w = d.d_w.defined(), want_b = d.d_b.defined();
   const bool w_direct = want_w && d.d_w.scalar_type() == at::kFloat;
   const bool b_direct = want_b && d.d_b.scalar_type() == at::kFloat;
@@ -434,7 +443,7 @@ void sweep_block(const Head& hd, const RowGrads& g, int64_t s0, int64_t ns, int6
         const at::Tensor h = hidden_tile(hd, s, n0, n, rows);
         at::Tensor x;
         if (kept) {
-          x = keep_slot(hd, v, n0 / Nc, rows, vc);
+          x = keep_slot(hd, Nc, v, n0 / Nc, rows, vc);
           if (hd.softcap != 0.0) {  // the tanh of the chain rule, from the kept logits
             if (!s.tanh.defined()) s.tanh = at::empty({hd.tile.rows * hd.tile.cols}, at::kFloat);
             s.tanh.narrow(0, 0, rows * vc).view({rows, vc}).copy_(x).mul_(1.0 / hd.softcap);
@@ -557,7 +566,9 @@ int64_t bwd_scratch(const Head& hd, const SweepOut& d) {
 }
 
 BwdPlan bwd_plan(const Head& hd, const SweepOut& d) {
-  return bwd_plan(hd.N, hd.V, hd.H, hd.hidden.element_size(), chunks_of(hd), hd.tile.rows,
+  // a kept backward reads the forward's tiles: its token blocks start on their bounds
+  const int64_t tile_rows = hd.keep.defined() ? tile_rows_of(hd) : hd.tile.rows;
+  return bwd_plan(hd.N, hd.V, hd.H, hd.hidden.element_size(), chunks_of(hd), tile_rows,
                   hd.invariant, d.d_h.defined(), bwd_scratch(hd, d));
 }
 
@@ -859,6 +870,7 @@ FwdResult linear_keep_fwd_cpu(
   const Head hd = kept_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
                             softcap, batch_invariant, keep, "native_linear_keep_fwd");
   auto out = forward_rows(hd, with_entropy);
+  if (hd.N > 0) keep_marker(hd) = static_cast<float>(tile_rows_of(hd));
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
 }
 
@@ -873,6 +885,10 @@ at::Tensor linear_keep_bwd_cpu(at::Tensor& keep, const at::Tensor& grad_logp,
   const Head hd = kept_head(hidden, weight, bias, labels, ignore_index, temperature, logit_scale,
                             softcap, batch_invariant, keep, op, /*recompute=*/true);
   const int64_t N = hd.N;
+  TORCH_CHECK(!hd.keep.defined() || N == 0 ||
+                  keep_marker(hd) == static_cast<float>(tile_rows_of(hd)),
+              op, ": keep holds tiles of ", keep_marker(hd), " rows, this call's are ",
+              tile_rows_of(hd), " (the rows or the thread count changed since linear_keep_fwd)");
   RowGrads g;
   g.grad_logp = rows_f32(grad_logp, op, "grad_logp", N);
   g.row_max = rows_f32(row_max, op, "row_max", N);

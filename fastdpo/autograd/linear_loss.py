@@ -268,7 +268,7 @@ def _chunk_loop(head, pr, weight, bias, chunks, pair_grads, grads, need_h, need_
             tok.put(sel, lp, lsum, ent)
         if R:
             extra = None if ext is None else pr.extra.index_select(0, sel)
-            sums, esums = sequence_sums(lengths, lp.to(acc), scale, extra)
+            sums, esums = sequence_sums(seq, lengths, lp.to(acc), scale, extra)
             for k in range(K if ext is not None else 0):
                 ext[k * B + j0:k * B + j1] = esums[k * P:(k + 1) * P]
         for k in range(K):

@@ -134,7 +134,7 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
     lp = lp.to(acc).index_select(0, pr.order)
     scale = pr.scale.index_select(0, pr.order)
     extra = None if pr.extra is None else pr.extra.index_select(0, pr.order)
-    out, ext = sequence_sums(chunk_selection(pr, 0, B)[2], lp, scale, extra)
+    out, ext = sequence_sums(pr.seq, chunk_selection(pr, 0, B)[2], lp, scale, extra)
     d_h = None
     if pair_grads is not None:
         g_row = row_grads(pr, chunks, pair_grads, out, scale, extra, extra_grad)
@@ -260,7 +260,7 @@ def stream_unit(kept: KeptChunks, pr, sel, seq, lengths, scale, slab: int, grads
     ent = torch.empty(n if on else 0)
 
     def sums_of(lp):
-        return sequence_sums(lengths, lp.to(scale.dtype), scale, None)[0]
+        return sequence_sums(seq, lengths, lp.to(scale.dtype), scale, None)[0]
 
     def part_grads(sums):
         return torch.cat(list(grads_of(*sums.split(1)))).to(scale.dtype)

@@ -53,36 +53,34 @@ def loop_setup(head, pr, weight, bias):
             float(head.temperature), head.ignore_index, head.softcap if head.softcap else 0.0)
 
 
-def sequence_sums(lengths, lp, scale, extra):
-    """``(sums, extra_sums)`` of token log-probs ``lp`` into sequences: rows grouped by sequence,
-    ``lengths`` (host ints) rows each, weighted by ``scale`` and, when given, by ``extra`` (else
-    ``extra_sums`` is None). With ``extra`` a row of one term only adds exactly 0 to the other's
-    sums, even a NaN. In float64, rounded once: a running fp32 sum of a long sequence's
-    log-probs drifts by up to ``n`` ulps, over eager's pairwise sum."""
+def sequence_sums(seq, lengths, lp, scale, extra):
+    """``(sums, extra_sums)`` of token log-probs ``lp`` into sequences: rows grouped by sequence
+    in order (``seq``: each row's; ``lengths``: host ints, rows each), weighted by ``scale`` and,
+    when given, by ``extra`` (else ``extra_sums`` is None). With ``extra`` a row of one term only
+    adds exactly 0 to the other's sums, even a NaN. In float64, rounded once: a running fp32 sum
+    of a long sequence's log-probs drifts by up to ``n`` ulps, over eager's pairwise sum."""
     wide = torch.float64
     lp64 = lp.to(wide)
     if extra is None:
-        return segment_sums(lp64 * scale.to(wide), lengths).to(lp.dtype), None
+        return segment_sums(lp64 * scale.to(wide), seq, lengths).to(lp.dtype), None
     terms = (torch.where(w != 0, lp64 * w.to(wide), 0.0) for w in (scale, extra))
-    return tuple(segment_sums(t, lengths).to(lp.dtype) for t in terms)
+    return tuple(segment_sums(t, seq, lengths).to(lp.dtype) for t in terms)
 
 
-def segment_sums(v, lengths):
-    """Sums of consecutive segments of ``v`` (``lengths``: host ints), each a pairwise tree over
-    the segment's own positions (level ``k`` adds positions ``2i`` and ``2i + 1`` of level
-    ``k - 1``), padded with -0.0, which adds nothing exactly. So a segment's bits depend on its
-    values alone: not on the other segments, the device, or the order hardware adds in (a CUDA
-    ``index_add_`` has none: it is not deterministic)."""
+def segment_sums(v, seq, lengths):
+    """Sums of consecutive segments of ``v`` (``seq``: each element's segment, ascending;
+    ``lengths``: host ints), each a pairwise tree over the segment's own positions (level ``k``
+    adds positions ``2i`` and ``2i + 1`` of level ``k - 1``), padded with -0.0, which adds
+    nothing exactly. So a segment's bits depend on its values alone: not on the other
+    segments, the device, or the order hardware adds in (a CUDA ``index_add_`` has none: it is
+    not deterministic). The indices are formed on ``v``'s device: no host synchronisation."""
     S, n = len(lengths), v.numel()
     width = 1 << max(max(lengths, default=1) - 1, 0).bit_length()
     dense = v.new_full((S * width,), -0.0)
     if n:
-        dev = v.device
-        start = torch.tensor([0] + lengths[:-1], device=dev).cumsum(0)
-        shift = torch.arange(S, device=dev) * width - start
-        slot = torch.arange(n, device=dev) + torch.repeat_interleave(
-            shift, torch.tensor(lengths, device=dev), output_size=n)
-        dense[slot] = v.reshape(-1)
+        seq = seq.to(torch.int64)
+        start = torch.searchsorted(seq, torch.arange(S, device=v.device))
+        dense[seq * width + torch.arange(n, device=v.device) - start[seq]] = v.reshape(-1)
     d = dense.view(S, width)
     while d.shape[1] > 1:
         d = d[:, 0::2] + d[:, 1::2]
@@ -173,7 +171,7 @@ def streamed(head, pr, weight, bias, chunks, pair_grads, need_h, need_w, need_b,
                 mm_acc(dz.t(), h, out=d_w, accumulate=True)
             if need_b:
                 d_b += x.sum(0, dtype=acc)
-        sums = segment_sums(terms, lengths)
+        sums = segment_sums(terms, seq, lengths)
         for k in range(K):
             out[k * B + j0:k * B + j1] = sums[k * P:(k + 1) * P]
     if d_h is not None and hidden_shape is not None:

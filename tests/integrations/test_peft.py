@@ -191,8 +191,8 @@ def test_lora_rewards_start_at_exactly_zero(tokenizer, bf16):
     """Plain LoRA (a frozen head): the policy's native pass is the frozen-head kernel, the
     reference's (adapter disabled, no gradient) the forward kernel. They form the same per-block
     statistics on the same tiles, so before the first update every reward is exactly 0, as TRL
-    logs it. (This model's vocabulary is one block; the kernels' agreement over many blocks,
-    where they used to differ by an ulp, is test_pair_logps_are_the_losss_bits's.)"""
+    logs it. (This model's vocabulary is one block; over many blocks, where the kernels used to
+    differ by an ulp, test_linear_loss.py::test_native_head_at_a_model_sized_hidden checks it.)"""
     tr = lora_trainer(FastDPOTrainer, tokenizer, steps=1, bf16=bf16)
     assert not tr.model.get_output_embeddings().weight.requires_grad
     tr.model.train()

@@ -1,6 +1,6 @@
 """The native CPU frozen head (native_linear_frozen_fwd, csrc/cpu/linear_cpu.cpp): per token
-tile one sweep of vocabulary blocks with an online softmax, giving the log-probs and each token's
-``u = d logp / d hidden`` at once. Values and d_hidden against the float64 oracle under the
+tile one sweep of vocabulary blocks forming the forward's per-block statistics, giving the
+log-probs (the forward op's bits) and each token's ``u = d logp / d hidden`` at once. Values and d_hidden against the float64 oracle under the
 project's rule (through the public API, weight frozen), against the Python chunk loop of
 fastdpo.autograd.linear_loss (torch row ops) including -inf / NaN patterns, extreme offsets and
 temperatures, ignored rows, batch invariance across batches and thread counts, and opcheck."""

@@ -135,3 +135,47 @@ def test_opcheck(C):
     hb, wb = h.bfloat16(), w.bfloat16()
     torch.library.opcheck(fwd, (hb, wb, None, y, -100, 1.0, 0.5, 0.0, True,
                                 keep_for(C, h, w, True)))
+
+
+@pytest.mark.parametrize("threads,N", [(1, 1000), (2, 600), (2, 1000)])
+def test_token_blocks_start_on_the_forwards_tiles(C, threads, N):
+    """At H = 4096 the backward's d_hidden buffers take the tokens in blocks; a kept backward's
+    blocks must start on the forward's tile bounds, or it reads other rows' logits. The tiles of
+    a chunk that is not a multiple of 256 rows are balanced (200 rows at N = 600 on 2 threads)
+    while the blocks were multiples of 256: d_hidden and d_weight were off by 1e-2, silently."""
+    H, V = 4096, 512
+    g = torch.Generator().manual_seed(81)
+    h, w = torch.randn(N, H, generator=g) * 0.05, torch.randn(V, H, generator=g) * 0.05
+    y, gl = torch.randint(0, V, (N,), generator=g), torch.randn(N, generator=g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert C.linear_cpu_bwd_plan(N, V, H, 4, False, False)[1] < N  # blocks of tokens
+        _, _, _, d_h, d_w, _ = kept(C, h, w, None, y, gl, (-100, 1.0, 1.0, 0.0), acc_b=False)
+    finally:
+        torch.set_num_threads(old)
+    hh, ww = h.double().requires_grad_(), w.double().requires_grad_()
+    lp = torch.log_softmax(hh @ ww.T, -1).gather(1, y[:, None]).squeeze(1)
+    (lp * gl.double()).sum().backward()
+    for a, e in ((d_h, hh.grad), (d_w, ww.grad)):
+        assert (a.double() - e).abs().max() <= 1e-5 * e.abs().max()
+
+
+def test_backward_refuses_tiles_of_another_thread_count(C):
+    """The kept buffer records the forward's tile rows; a backward whose tiles differ (the
+    thread count changed in between, which splits a small chunk differently) refuses instead of
+    reading the wrong slots."""
+    h, w, _, y = make((200,), 16, 700, torch.float32, seed=82, ignore_frac=0.0)  # 2 tiles, 1
+    args = (-100, 1.0, 1.0, 0.0)
+    keep = keep_for(C, h, w)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _, m, s, _ = ops.get_op("native", "linear_keep_fwd")(h, w, None, y, *args, False, keep)
+        torch.set_num_threads(1)
+        with pytest.raises(RuntimeError, match="thread count"):
+            ops.get_op("native", "linear_keep_bwd")(keep, torch.ones(200), h, w, None, y, m, s,
+                                                    *args, False, True, torch.zeros(w.shape),
+                                                    torch.empty(0))
+    finally:
+        torch.set_num_threads(old)
