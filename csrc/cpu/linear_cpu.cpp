@@ -12,7 +12,7 @@
 // Forward: items are (vocabulary chunk, token tile) pairs, token tiles fastest (threads on the
 // same chunk share its weight rows in L3). Each tile's row statistics go to a (chunks x N) table,
 // merged per row at the end in chunk order (combine.h): the result depends on the tile shapes
-// only (tile_rows_for: the thread count only splits a small batch), not on which thread ran what.
+// only, not on which thread ran what.
 // Backward: items are groups of consecutive vocabulary chunks. The thread holding a group owns
 // its d_weight / d_bias rows (written once, no conflict) and accumulates the group's share of
 // d_hidden in fp32 in the group's own (rows x H) buffer; the groups' buffers are summed in group
@@ -76,9 +76,7 @@ struct Head {
 // Buffers of one thread, allocated (and first touched) by that thread.
 struct Scratch {
   at::Tensor x, tanh, h, w, dw, tmp, acc;
-  std::vector<float> fm, fs, fg;  // frozen head: running max and sum, the label's a'
-  std::vector<float> fp;          // frozen head: the tile's per-block statistics (BlockParts)
-  std::vector<float> fw;          // frozen head: a bf16/fp16 label row in fp32
+  std::vector<float> fw;  // frozen head: a bf16/fp16 label row in fp32
   int64_t w_chunk = -1;  // chunk whose fp32 weight rows `w` holds
 };
 
@@ -178,24 +176,21 @@ std::optional<at::Tensor> labelled_rows(const Head& hd) {
 
 int64_t chunks_of(const Head& hd) { return (hd.V + hd.tile.cols - 1) / hd.tile.cols; }
 // Rows of a token tile for N tokens. Under batch invariance the plan's, every tile padded to it.
-// Else at most the plan's, and a small N split into up to one tile per thread (64 rows a tile
-// at least), the tiles balanced (only the last one short, by fewer rows than there are tiles).
-// Every op of a call takes this rule, so their tiles (and the bits of each tile's GEMM) agree.
+// Else the fewest tiles of at most the plan's rows, balanced (only the last one short, by fewer
+// rows than there are tiles); nothing depends on the thread count. Every op of a call takes
+// this rule, so their tiles (and the bits of each tile's GEMM) agree.
 int64_t tile_rows_for(const cpu::TileShape& t, int64_t N, bool invariant) {
   if (invariant) return t.rows;
   if (N <= 1) return 1;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t cap =
-      std::min(t.rows, std::max<int64_t>(std::min<int64_t>(64, N), (N + threads - 1) / threads));
-  const int64_t tiles = (N + cap - 1) / cap;
+  const int64_t tiles = (N + t.rows - 1) / t.rows;
   return (N + tiles - 1) / tiles;
 }
 int64_t tile_rows_of(const Head& hd) { return tile_rows_for(hd.tile, hd.N, hd.invariant); }
 
 // Floats of the kept-logits buffer for up to N tokens: one slot of (tile rows x tile.cols) per
 // chunk and token tile (keep_slot's layout), then one float, the forward's tile rows, which the
-// backward checks (its tiles must be the forward's: a thread count changed in between would not
-// give them). Without batch invariance the tiles of n <= N tokens span fewer than
+// backward checks (its rows, so its tiles, must be the forward's). Without batch invariance the
+// tiles of n <= N tokens span fewer than
 // n + ceil(n / 64) rows (tile_rows_for), a bound that grows with N: a buffer sized for a batch's
 // largest chunk serves each of its chunks.
 int64_t keep_numel(const cpu::TileShape& t, int64_t N, int64_t V, bool invariant) {
@@ -612,19 +607,27 @@ const float* label_row(const Head& hd, Scratch& s, int64_t row, bool w_f32) {
 }
 
 // Per token tile, one sweep over the vocabulary blocks: each row's statistics per block as the
-// forward's (block_stats, merged by finish_row: the same bits as forward_rows on the same rows),
-// and an fp32 accumulator acc (rows x H) of sum_j exp((x_j - M) c) a'_j w_j relative to the
-// running max M, rescaled by exp((M_old - M_new) c) when M grows; a block whose own max is below
-// M has its terms written times exp((max - M) c) (a'_j = 1 - tanh^2 with softcap, else 1). Each
-// block costs the logits GEMM and the (weights x block) GEMM, both on the thread's L2-sized tile.
-// At the end, with S the running sum of the same terms,
+// forward's (block_stats into a (blocks x N) table, merged by finish_row: the same bits as
+// forward_rows on the same rows), and an fp32 accumulator acc (rows x H) of
+// sum_j exp((x_j - M) c) a'_j w_j relative to the running max M, rescaled by exp((M_old - M_new) c)
+// when M grows; a block whose own max is below M has its terms written times exp((max - M) c)
+// (a'_j = 1 - tanh^2 with softcap, else 1). Each block costs the logits GEMM and the
+// (weights x block) GEMM, both on the thread's L2-sized tile. At the end, with S the running
+// sum of the same terms,
 //     u = d logp / d hidden = (a'_label w_label - acc / S) * logit_scale * c,
-// the chain rule of logp = (x_label - M) c - log S. Token tiles are independent: threads take
-// whole tiles from the counter; only the per-block statistics are merged, per row.
+// the chain rule of logp = (x_label - M) c - log S. Items are token tiles; a batch of fewer
+// tiles than threads also splits each tile's blocks into groups, one item each, whose (M, S,
+// acc) merge per row at the end (one acc buffer per item then). The statistics do not depend on
+// the split.
 Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& entropy) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const int64_t N = hd.N, H = hd.H, V = hd.V, K = chunks_of(hd), Vc = hd.tile.cols;
   const int64_t Nc = tile_rows_of(hd), tiles = (N + Nc - 1) / Nc;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // (under batch invariance one group: u's merge order must not depend on the batch)
+  const int64_t G = hd.invariant || tiles == 0 || tiles >= threads
+                        ? 1
+                        : std::min(K, (threads + tiles - 1) / tiles);
   at::Tensor logp = at::empty({N}, f32), row_max = at::empty({N}, f32);
   at::Tensor log_sum = at::empty({N}, f32);
   float* o_logp = logp.data_ptr<float>();
@@ -632,26 +635,43 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
   float* o_sum = log_sum.data_ptr<float>();
   float* o_u = u.data_ptr<float>();
   float* o_ent = with_entropy ? entropy.data_ptr<float>() : nullptr;
+  const at::Tensor st = at::empty({with_entropy ? 4 : 3, K, N}, f32);
+  const BlockParts parts{st[0].data_ptr<float>(), st[1].data_ptr<float>(),
+                         st[2].data_ptr<float>(), with_entropy ? st[3].data_ptr<float>() : nullptr,
+                         N};
+  // per item (tile x group) and row: the running max M and sum S; per row: the label's a'
+  std::vector<float> run_m(tiles * G * Nc, -INFINITY), run_s(tiles * G * Nc, 0.0f);
+  std::vector<float> label_g(N, 1.0f);
+  const at::Tensor accs = G > 1 ? at::empty({tiles * G, Nc, H}, f32) : at::Tensor();
   const bool w_f32 = hd.weight.scalar_type() == at::kFloat;  // else converted per chunk
   const float c = hd.c, gscale = static_cast<float>(hd.logit_scale) * hd.c;
   const bool softcap = hd.softcap != 0.0;
   const LabelRule rule{hd.ignore_index, 0, V};
+  // u of row i from its acc row `ar` and sum (the label's term, none for an invalid label)
+  auto write_u = [&](Scratch& s, int64_t i, const float* ar, float sum) {
+    float* ur = o_u + i * H;
+    const LabelInfo lab = classify_label(labels_at(hd, i).at(0, 0), rule, V);
+    if (lab.kind != LabelKind::kLocal) {  // an invalid label: no label term, as logps_bwd
+      for (int64_t j = 0; j < H; ++j) ur[j] = (0.0f - ar[j] / sum) * gscale;
+      return;
+    }
+    const float* wl = label_row(hd, s, lab.local, w_f32);
+    const float g = label_g[i];
+    for (int64_t j = 0; j < H; ++j) ur[j] = (g * wl[j] - ar[j] / sum) * gscale;
+  };
   std::vector<Scratch> slots;
-  run_items(tiles, slots, [&](Scratch& s, int64_t item) {
-    const int64_t n0 = item * Nc, n = std::min(Nc, N - n0), rows = hd.invariant ? Nc : n;
+  run_items(tiles * G, slots, [&](Scratch& s, int64_t item) {
+    const int64_t t = item / G, grp = item % G;
+    const int64_t n0 = t * Nc, n = std::min(Nc, N - n0), rows = hd.invariant ? Nc : n;
     const at::Tensor h = hidden_tile(hd, s, n0, n, rows);
-    if (!s.acc.defined()) s.acc = f32_buffer(Nc, H);
-    at::Tensor acc = s.acc.narrow(0, 0, rows);
+    if (G == 1 && !s.acc.defined()) s.acc = f32_buffer(Nc, H);
+    at::Tensor acc = (G == 1 ? s.acc : accs[item]).narrow(0, 0, rows);
     acc.zero_();
     float* a = acc.data_ptr<float>();
-    s.fm.assign(n, -INFINITY);
-    s.fs.assign(n, 0.0f);
-    s.fg.assign(n, 1.0f);
-    s.fp.resize((with_entropy ? 4 : 3) * K * n);
-    float* fp = s.fp.data();
-    const BlockParts parts{fp, fp + K * n, fp + 2 * K * n, with_entropy ? fp + 3 * K * n : nullptr,
-                           n};
-    for (int64_t v = 0; v < K; ++v) {
+    float* fm = run_m.data() + item * Nc;
+    float* fs = run_s.data() + item * Nc;
+    const int64_t v_begin = grp * K / G, v_end = (grp + 1) * K / G;
+    for (int64_t v = v_begin; v < v_end; ++v) {
       const int64_t v0 = v * Vc, vc = std::min(Vc, V - v0);
       const at::Tensor w = weight_chunk(hd, s, v, v0, vc);
       at::Tensor x = logits_tile(hd, s, h, w, v0, vc, softcap);
@@ -662,26 +682,26 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
         float* xr = xp + r * vc;
         const LabelInfo lab = classify_label(labels_at(hd, n0 + r).at(0, 0), block_rule, vc);
         if (tp && lab.kind == LabelKind::kLocal) {
-          const float t = tp[r * vc + lab.local];
-          s.fg[r] = 1.0f - t * t;
+          const float tl = tp[r * vc + lab.local];
+          label_g[n0 + r] = 1.0f - tl * tl;
         }
         const float mb = block_max(hd, xr, vc);
-        const float m_old = s.fm[r], m_new = Math<float>::max(mb, m_old);
+        const float m_old = fm[r], m_new = Math<float>::max(mb, m_old);
         const Shift<float> sh = make_shift(ref_point(m_new), c);
         if (m_new != m_old) {  // (m_old = -inf: scale 0, and nothing was added yet)
           const float alpha = Math<float>::exp(scaled_diff(m_old, sh, 0.0f));
-          s.fs[r] *= alpha;
-          if (v > 0) {
+          fs[r] *= alpha;
+          if (v > v_begin) {
             float* ar = a + r * H;
             for (int64_t j = 0; j < H; ++j) ar[j] *= alpha;
           }
-          s.fm[r] = m_new;
+          fm[r] = m_new;
         }
         // the block's terms relative to M (a block of only -inf adds 0s, whatever M)
         const float k = mb == m_new ? 1.0f
                         : mb == -INFINITY ? 0.0f
                                           : Math<float>::exp(scaled_diff(mb, sh, 0.0f));
-        s.fs[r] += k * block_stats(hd, xr, vc, mb, lab, parts, v * n + r, xr, k);
+        fs[r] += k * block_stats(hd, xr, vc, mb, lab, parts, v * N + n0 + r, xr, k);
         if (tp) {  // times a'_j = 1 - tanh^2 while the row is in L1 (as rows.transform_grad_)
           const float* tr = tp + r * vc;
           for (int64_t j = 0; j < vc; ++j) xr[j] *= 1.0f - tr[j] * tr[j];
@@ -690,24 +710,38 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
       if (rows > n) x.narrow(0, n, rows - n).zero_();  // padding rows add nothing
       acc.addmm_(x, w);
     }
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t i = n0 + r;
+    if (G == 1) {
+      for (int64_t r = 0; r < n; ++r) write_u(s, n0 + r, a + r * H, fs[r]);
+    }
+  });
+  std::vector<Scratch> merge_slots(std::max<int64_t>(1, at::get_num_threads()));
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    Scratch& s = merge_slots[std::min<int64_t>(at::get_thread_num(),
+                                               static_cast<int64_t>(merge_slots.size()) - 1)];
+    std::vector<float> ar(G > 1 ? H : 0);
+    for (int64_t i = r0; i < r1; ++i) {
       const LabelInfo lab = classify_label(labels_at(hd, i).at(0, 0), rule, V);
-      const Combined<float> st = finish_row(hd, parts, r, K, lab);
-      if (o_ent) o_ent[i] = st.entropy;
-      o_max[i] = st.row_max;
-      o_sum[i] = st.log_sum;
-      o_logp[i] = st.logp;
-      float* ur = o_u + i * H;
-      const float* ar = a + r * H;
-      const float sum = s.fs[r];
-      if (lab.kind != LabelKind::kLocal) {  // an invalid label: no label term, as logps_bwd
-        for (int64_t j = 0; j < H; ++j) ur[j] = (0.0f - ar[j] / sum) * gscale;
-        continue;
+      const Combined<float> cb = finish_row(hd, parts, i, K, lab);
+      if (o_ent) o_ent[i] = cb.entropy;
+      o_max[i] = cb.row_max;
+      o_sum[i] = cb.log_sum;
+      o_logp[i] = cb.logp;
+      if (G == 1) continue;
+      // the groups' (M, S, acc) of row i, relative to the row's max over all groups
+      const int64_t t = i / Nc, r = i % Nc;
+      float M = -INFINITY;
+      for (int64_t g = 0; g < G; ++g) M = Math<float>::max(run_m[(t * G + g) * Nc + r], M);
+      const Shift<float> sh = make_shift(ref_point(M), c);
+      std::fill(ar.begin(), ar.end(), 0.0f);
+      float sum = 0.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t at_ = (t * G + g) * Nc + r;
+        const float alpha = Math<float>::exp(scaled_diff(run_m[at_], sh, 0.0f));
+        sum += alpha * run_s[at_];
+        const float* ag = accs[t * G + g][r].data_ptr<float>();
+        for (int64_t j = 0; j < H; ++j) ar[j] += alpha * ag[j];
       }
-      const float* wl = label_row(hd, s, lab.local, w_f32);
-      const float g = s.fg[r];
-      for (int64_t j = 0; j < H; ++j) ur[j] = (g * wl[j] - ar[j] / sum) * gscale;
+      write_u(s, i, ar.data(), sum);
     }
   });
   return {logp, row_max, log_sum, u};
@@ -888,7 +922,7 @@ at::Tensor linear_keep_bwd_cpu(at::Tensor& keep, const at::Tensor& grad_logp,
   TORCH_CHECK(!hd.keep.defined() || N == 0 ||
                   keep_marker(hd) == static_cast<float>(tile_rows_of(hd)),
               op, ": keep holds tiles of ", keep_marker(hd), " rows, this call's are ",
-              tile_rows_of(hd), " (the rows or the thread count changed since linear_keep_fwd)");
+              tile_rows_of(hd), " (not the rows of its linear_keep_fwd call)");
   RowGrads g;
   g.grad_logp = rows_f32(grad_logp, op, "grad_logp", N);
   g.row_max = rows_f32(row_max, op, "row_max", N);

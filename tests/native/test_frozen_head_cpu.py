@@ -305,3 +305,29 @@ def test_strided_weight_equals_contiguous(C, dtype):
     got = frozen(h, wt, b, y, -100, 0.9, 1.0, 4.0, False)
     for a, e in zip(got, want):
         assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("threads", [3, 8])
+def test_small_batch_splits_the_vocabulary(C, threads):
+    """Fewer token tiles than threads: each tile's vocabulary blocks are split into groups whose
+    softmax sums and accumulators merge per row. The statistics stay the forward's bits, and
+    u matches the float64 oracle (and the unsplit pass to rounding), -inf blocks and softcap
+    included."""
+    V = 5 * cols(C) + 3
+    h, w, b, y = make((70,), 16, V, torch.float32, seed=64, bias=True, ignore_frac=0.0)
+    b = b.clone()
+    b[:cols(C)] = -math.inf  # the first group's first block: nothing yet when the others add
+    opts = (-100, 0.8, 1.0, 3.0, False)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = frozen(h, w, b, y, *opts, with_entropy=True)
+        torch.set_num_threads(threads)
+        split = frozen(h, w, b, y, *opts, with_entropy=True)
+        want = ops.get_op("native", "linear_logps_fwd")(h, w, b, y, *opts[:4], 0, V, True, False)
+        check_frozen(h, w, b, y, softcap=3.0, temperature=0.8)
+    finally:
+        torch.set_num_threads(old)
+    for a, e in zip(split[:3] + (split[4],), want):
+        assert torch.equal(a, e)
+    torch.testing.assert_close(split[3], one[3], rtol=1e-5, atol=1e-6)
