@@ -25,11 +25,12 @@
 // batch_invariant: every token tile is padded to the full Nc rows and the number of groups is
 // fixed, so no GEMM shape or reduction order depends on the batch or the thread count.
 //
-// Frozen head (native_linear_frozen_fwd, the weight needs no gradient): items are token tiles,
-// each one sweep over the vocabulary chunks that forms the forward's per-chunk statistics (the
-// same tiles and the same bits, so a frozen policy and its reference cancel exactly) and
-// accumulates the softmax-weighted weight rows, so each token's d logp / d hidden comes out with
-// its log-prob: two GEMMs per tile and chunk, no second pass (see frozen_rows). A bf16/fp16
+// Frozen head (native_linear_frozen_fwd, the weight needs no gradient): items are token tiles
+// (with fewer tiles than threads, groups of a tile's vocabulary chunks), each one sweep that
+// forms the forward's per-chunk statistics (the same tiles and the same bits, so a frozen policy
+// and its reference cancel exactly) and accumulates the softmax-weighted weight rows, so each
+// token's d logp / d hidden comes out with its log-prob: two GEMMs per tile and chunk, no second
+// pass (see frozen_rows). A bf16/fp16
 // weight is converted chunk by chunk in the thread's buffer, never whole (that was 2x the head).
 //
 // Kept chunk (native_linear_keep_fwd / _bwd, a trainable head under linear_dpo_loss, whose pair
@@ -625,9 +626,9 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
   const int64_t Nc = tile_rows_of(hd), tiles = (N + Nc - 1) / Nc;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // (under batch invariance one group: u's merge order must not depend on the batch)
-  const int64_t G = hd.invariant || tiles == 0 || tiles >= threads
-                        ? 1
-                        : std::min(K, (threads + tiles - 1) / tiles);
+  // (rounded down: items are equal, so tiles * G past a multiple of the threads adds a round)
+  const int64_t G =
+      hd.invariant || tiles == 0 ? 1 : std::max<int64_t>(1, std::min(K, threads / tiles));
   at::Tensor logp = at::empty({N}, f32), row_max = at::empty({N}, f32);
   at::Tensor log_sum = at::empty({N}, f32);
   float* o_logp = logp.data_ptr<float>();
@@ -665,7 +666,7 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
     const int64_t n0 = t * Nc, n = std::min(Nc, N - n0), rows = hd.invariant ? Nc : n;
     const at::Tensor h = hidden_tile(hd, s, n0, n, rows);
     if (G == 1 && !s.acc.defined()) s.acc = f32_buffer(Nc, H);
-    at::Tensor acc = (G == 1 ? s.acc : accs[item]).narrow(0, 0, rows);
+    at::Tensor acc = (G == 1 ? s.acc : accs.select(0, item)).narrow(0, 0, rows);
     acc.zero_();
     float* a = acc.data_ptr<float>();
     float* fm = run_m.data() + item * Nc;
@@ -714,6 +715,7 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
       for (int64_t r = 0; r < n; ++r) write_u(s, n0 + r, a + r * H, fs[r]);
     }
   });
+  const float* acc0 = G > 1 ? accs.data_ptr<float>() : nullptr;
   std::vector<Scratch> merge_slots(std::max<int64_t>(1, at::get_num_threads()));
   at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
     Scratch& s = merge_slots[std::min<int64_t>(at::get_thread_num(),
@@ -738,7 +740,7 @@ Outs frozen_rows(const Head& hd, at::Tensor& u, bool with_entropy, at::Tensor& e
         const int64_t at_ = (t * G + g) * Nc + r;
         const float alpha = Math<float>::exp(scaled_diff(run_m[at_], sh, 0.0f));
         sum += alpha * run_s[at_];
-        const float* ag = accs[t * G + g][r].data_ptr<float>();
+        const float* ag = acc0 + at_ * H;
         for (int64_t j = 0; j < H; ++j) ar[j] += alpha * ag[j];
       }
       write_u(s, i, ar.data(), sum);

@@ -307,8 +307,9 @@ def test_strided_weight_equals_contiguous(C, dtype):
         assert torch.equal(a, e)
 
 
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
 @pytest.mark.parametrize("threads", [3, 8])
-def test_small_batch_splits_the_vocabulary(C, threads):
+def test_small_batch_splits_the_vocabulary(C, threads, softcap):
     """Fewer token tiles than threads: each tile's vocabulary blocks are split into groups whose
     softmax sums and accumulators merge per row. The statistics stay the forward's bits, and
     u matches the float64 oracle (and the unsplit pass to rounding), -inf blocks and softcap
@@ -316,8 +317,9 @@ def test_small_batch_splits_the_vocabulary(C, threads):
     V = 5 * cols(C) + 3
     h, w, b, y = make((70,), 16, V, torch.float32, seed=64, bias=True, ignore_frac=0.0)
     b = b.clone()
-    b[:cols(C)] = -math.inf  # the first group's first block: nothing yet when the others add
-    opts = (-100, 0.8, 1.0, 3.0, False)
+    b[:cols(C)] = -math.inf  # without softcap a block of -inf: a group's first, k = 0, alpha = 0
+    y = torch.where(y < cols(C), y + cols(C), y)  # no label there (its log-prob would be -inf)
+    opts = (-100, 0.8, 1.0, softcap, False)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -325,7 +327,7 @@ def test_small_batch_splits_the_vocabulary(C, threads):
         torch.set_num_threads(threads)
         split = frozen(h, w, b, y, *opts, with_entropy=True)
         want = ops.get_op("native", "linear_logps_fwd")(h, w, b, y, *opts[:4], 0, V, True, False)
-        check_frozen(h, w, b, y, softcap=3.0, temperature=0.8)
+        check_frozen(h, w, b, y, softcap=softcap or None, temperature=0.8)
     finally:
         torch.set_num_threads(old)
     for a, e in zip(split[:3] + (split[4],), want):
