@@ -30,8 +30,8 @@
 // forms the forward's per-chunk statistics (the same tiles and the same bits, so a frozen policy
 // and its reference cancel exactly) and accumulates the softmax-weighted weight rows, so each
 // token's d logp / d hidden comes out with its log-prob: two GEMMs per tile and chunk, no second
-// pass (see frozen_rows). A bf16/fp16
-// weight is converted chunk by chunk in the thread's buffer, never whole (that was 2x the head).
+// pass (see frozen_rows). A bf16/fp16 weight is converted chunk by chunk in the thread's buffer,
+// never whole (that was 2x the head).
 //
 // Kept chunk (native_linear_keep_fwd / _bwd, a trainable head under linear_dpo_loss, whose pair
 // gradients need the chunk's log-probs before any gradient): the forward above writes each
@@ -191,9 +191,8 @@ int64_t tile_rows_of(const Head& hd) { return tile_rows_for(hd.tile, hd.N, hd.in
 // Floats of the kept-logits buffer for up to N tokens: one slot of (tile rows x tile.cols) per
 // chunk and token tile (keep_slot's layout), then one float, the forward's tile rows, which the
 // backward checks (its rows, so its tiles, must be the forward's). Without batch invariance the
-// tiles of n <= N tokens span fewer than
-// n + ceil(n / 64) rows (tile_rows_for), a bound that grows with N: a buffer sized for a batch's
-// largest chunk serves each of its chunks.
+// tiles of n <= N tokens span fewer than n + ceil(n / 64) rows (tile_rows_for), a bound that
+// grows with N: a buffer sized for a batch's largest chunk serves each of its chunks.
 int64_t keep_numel(const cpu::TileShape& t, int64_t N, int64_t V, bool invariant) {
   if (N <= 0 || V <= 0) return 0;
   const int64_t chunks = (V + t.cols - 1) / t.cols;
@@ -330,6 +329,7 @@ Outs forward_rows(const Head& hd, bool with_entropy) {
   float* t_max = K == 1 ? row_max.data_ptr<float>() : st[1].data_ptr<float>();
   float* t_sum = K == 1 ? log_sum.data_ptr<float>() : st[2].data_ptr<float>();
   float* t_ent = !with_entropy ? nullptr : (K == 1 ? ent.data_ptr<float>() : st[3].data_ptr<float>());
+  const BlockParts parts{t_logp, t_max, t_sum, t_ent, N};
   std::vector<Scratch> slots;
   run_items(K * tiles, slots, [&](Scratch& s, int64_t item) {
     const int64_t v = item / tiles, n0 = (item % tiles) * Nc;
@@ -339,7 +339,6 @@ Outs forward_rows(const Head& hd, bool with_entropy) {
         hd.keep.defined() ? keep_slot(hd, Nc, v, n0 / Nc, h.size(0), vc) : at::Tensor();
     const at::Tensor x =
         logits_tile(hd, s, h, weight_chunk(hd, s, v, v0, vc), v0, vc, false, dest);
-    const BlockParts o{t_logp, t_max, t_sum, t_ent, N};
     const LabelRule rule{hd.ignore_index, hd.vocab_start + v0, hd.vocab_total};
     const float* xp = x.data_ptr<float>();
     for (int64_t r = 0; r < n; ++r) {
@@ -351,7 +350,7 @@ Outs forward_rows(const Head& hd, bool with_entropy) {
         continue;
       }
       const float* xr = xp + r * vc;
-      block_stats(hd, xr, vc, block_max(hd, xr, vc), lab, o, at);
+      block_stats(hd, xr, vc, block_max(hd, xr, vc), lab, parts, at);
     }
   });
   if (K > 1) {
@@ -360,7 +359,6 @@ Outs forward_rows(const Head& hd, bool with_entropy) {
     float* o_sum = log_sum.data_ptr<float>();
     float* o_ent = with_entropy ? ent.data_ptr<float>() : nullptr;
     const LabelRule rule{hd.ignore_index, hd.vocab_start, hd.vocab_total};
-    const BlockParts parts{t_logp, t_max, t_sum, t_ent, N};
     at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const LabelInfo lab = classify_label(labels_at(hd, r).at(0, 0), rule, V);

@@ -134,7 +134,8 @@ def native_pass(head, pr, weight, bias, chunks, pair_grads, grads: bool, need_h:
     lp = lp.to(acc).index_select(0, pr.order)
     scale = pr.scale.index_select(0, pr.order)
     extra = None if pr.extra is None else pr.extra.index_select(0, pr.order)
-    out, ext = sequence_sums(pr.seq, chunk_selection(pr, 0, B)[2], lp, scale, extra)
+    lengths = [e - a for a, e in zip(pr.offsets, pr.offsets[1:])]  # rows of each sequence
+    out, ext = sequence_sums(pr.seq, lengths, lp, scale, extra)
     d_h = None
     if pair_grads is not None:
         g_row = row_grads(pr, chunks, pair_grads, out, scale, extra, extra_grad)
