@@ -7,7 +7,10 @@
 * Bare matrix products: the products a fused LM-head step stands for (:meth:`Case.gemms`: 3 for
   forward + backward, 2 with a frozen head, 4 for a DPO step), each timed with ``torch.mm`` into a
   preallocated output (cuBLAS on CUDA, the CPU BLAS on CPU) on the same shapes and dtype;
-  ``gemm_s`` is the sum of their medians and ``x_gemm = median / gemm_s``.
+  ``gemm_s`` is the sum of their medians and ``x_gemm = median / gemm_s``. A heavy row (one
+  timed repeat) is set against its products timed again just before it (``gemm_basis``
+  ``"adjacent"``, the run's own figure kept as ``gemm_run_s``): over a long run this machine's
+  speed drifts by 10-20%, as much as the ratio measures.
 
 Also the crude cost model behind the up-front time estimates of :mod:`.progress`.
 """
@@ -108,16 +111,33 @@ class Ceilings:
                     torch.cuda.empty_cache()
         return self.gemm[key]
 
-    def relate(self, case: Case, median_s: float) -> dict:
+    def adjacent(self, case: Case) -> dict:
+        """The case's bare products timed again now, none from the cache (module doc)."""
+        try:
+            return gemm_time(case, self.device, self.gemm_repeats, cache={})
+        except Exception as exc:  # noqa: BLE001 - the row falls back to the run's figure
+            return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def relate(self, case: Case, median_s: float, adjacent: dict | None = None) -> dict:
+        """The row's ratios; ``adjacent`` (:meth:`adjacent`, timed beside the row) is its GEMM
+        basis when it has a time, else the run's figure."""
         out = {}
         if case.kind == "logits" and case.logits_passes():
             gbps = case.logits_passes() * case.logits_bytes() / median_s / 1e9
             out.update(copy_gbps=self.copy["gbps"], copy_fraction=gbps / self.copy["gbps"])
         if case.gemms():
-            g = self.gemm_for(case)
+            run = self.gemm_for(case)
+            near = adjacent is not None and "median_s" in adjacent
+            g = adjacent if near else run
             if "median_s" in g:
                 out.update(gemm_s=g["median_s"], gemm_tflops=g["tflops"],
-                           gemm_gflops=g["gflops"], x_gemm=median_s / g["median_s"])
+                           gemm_gflops=g["gflops"], x_gemm=median_s / g["median_s"],
+                           gemm_basis="adjacent" if near else "run")
+            if near and "median_s" in run:
+                out["gemm_run_s"] = run["median_s"]
         return out
 
     def to_dict(self) -> dict:

@@ -72,7 +72,8 @@ def table(rows: list[dict], mem_rows=()) -> str:
                          f"{mem_s}")
             continue
         flops = f"{r['flops'] / 1e9:9.1f} GF" if r.get("flops") else f"{'-':>12s}"
-        xg = (f"{r['x_gemm']:5.2f}x {r.get('n_gemms', '?')}" if r.get("x_gemm") is not None
+        near = "*" if r.get("gemm_basis") == "adjacent" else ""
+        xg = (f"{r['x_gemm']:5.2f}x {r.get('n_gemms', '?')}{near}" if r.get("x_gemm") is not None
               else f"{'-':>8s}")
         rate = flop_rate(r["gflops"]) if r.get("gflops") else "-"
         over = "  (over the row limit)" if r.get("over_row_limit") else ""
@@ -83,6 +84,6 @@ def table(rows: list[dict], mem_rows=()) -> str:
     head = (f"{'fused LM head':52s} {'impl':30s} {'median ms':>10s} {'x GEMMs':>9s} "
             f"{'FLOPs':>12s} {'rate':>13s} {'peak extra':>13s} {'x goal':>8s}")
     note = ("x GEMMs: median / the same run's bare products of the same shapes (their count "
-            "after the x); x goal: peak extra beyond the returned gradients / (one chunk's "
+            "after the x; * timed just before the row, a heavy row of one repeat); x goal: peak extra beyond the returned gradients / (one chunk's "
             "logits + 5% of the full logits)")
     return "\n".join([head, *lines, note])

@@ -87,9 +87,13 @@ class Preset:
         skip the warm-up: the preset ran the smaller shapes first in the same process, so the
         thread pools and libraries are warm, and a big step's buffers are fresh pages on every
         call anyway."""
-        if self.heavy_flops is not None and case.flops() > self.heavy_flops:
+        if self.heavy(case):
             return (self.warmup if impl.name in COMPILES_FIRST_CALL else 0), 1
         return self.warmup, self.repeats
+
+    def heavy(self, case: Case) -> bool:
+        """A case of one timed repeat, its bare GEMMs timed again beside each row."""
+        return self.heavy_flops is not None and case.flops() > self.heavy_flops
 
     @property
     def has_native_target(self) -> bool:

@@ -29,7 +29,10 @@ from .workloads import Case, build_step, supports, unavailable
 
 
 def time_case(case: Case, impl: Impl, device, *, warmup: int, repeats: int,
-              max_seconds: float | None, ceiling: ceilings.Ceilings | None = None) -> dict:
+              max_seconds: float | None, ceiling: ceilings.Ceilings | None = None,
+              adjacent: bool = False) -> dict:
+    """One row. ``adjacent``: the case's bare GEMMs are timed again just before the step, as
+    its ``x_gemm`` basis (:meth:`.ceilings.Ceilings.adjacent`)."""
     device = torch.device(device)
     row = {**case.to_dict(), "device": device.type, "impl": impl.name, "family": impl.family,
            "note": impl.note, "logits_bytes": case.logits_bytes()}
@@ -39,6 +42,7 @@ def time_case(case: Case, impl: Impl, device, *, warmup: int, repeats: int,
     if why:
         return {**row, "status": "unavailable", "reason": why}
     cuda = device.type == "cuda"
+    near = ceiling.adjacent(case) if (adjacent and ceiling is not None and case.gemms()) else None
     try:
         step = build_step(case, impl, device)
         t0 = time.perf_counter()
@@ -68,7 +72,7 @@ def time_case(case: Case, impl: Impl, device, *, warmup: int, repeats: int,
         row["tflops"] = row["flops"] / t.median_s / 1e12
         row["gflops"] = row["flops"] / t.median_s / 1e9
     if ceiling is not None:
-        row.update(ceiling.relate(case, t.median_s))
+        row.update(ceiling.relate(case, t.median_s, near))
     return row
 
 
@@ -131,7 +135,7 @@ def run_preset(p: Preset, impls: list[Impl], device, *, log=print, workloads=Non
             row = {**base, "status": "skipped", "reason": why, "limit_skip": True}
         else:
             row = time_case(case, impl, device, warmup=warmup, repeats=repeats,
-                            max_seconds=p.max_seconds, ceiling=ceiling)
+                            max_seconds=p.max_seconds, ceiling=ceiling, adjacent=p.heavy(case))
             limits.observe(row)
         rows.append(row)
         if on_row:

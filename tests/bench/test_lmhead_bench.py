@@ -119,6 +119,53 @@ def test_cpu_linear_rows_are_multiples_of_the_same_runs_gemms():
     assert sum(1 for ln in text.splitlines() if "linear_frozen_fwd_bwd" in ln) == 2 * len(TINY)
 
 
+def test_heavy_rows_take_the_gemms_timed_beside_them(monkeypatch):
+    """A heavy row (one timed repeat) is set against its bare products timed again just before
+    it, not the run's figure from minutes earlier (the machine drifts by as much as the ratio
+    measures); the other rows keep the run's."""
+    heavy = 5e6  # between the TINY cases' FLOPs: the larger shape's two cases are heavy
+    p = _tiny(row_limit_s=None, heavy_flops=heavy)
+    ceil = ceilings.Ceilings("cpu", log=None, copy_bytes=1 << 20, gemm_repeats=1)
+    seen, near = [], []  # near: the adjacent figures, in row order
+    real_adjacent, real_build = ceilings.Ceilings.adjacent, runner.build_step
+
+    def adjacent(self, case):
+        g = dict(real_adjacent(self, case))
+        g["median_s"] *= 1000.0  # a figure no other basis has
+        seen.append(("gemms", case))
+        near.append(g["median_s"])
+        return g
+
+    def build(case, impl, device, **kw):
+        seen.append(("step", case))
+        return real_build(case, impl, device, **kw)
+
+    monkeypatch.setattr(ceilings.Ceilings, "adjacent", adjacent)
+    monkeypatch.setattr(runner, "build_step", build)
+    rows = runner.run_preset(p, impls.by_name(["eager", "fastdpo[native]"]), "cpu", log=None,
+                             ceiling=ceil)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 2 * len(p.cases), rows
+    n_heavy = 0
+    for r in ok:
+        case = Case(**{k: r[k] for k in ("workload", "vocab", "tokens", "dtype", "batch",
+                                         "hidden", "beta", "seed")})
+        assert r["x_gemm"] == pytest.approx(r["median_s"] / r["gemm_s"])
+        if case.flops() > heavy:
+            assert r["gemm_basis"] == "adjacent" and r["gemm_s"] == near[n_heavy]
+            assert r["gemm_run_s"] == ceil.gemm_for(case)["median_s"]
+            n_heavy += 1
+        else:
+            assert r["gemm_basis"] == "run" and "gemm_run_s" not in r
+            assert r["gemm_s"] == ceil.gemm_for(case)["median_s"]
+    assert n_heavy == 2 * 2  # two heavy cases, two implementations
+    steps = [i for i, e in enumerate(seen) if e[0] == "step" and e[1].flops() > heavy]
+    assert len(steps) == n_heavy and all(seen[i - 1] == ("gemms", seen[i][1]) for i in steps)
+    assert sum(1 for e in seen if e[0] == "gemms") == n_heavy
+    marked = [ln for ln in lmhead.table(rows).splitlines() if "x 4*" in ln or "x 2*" in ln]
+    assert len(marked) == n_heavy
+
+
 def test_goal_preset_shapes_peers_and_limits():
     p = presets.preset("lmhead-goals", "cpu")
     shapes = {(c.tokens, c.hidden, c.vocab) for c in p.cases}
