@@ -8,9 +8,10 @@
   forward + backward, 2 with a frozen head, 4 for a DPO step), each timed with ``torch.mm`` into a
   preallocated output (cuBLAS on CUDA, the CPU BLAS on CPU) on the same shapes and dtype;
   ``gemm_s`` is the sum of their medians and ``x_gemm = median / gemm_s``. A heavy row (one
-  timed repeat) is set against its products timed again just before it (``gemm_basis``
-  ``"adjacent"``, the run's own figure kept as ``gemm_run_s``): over a long run this machine's
-  speed drifts by 10-20%, as much as the ratio measures.
+  timed repeat), and every row of a preset with ``adjacent_gemms`` (``lmhead-goals``), is set
+  against its products timed again just before it (``gemm_basis`` ``"adjacent"``, the run's
+  own figure kept as ``gemm_run_s``): over a long run this machine's speed drifts by 10-20%, as
+  much as the ratio measures.
 
 Also the crude cost model behind the up-front time estimates of :mod:`.progress`.
 """

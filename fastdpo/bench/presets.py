@@ -14,9 +14,10 @@
   + backward) and the frozen-head policy pass, against every peer wired up in :mod:`.impls`,
   each row's time as a multiple of the same run's bare GEMMs, and the peak extra memory against
   one chunk's logits + 5% of the full logits (:mod:`.lmhead`). Heavy on purpose (one GEMM of the
-  last shape is ~1 TFLOP): smallest shape first, one timed repeat for a case above
-  ``HEAVY_FLOPS`` (warm-up only where the first call compiles), a time limit per row and a memory
-  check (:mod:`.limits`), memory children one at a time.
+  last shape is ~1 TFLOP): smallest shape first, 5 timed repeats, one for a case above
+  ``HEAVY_FLOPS`` (warm-up only where the first call compiles), each row's bare GEMMs timed again
+  just before it (the machine drifts between rows), a time limit per row and a memory check
+  (:mod:`.limits`), memory children one at a time.
 * ``lmhead-busy`` (not a :class:`Preset`: its own job, :mod:`.busy`): the DPO step at the same
   shapes, timed quiet and beside one busy process in paired rounds, for the slowdown goal.
 * ``trl-step`` (its own job too, :mod:`.trainer`): ``FastDPOTrainer``'s training step against
@@ -80,6 +81,7 @@ class Preset:
     heavy_flops: float | None = None  # cases above: 1 timed repeat, warm-up only to compile
     memory_workers: int | None = None  # isolated memory children at a time (None: default)
     memory_saved: bool = True  # also count the bytes saved for backward (one more forward)
+    adjacent_gemms: bool = False  # every fused-LM-head row against its GEMMs timed beside it
     files: str = ""  # result file prefix ("" = bench-*, memory-*): keeps bench-latest the quick run
 
     def runs_for(self, case: Case, impl: Impl) -> tuple[int, int]:
@@ -92,8 +94,13 @@ class Preset:
         return self.warmup, self.repeats
 
     def heavy(self, case: Case) -> bool:
-        """A case of one timed repeat, its bare GEMMs timed again beside each row."""
+        """A case of one timed repeat."""
         return self.heavy_flops is not None and case.flops() > self.heavy_flops
+
+    def adjacent(self, case: Case) -> bool:
+        """Whether each row of ``case`` takes its bare GEMMs timed again just before it: a heavy
+        case's (one repeat), or all with ``adjacent_gemms``."""
+        return bool(case.gemms()) and (self.adjacent_gemms or self.heavy(case))
 
     @property
     def has_native_target(self) -> bool:
@@ -166,10 +173,11 @@ def lmhead_goals(shapes=LMHEAD_GOAL_SHAPES, row_limit_s: float | None = LMHEAD_R
             raise ValueError(f"tokens {n} must be a multiple of the batch {b}")
         cases += [Case("linear_dpo_step", v, n, dtype, batch=b, hidden=h),
                   Case("linear_frozen_fwd_bwd", v, n, dtype, batch=b, hidden=h)]
-    return Preset("lmhead-goals", tuple(cases), warmup=1, repeats=3, max_seconds=30.0,
+    return Preset("lmhead-goals", tuple(cases), warmup=1, repeats=5, max_seconds=30.0,
                   memory_cases=tuple(cases), memory_impls=LMHEAD_GOAL_IMPLS,
                   impls=LMHEAD_GOAL_IMPLS, row_limit_s=row_limit_s, heavy_flops=heavy_flops,
-                  memory_workers=1, memory_saved=False, files="lmhead-goals")
+                  memory_workers=1, memory_saved=False, files="lmhead-goals",
+                  adjacent_gemms=True)
 
 
 # ``lmhead-busy`` (:mod:`.busy`): the DPO step at the goal shapes, quiet and beside a busy process

@@ -135,7 +135,7 @@ def run_preset(p: Preset, impls: list[Impl], device, *, log=print, workloads=Non
             row = {**base, "status": "skipped", "reason": why, "limit_skip": True}
         else:
             row = time_case(case, impl, device, warmup=warmup, repeats=repeats,
-                            max_seconds=p.max_seconds, ceiling=ceiling, adjacent=p.heavy(case))
+                            max_seconds=p.max_seconds, ceiling=ceiling, adjacent=p.adjacent(case))
             limits.observe(row)
         rows.append(row)
         if on_row:

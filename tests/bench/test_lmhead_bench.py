@@ -110,8 +110,9 @@ def test_cpu_linear_rows_are_multiples_of_the_same_runs_gemms():
         g = ceil.gemm_for(case)
         assert r["n_gemms"] == (4 if case.kind == "linear_dpo" else 2)
         assert r["flops"] == case.flops()
-        assert r["gemm_s"] == g["median_s"]
-        assert r["x_gemm"] == pytest.approx(r["median_s"] / g["median_s"])
+        # the goal preset times each row's GEMMs again just before it; the run's figure stays
+        assert r["gemm_basis"] == "adjacent" and r["gemm_run_s"] == g["median_s"]
+        assert r["x_gemm"] == pytest.approx(r["median_s"] / r["gemm_s"])
         assert r["gflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e9)
     assert any("bare GEMMs" in ln and "GFLOP/s" in ln for ln in lines)
     text = lmhead.table(rows)
@@ -122,9 +123,9 @@ def test_cpu_linear_rows_are_multiples_of_the_same_runs_gemms():
 def test_heavy_rows_take_the_gemms_timed_beside_them(monkeypatch):
     """A heavy row (one timed repeat) is set against its bare products timed again just before
     it, not the run's figure from minutes earlier (the machine drifts by as much as the ratio
-    measures); the other rows keep the run's."""
+    measures); without ``adjacent_gemms`` the other rows keep the run's."""
     heavy = 5e6  # between the TINY cases' FLOPs: the larger shape's two cases are heavy
-    p = _tiny(row_limit_s=None, heavy_flops=heavy)
+    p = dataclasses.replace(_tiny(row_limit_s=None, heavy_flops=heavy), adjacent_gemms=False)
     ceil = ceilings.Ceilings("cpu", log=None, copy_bytes=1 << 20, gemm_repeats=1)
     seen, near = [], []  # near: the adjacent figures, in row order
     real_adjacent, real_build = ceilings.Ceilings.adjacent, runner.build_step
