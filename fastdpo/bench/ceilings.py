@@ -103,20 +103,18 @@ class Ceilings:
     def gemm_for(self, case: Case) -> dict:
         key = (case.gemms(), case.dtype)
         if key not in self.gemm:
-            try:
-                self.gemm[key] = gemm_time(case, self.device, self.gemm_repeats, self.products)
-            except Exception as exc:  # noqa: BLE001 - the row still stands without its ratio
-                self.gemm[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            finally:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            self.gemm[key] = self._timed(case, self.products)
         return self.gemm[key]
 
     def adjacent(self, case: Case) -> dict:
         """The case's bare products timed again now, none from the cache (module doc)."""
+        return self._timed(case, {})
+
+    def _timed(self, case: Case, cache: dict) -> dict:
+        """:func:`gemm_time`, or ``{"error": ...}``: the row still stands without its ratio."""
         try:
-            return gemm_time(case, self.device, self.gemm_repeats, cache={})
-        except Exception as exc:  # noqa: BLE001 - the row falls back to the run's figure
+            return gemm_time(case, self.device, self.gemm_repeats, cache)
+        except Exception as exc:  # noqa: BLE001 - one failing product doesn't stop the sweep
             return {"error": f"{type(exc).__name__}: {exc}"[:300]}
         finally:
             if self.device.type == "cuda":

@@ -84,6 +84,6 @@ def table(rows: list[dict], mem_rows=()) -> str:
     head = (f"{'fused LM head':52s} {'impl':30s} {'median ms':>10s} {'x GEMMs':>9s} "
             f"{'FLOPs':>12s} {'rate':>13s} {'peak extra':>13s} {'x goal':>8s}")
     note = ("x GEMMs: median / the same run's bare products of the same shapes (their count "
-            "after the x; * timed just before the row); x goal: peak extra beyond the returned gradients / (one chunk's "
-            "logits + 5% of the full logits)")
+            "after the x; * timed just before the row); x goal: peak extra beyond the returned "
+            "gradients / (one chunk's logits + 5% of the full logits)")
     return "\n".join([head, *lines, note])
